@@ -1,0 +1,76 @@
+// CPU host code for the 4-bit ops: checks, output allocation, and the split over threads. The arithmetic
+// lives in kernels/quantize_4bit_impl.h, compiled once per instruction set.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "cpu_features.h"
+
+namespace bnbx {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t blocksize,
+                                                     c10::string_view quant_type, at::ScalarType quant_storage) {
+  const QuantType type = check_quantize_4bit_args(A, blocksize, quant_type, quant_storage);
+  const at::Tensor input = A.contiguous();
+  const int64_t n = input.numel();
+  const int64_t blocks = ceil_div(n, blocksize);
+  const int64_t itemsize = static_cast<int64_t>(c10::elementSize(quant_storage));
+  const int64_t bytes = packed_4bit_bytes(n, itemsize);
+  at::Tensor packed = at::empty({bytes}, input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  // bytes past ceil(n/2) only exist to fill a wider quant_storage element; keep them deterministic
+  if (bytes > ceil_div(n, 2)) packed.narrow(0, ceil_div(n, 2), bytes - ceil_div(n, 2)).zero_();
+
+  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const FloatType in_type = to_float_type(input.scalar_type());
+  const void* in = input.const_data_ptr();
+  uint8_t* packed_ptr = packed.mutable_data_ptr<uint8_t>();
+  float* absmax_ptr = absmax.mutable_data_ptr<float>();
+  at::parallel_for(0, blocks, cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.quantize_4bit(in_type, in, n, blocksize, type, packed_ptr, absmax_ptr, begin, end);
+  });
+  return {packed.view(quant_storage).view({bytes / itemsize, 1}), absmax};
+}
+
+void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                             c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
+                             at::Tensor& out) {
+  QuantType type;
+  const int64_t n = check_dequantize_4bit_args(A, absmax, blocksize, quant_type, shape, dtype, &type);
+  TORCH_CHECK_VALUE(out.sizes() == shape && out.scalar_type() == dtype, "dequantize_4bit: out must have shape ",
+                    shape, " and dtype ", dtype_name(dtype), ", got ", out.sizes(), " and ",
+                    dtype_name(out.scalar_type()));
+  TORCH_CHECK_VALUE(out.is_contiguous(), "dequantize_4bit: out must be contiguous");
+  check_same_device("dequantize_4bit", A, "A", out, "out");
+  const at::Tensor packed = A.contiguous();
+  const at::Tensor stats = absmax.contiguous();
+
+  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const FloatType out_type = to_float_type(dtype);
+  const uint8_t* packed_ptr = static_cast<const uint8_t*>(packed.const_data_ptr());
+  const float* absmax_ptr = stats.const_data_ptr<float>();
+  void* out_ptr = out.mutable_data_ptr();
+  at::parallel_for(0, ceil_div(n, blocksize), cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.dequantize_4bit(out_type, packed_ptr, absmax_ptr, n, blocksize, type, out_ptr, begin, end);
+  });
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                               c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
+  check_float_dtype("dequantize_4bit", "dtype", dtype);
+  at::Tensor out = at::empty(shape, A.options().dtype(dtype));
+  dequantize_4bit_out_cpu(A, absmax, blocksize, quant_type, shape, dtype, out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnbx, CPU, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cpu);
+  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("dequantize_4bit.out", &dequantize_4bit_out_cpu);
+}
+
+}  // namespace bnbx

@@ -1,0 +1,70 @@
+// CPU host code for 8-bit blockwise quantization (used for double quantization of 4-bit absmax values).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "cpu_features.h"
+
+namespace bnbx {
+namespace {
+
+void check_code_sorted(const at::Tensor& code) {
+  const float* values = code.const_data_ptr<float>();
+  for (int i = 0; i + 1 < kDynamicMapSize; ++i) {
+    TORCH_CHECK_VALUE(values[i] <= values[i + 1], "quantize_blockwise: code must be sorted in increasing order");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& code,
+                                                          int64_t blocksize) {
+  check_quantize_blockwise_args(A, code, blocksize);
+  const at::Tensor input = A.contiguous();
+  const at::Tensor code_values = code.contiguous();
+  check_code_sorted(code_values);
+  const int64_t n = input.numel();
+  const int64_t blocks = ceil_div(n, blocksize);
+  at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+
+  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const FloatType in_type = to_float_type(input.scalar_type());
+  const void* in = input.const_data_ptr();
+  const float* code_ptr = code_values.const_data_ptr<float>();
+  uint8_t* out_ptr = out.mutable_data_ptr<uint8_t>();
+  float* absmax_ptr = absmax.mutable_data_ptr<float>();
+  at::parallel_for(0, blocks, cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.quantize_blockwise(in_type, in, n, blocksize, code_ptr, out_ptr, absmax_ptr, begin, end);
+  });
+  return {out, absmax};
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
+                                    int64_t blocksize, at::ScalarType dtype) {
+  check_dequantize_blockwise_args(A, absmax, code, blocksize, dtype);
+  const at::Tensor codes = A.contiguous();
+  const at::Tensor stats = absmax.contiguous();
+  const at::Tensor code_values = code.contiguous();
+  const int64_t n = codes.numel();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+
+  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const FloatType out_type = to_float_type(dtype);
+  const uint8_t* in = codes.const_data_ptr<uint8_t>();
+  const float* absmax_ptr = stats.const_data_ptr<float>();
+  const float* code_ptr = code_values.const_data_ptr<float>();
+  void* out_ptr = out.mutable_data_ptr();
+  at::parallel_for(0, ceil_div(n, blocksize), cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.dequantize_blockwise(out_type, in, absmax_ptr, code_ptr, n, blocksize, out_ptr, begin, end);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnbx, CPU, m) {
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+}
+
+}  // namespace bnbx
