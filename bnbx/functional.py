@@ -313,8 +313,14 @@ def quantize_int8(
     """
     _check_input("quantize_int8", A)
     layout, size, stats_shape = _int8_layout(A, granularity, axis, group_size)
-    q, scale, zero_point = torch.ops.bnbx.quantize_int8(layout, size, bool(symmetric))
-    if granularity == "channel":
+    if A.numel() == 0:
+        # nothing to quantize; the (unused) statistics still get their documented shape
+        q = torch.empty(A.shape, dtype=torch.int8, device=A.device)
+        scale = torch.zeros(stats_shape, dtype=torch.float32, device=A.device)
+        zero_point = torch.zeros(stats_shape, dtype=torch.int32, device=A.device)
+    else:
+        q, scale, zero_point = torch.ops.bnbx.quantize_int8(layout, size, bool(symmetric))
+    if granularity == "channel" and A.numel():
         q = q.movedim(0, axis).contiguous()
     state = Int8QuantState(
         scale.reshape(stats_shape), zero_point.reshape(stats_shape), granularity,
@@ -336,6 +342,8 @@ def dequantize_int8(q: torch.Tensor, state: Int8QuantState, dtype: Optional[torc
             f"dequantize_int8: scale has shape {list(state.scale.shape)} but q of shape {list(q.shape)} "
             f"needs {list(stats_shape)} for granularity {state.granularity!r}"
         )
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=dtype, device=q.device)
     out = torch.ops.bnbx.dequantize_int8(layout, state.scale.reshape(-1), state.zero_point.reshape(-1), size, dtype)
     if state.granularity == "channel":
         out = out.movedim(0, state.axis).contiguous()
