@@ -135,6 +135,7 @@ def _(A, absmax, blocksize: int, quant_type: str, shape: Sequence[int], dtype: t
         lambda: f"dequantize_4bit: out must have shape {list(shape)} and dtype {_dtype_name(dtype)}, "
         f"got {list(out.shape)} and {_dtype_name(out.dtype)}",
     )
+    torch._check_value(out.is_contiguous(), lambda: "dequantize_4bit: out must be contiguous")
     check_same_device("dequantize_4bit", A, "A", out, "out")
 
 

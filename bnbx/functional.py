@@ -7,7 +7,6 @@ kernels check them again before touching memory.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -54,8 +53,7 @@ def get_4bit_type(quant_type: str, device: torch.device | str = "cpu") -> torch.
     return canonical_code(quant_type).to(device)
 
 
-@functools.lru_cache(maxsize=None)
-def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
+def _build_dynamic_map(signed: bool) -> torch.Tensor:
     # bitsandbytes' create_dynamic_map(signed, max_exponent_bits=7, total_bits=8): for exponent i = 0..6,
     # the 2^i midpoints of linspace(0.1, 1, 2^i + 1) scaled by 10^(i - 6), both signs; plus 0 and 1.
     # (Unsigned: the same with one more fraction bit and no negatives, as bitsandbytes builds it.)
@@ -74,9 +72,13 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+# Built once at import, so torch.compile sees a constant instead of tracing the construction.
+_DYNAMIC_MAPS = {True: _build_dynamic_map(True), False: _build_dynamic_map(False)}
+
+
 def create_dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-value 8-bit dynamic map of bitsandbytes (fp32, sorted): fine near 0, coarse near 1."""
-    return _dynamic_map_cpu(signed).to(device)
+    return _DYNAMIC_MAPS[bool(signed)].to(device, copy=True)
 
 
 # --- 4-bit ---------------------------------------------------------------------------------------------------

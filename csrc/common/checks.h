@@ -131,6 +131,16 @@ inline int64_t check_dequantize_4bit_args(const at::Tensor& A, const at::Tensor&
   return n;
 }
 
+// The `out` tensor of dequantize_4bit.out: the promised shape and dtype, contiguous, next to A.
+inline void check_dequantize_4bit_out(const at::Tensor& A, at::IntArrayRef shape, at::ScalarType dtype,
+                                      const at::Tensor& out) {
+  constexpr const char* op = "dequantize_4bit";
+  TORCH_CHECK_VALUE(out.sizes() == shape && out.scalar_type() == dtype, op, ": out must have shape ", shape,
+                    " and dtype ", dtype_name(dtype), ", got ", out.sizes(), " and ", dtype_name(out.scalar_type()));
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  check_same_device(op, A, "A", out, "out");
+}
+
 inline void check_code(const char* op, const at::Tensor& code) {
   TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat, op, ": code must be float32, got ", dtype_name(code.scalar_type()));
   TORCH_CHECK_VALUE(code.numel() == kDynamicMapSize, op, ": code must hold 256 values, got ", code.numel());

@@ -34,19 +34,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   return {packed.view(quant_storage).view({bytes / itemsize, 1}), absmax};
 }
 
-void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
-                             c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
-                             at::Tensor& out) {
-  QuantType type;
-  const int64_t n = check_dequantize_4bit_args(A, absmax, blocksize, quant_type, shape, dtype, &type);
-  TORCH_CHECK_VALUE(out.sizes() == shape && out.scalar_type() == dtype, "dequantize_4bit: out must have shape ",
-                    shape, " and dtype ", dtype_name(dtype), ", got ", out.sizes(), " and ",
-                    dtype_name(out.scalar_type()));
-  TORCH_CHECK_VALUE(out.is_contiguous(), "dequantize_4bit: out must be contiguous");
-  check_same_device("dequantize_4bit", A, "A", out, "out");
+// Runs the kernel; the arguments are already checked.
+void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t n, int64_t blocksize, QuantType type,
+                          at::ScalarType dtype, at::Tensor& out) {
   const at::Tensor packed = A.contiguous();
   const at::Tensor stats = absmax.contiguous();
-
   const cpu::CpuKernels& kernels = cpu::cpu_kernels();
   const FloatType out_type = to_float_type(dtype);
   const uint8_t* packed_ptr = static_cast<const uint8_t*>(packed.const_data_ptr());
@@ -57,11 +49,21 @@ void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int6
   });
 }
 
+void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                             c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype,
+                             at::Tensor& out) {
+  QuantType type;
+  const int64_t n = check_dequantize_4bit_args(A, absmax, blocksize, quant_type, shape, dtype, &type);
+  check_dequantize_4bit_out(A, shape, dtype, out);
+  dequantize_4bit_into(A, absmax, n, blocksize, type, dtype, out);
+}
+
 at::Tensor dequantize_4bit_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
-  check_float_dtype("dequantize_4bit", "dtype", dtype);
+  QuantType type;
+  const int64_t n = check_dequantize_4bit_args(A, absmax, blocksize, quant_type, shape, dtype, &type);
   at::Tensor out = at::empty(shape, A.options().dtype(dtype));
-  dequantize_4bit_out_cpu(A, absmax, blocksize, quant_type, shape, dtype, out);
+  dequantize_4bit_into(A, absmax, n, blocksize, type, dtype, out);
   return out;
 }
 
