@@ -16,7 +16,7 @@ import torch
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 REBUILD_HINT = (
-    "Reinstall bnbx against the torch you use: pip install --no-build-isolation -e . "
+    "Reinstall bnbx against the torch you use: pip install --no-build-isolation . "
     "(see README.md). A CUDA build needs a CUDA torch and nvcc on PATH at build time."
 )
 

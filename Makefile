@@ -1,0 +1,31 @@
+# The two commands of README.md: `make demo` and `make test`. Each creates .venv if needed, installs torch and
+# bnbx into it (built against that torch), and runs. CI runs `make test` on a clean checkout (.ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+# The CUDA torch when nvcc is present, so bnbx's CUDA kernels are compiled (and checked) too; else the
+# small CPU build. Override with `make test TORCH=torch==2.13.0`.
+TORCH ?= $(if $(shell command -v nvcc 2>/dev/null),torch==2.14.1,torch==2.13.0)
+SOURCES := $(shell find csrc bnbx cmake -type f -not -name '*.so' -not -path '*/__pycache__/*') CMakeLists.txt pyproject.toml
+
+.PHONY: demo test bench env clean
+
+$(VENV)/.installed: $(SOURCES) Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet "$(TORCH)" "scikit-build-core>=0.10" numpy
+	$(VENV)/bin/python -m pip install --no-build-isolation ".[test,demo]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python -m bnbx demo --plot demo.png
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/bench_quant.py
+
+env: $(VENV)/.installed
+	$(VENV)/bin/python -m bnbx env
+
+clean:
+	rm -rf $(VENV) build bnbx/_C*.so
