@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 import torch
 
-from . import _library, _ops
+from . import _ops
 from .quant_state import QuantState, canonical_code
 
 __all__ = [
@@ -33,10 +33,7 @@ __all__ = [
 
 
 def _check_device(op: str, tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cuda" and not _library.cuda_built():
-        raise RuntimeError(
-            f"{op}: got a CUDA tensor, but this bnbx was built without CUDA kernels. {_library.REBUILD_HINT}"
-        )
+    # CUDA tensors with a CPU-only build reach a C++ kernel that says how to rebuild (csrc/ops.cpp)
     if tensor.device.type not in ("cpu", "cuda", "meta"):
         raise RuntimeError(f"{op}: tensors on {tensor.device.type} are not supported; use cpu or cuda")
 

@@ -25,3 +25,26 @@ TORCH_LIBRARY(bnbx, m) {
   m.def("quantize_int8(Tensor A, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_int8(Tensor A, Tensor scale, Tensor zero_point, int group_size, ScalarType dtype) -> Tensor");
 }
+
+#ifndef BNBX_WITH_CUDA
+// A CPU-only build registers, for CUDA tensors, a kernel that says how to get the CUDA one, instead of the
+// dispatcher's generic "could not run ... with arguments from the 'CUDA' backend".
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace {
+
+void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(),
+              ": got CUDA tensors, but this bnbx was built without CUDA kernels. Rebuild it against a CUDA torch "
+              "with nvcc on PATH: pip install --no-build-isolation . (BNBX_CUDA=ON makes a missing toolkit an error)");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
+  for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
+                           "dequantize_blockwise", "quantize_int8", "dequantize_int8"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
+  }
+}
+#endif

@@ -132,10 +132,18 @@ def test_functional_rejects_bad_input_before_the_kernel():
         F.dequantize_4bit(packed, state)
 
 
-@pytest.mark.skipif(bnbx.cuda_built(), reason="only a CPU-only build refuses CUDA tensors this way")
-def test_cuda_tensor_with_cpu_only_build_says_how_to_rebuild(monkeypatch):
-    # without a GPU no real CUDA tensor exists, so check the guard that runs before the dispatcher
-    fake_cuda = torch.empty(0, device="meta")
-    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")), raising=True)
-    with pytest.raises(RuntimeError, match="built without CUDA kernels.*no-build-isolation"):
-        F.quantize_4bit(fake_cuda)
+@pytest.mark.skipif(bnbx.cuda_built(), reason="only a CPU-only build lacks the CUDA kernels")
+@pytest.mark.parametrize("op_name", ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "quantize_int8"])
+def test_cuda_tensors_with_a_cpu_only_build_say_how_to_rebuild(op_name):
+    # no GPU here, so send CPU tensors to the CUDA kernel slot directly: it must explain, not crash
+    A = torch.randn(64)
+    packed, absmax = packed_for(64)
+    args = {
+        "quantize_4bit": (A, 64, "nf4", torch.uint8),
+        "dequantize_4bit": (packed, absmax, 64, "nf4", [64], torch.float32),
+        "quantize_blockwise": (A, CODE, 64),
+        "quantize_int8": (A, 32, True),
+    }[op_name]
+    op = getattr(ops, op_name).default
+    with pytest.raises(RuntimeError, match="built without CUDA kernels. Rebuild .*--no-build-isolation"):
+        op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
