@@ -210,3 +210,21 @@ def test_nf4_fp4_conveniences():
     assert state.quant_type == "fp4" and torch.equal(bnbx.dequantize_fp4(packed, state), F.dequantize_4bit(packed, state))
     with pytest.raises(ValueError, match="holds fp4 codes"):
         bnbx.dequantize_nf4(packed, state)
+
+
+def test_more_than_2_to_the_31_elements():
+    # 64-bit indexing end to end (bitsandbytes#1782). 2^31 is a multiple of 64, so the last 65 elements form
+    # one full block and a partial block of one, exactly as they do when quantized on their own.
+    n = 2**31 + 65
+    A = torch.full((n,), 0.5, dtype=torch.float16)
+    A[-65:] = torch.arange(65, dtype=torch.float16) - 32
+    tail = A[-65:].clone()
+    packed, state = F.quantize_4bit(A, blocksize=64)
+    del A
+    assert packed.shape == ((n + 1) // 2, 1) and state.absmax.shape == (-(-n // 64),)
+    tail_packed, tail_state = F.quantize_4bit(tail, blocksize=64)
+    assert torch.equal(state.absmax[-2:], tail_state.absmax)
+    assert torch.equal(packed[-33:], tail_packed)
+    out = F.dequantize_4bit(packed, state)
+    assert torch.equal(out[-65:], F.dequantize_4bit(tail_packed, tail_state))
+    assert out[0] == 0.5 and out[-1] == 32
