@@ -308,7 +308,8 @@ def quantize_int8(
 
     Returns:
         ``q`` (int8, shaped like ``A``) and an :class:`Int8QuantState`. A group with NaN or Inf gets a NaN
-        scale (it dequantizes to NaN); an all-zero group gets scale 0 and exact zeros back.
+        scale (it dequantizes to NaN); an all-zero group gets scale 0 and exact zeros back. fp16 output of
+        :func:`dequantize_int8` saturates at +-65504 (zero-point rounding can rebuild half a step past the maximum).
     """
     _check_input("quantize_int8", A)
     layout, size, stats_shape = _int8_layout(A, granularity, axis, group_size)

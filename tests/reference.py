@@ -186,4 +186,7 @@ def dequantize_int8_ref(q, scale, zero_point, group_size, dtype) -> torch.Tensor
     n = q.numel()
     scales = scale.repeat_interleave(group_size)[:n]
     zero_points = zero_point.float().repeat_interleave(group_size)[:n]
-    return ((q.reshape(-1).float() - zero_points) * scales).to(dtype).reshape(q.shape)
+    values = (q.reshape(-1).float() - zero_points) * scales
+    if dtype == torch.float16:  # saturate to fp16's finite range (zero-point rounding can pass 65504)
+        values = values.clamp(-65504.0, 65504.0)
+    return values.to(dtype).reshape(q.shape)

@@ -102,3 +102,11 @@ def test_bad_granularity_arguments():
         F.quantize_int8(torch.randn(4, 10), "row")
     with pytest.raises(ValueError, match="axis 2 is out of range"):
         F.quantize_int8(torch.randn(4, 10), "channel", axis=2)
+
+
+def test_fp16_output_saturates_instead_of_overflowing():
+    # zero-point rounding rebuilds 65504 as (127 + 127) * 258.03 = 65539.6, past fp16's largest finite value
+    A = torch.tensor([65504.0, -293.5], dtype=torch.float16)
+    q, state = F.quantize_int8(A, "tensor", symmetric=False)
+    out = F.dequantize_int8(q, state)
+    assert torch.isfinite(out).all() and out[0] == 65504

@@ -42,6 +42,11 @@ static void quantize_int8_generic(const void* in, int64_t n, int64_t group_size,
     const Int8Params params = int8_group_params<kIn>(in, start, end, symmetric);
     scale[group] = params.scale;
     zero_point[group] = params.zero_point;
+    if (params.nonfinite) {
+      // NaN/Inf contract: scale NaN, zero point 0, q 0 (x * 0 would still turn a NaN or an Inf into qmin)
+      std::fill(q + start, q + end, int8_t{0});
+      continue;
+    }
     const float zp = static_cast<float>(params.zero_point);
     if (std::isinf(params.inv_scale)) {
       // subnormal scale: 1/scale overflows, so divide instead (exact, slower, rare)
@@ -66,7 +71,13 @@ static void dequantize_int8_generic(const int8_t* q, const float* scale, const i
     const int64_t end = std::min(n, start + group_size);
     const float group_scale = scale[group];
     const float zp = static_cast<float>(zero_point[group]);
-    for (int64_t i = start; i < end; ++i) store_from_float<kOut>(out, i, (static_cast<float>(q[i]) - zp) * group_scale);
+    // Zero-point rounding can rebuild up to half a step past the original maximum; in fp16 that can pass
+    // 65504, so fp16 output saturates to its finite range (NaN stays NaN: std::min/max keep their first argument).
+    constexpr float kLimit = kOut == FloatType::kFloat16 ? 65504.0f : FLT_MAX;
+    for (int64_t i = start; i < end; ++i) {
+      const float value = (static_cast<float>(q[i]) - zp) * group_scale;
+      store_from_float<kOut>(out, i, std::max(std::min(value, kLimit), -kLimit));
+    }
   }
 }
 
