@@ -228,3 +228,22 @@ def test_more_than_2_to_the_31_elements():
     out = F.dequantize_4bit(packed, state)
     assert torch.equal(out[-65:], F.dequantize_4bit(tail_packed, tail_state))
     assert out[0] == 0.5 and out[-1] == 32
+
+
+def test_concurrent_calls_are_bit_identical():
+    from concurrent.futures import ThreadPoolExecutor
+
+    A = torch.randn(257, 129, dtype=torch.bfloat16)
+    expected_packed, expected_state = F.quantize_4bit(A, compress_statistics=True)
+    expected_out = F.dequantize_4bit(expected_packed, expected_state)
+
+    def work(_):
+        for _ in range(20):
+            packed, state = F.quantize_4bit(A, compress_statistics=True)
+            out = F.dequantize_4bit(packed, state)
+            if not (torch.equal(packed, expected_packed) and torch.equal(out, expected_out)):
+                return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(work, range(8)))
