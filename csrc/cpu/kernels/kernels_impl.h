@@ -11,6 +11,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_*() and trip -Wmaybe-uninitialized wherever
+// they are inlined (GCC PR 105593, fixed in GCC 13); the warning says nothing about this code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include "kernels.h"
 
 namespace bnbx::cpu {
