@@ -245,13 +245,16 @@ def test_blockwise_8bit(isa, dtype, blocksize):
             assert_bits_equal(actual_out, expected_out, f"dequantize_blockwise n={n} {kind} -> {dtype_id(out_dtype)}")
 
 
+@pytest.mark.parametrize("blocksize", [64, 256])  # 256 and up: AVX-512's per-block lookup table
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("isa", ISAS)
-def test_dequantize_blockwise_any_absmax(isa, out_dtype):
+def test_dequantize_blockwise_any_absmax(isa, out_dtype, blocksize):
     code = F.create_dynamic_map()
-    absmax = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), dtype=torch.int32).view(torch.float32)
-    codes = torch.randint(0, 256, (absmax.numel() * 64,), dtype=torch.uint8)
-    expected, actual = on_both(isa, lambda: torch.ops.bnbx.dequantize_blockwise(codes, absmax, code, 64, out_dtype))
+    absmax = torch.randint(-(2**31), 2**31 - 1, (1 << 14,), dtype=torch.int32).view(torch.float32)
+    codes = torch.randint(0, 256, (absmax.numel() * blocksize - 5,), dtype=torch.uint8)
+    expected, actual = on_both(
+        isa, lambda: torch.ops.bnbx.dequantize_blockwise(codes, absmax, code, blocksize, out_dtype)
+    )
     assert_bits_equal(actual, expected, "dequantize_blockwise with arbitrary absmax")
 
 
