@@ -245,6 +245,21 @@ def test_blockwise_8bit(isa, dtype, blocksize):
             assert_bits_equal(actual_out, expected_out, f"dequantize_blockwise n={n} {kind} -> {dtype_id(out_dtype)}")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_blockwise_unusual_codes(isa):
+    # duplicates and infinite neighbours make equal or NaN midpoints: the SIMD searches must probe the same
+    # midpoints as the scalar binary search to land on the same index
+    values = torch.sort(torch.randn(256)).values
+    values[:3] = -float("inf")
+    values[100:140] = values[100]
+    values[-3:] = float("inf")
+    for code in (values, torch.full((256,), 0.5), torch.linspace(-1, 1, 256)):
+        for dtype in DTYPES:
+            A = make_input(40000 + 3, dtype, 256, "special_blocks")
+            expected, actual = on_both(isa, lambda: torch.ops.bnbx.quantize_blockwise(A, code, 256))
+            assert_bits_equal(actual, expected, "quantize_blockwise with an unusual code")
+
+
 @pytest.mark.parametrize("blocksize", [64, 256])  # 256 and up: AVX-512's per-block lookup table
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("isa", ISAS)

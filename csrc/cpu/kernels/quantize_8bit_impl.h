@@ -11,12 +11,16 @@ static inline uint8_t nearest_code_index(const float* midpoints, float x) {
   return static_cast<uint8_t>(index);
 }
 
+static inline void fill_midpoints(const float* code, float midpoints[256]) {
+  for (int i = 0; i < 255; ++i) midpoints[i] = (code[i] + code[i + 1]) / 2.0f;
+  midpoints[255] = std::numeric_limits<float>::infinity();
+}
+
 template <FloatType kIn>
 static void quantize_blockwise_generic(const void* in, int64_t n, int64_t blocksize, const float* code,
                                        uint8_t* out, float* absmax, int64_t block_begin, int64_t block_end) {
   float midpoints[256];
-  for (int i = 0; i < 255; ++i) midpoints[i] = (code[i] + code[i + 1]) / 2.0f;
-  midpoints[255] = std::numeric_limits<float>::infinity();
+  fill_midpoints(code, midpoints);
   const uint8_t zero = nearest_code_index(midpoints, 0.0f);
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t start = block * blocksize;
@@ -96,6 +100,145 @@ static void dequantize_blockwise_simd(const uint8_t* in, const float* absmax, co
 }
 #endif
 
+// SIMD quantize: the binary search of nearest_code_index with the same probes (so the same index even for
+// a code whose midpoints are not increasing, e.g. NaN from -inf and +inf neighbours), 16 or 8 lanes at a
+// time. The pivot probed at a level with step s is midpoints[prefix * 2s + s - 1]: one of 128 / s values,
+// looked up by permutes from per-level tables (AVX-512) or, for the large levels, gathered (AVX2). absmax
+// and the scale come from the 4-bit helpers, which give block_absmax/block_scale's results.
+#if defined(__AVX512F__) || defined(__AVX2__)
+// pivots[2^L + k] = the k-th pivot of level L (step 128 >> L), L = 1..7.
+static inline void fill_level_pivots(const float midpoints[256], float pivots[256]) {
+  pivots[0] = pivots[1] = 0.0f;
+  for (int level = 1; level < 8; ++level) {
+    const int step = 128 >> level;
+    for (int k = 0; k < (1 << level); ++k) pivots[(1 << level) + k] = midpoints[k * 2 * step + step - 1];
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+template <FloatType kIn>
+static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
+                                    float* absmax, int64_t block_begin, int64_t block_end) {
+  alignas(64) float midpoints[256], pivots[256];
+  fill_midpoints(code, midpoints);
+  fill_level_pivots(midpoints, pivots);
+  const uint8_t zero = nearest_code_index(midpoints, 0.0f);
+  const __m512 pivot0 = _mm512_set1_ps(midpoints[127]);
+  // levels 1..4 fit one vector (the lanes past 2^L hold other levels' pivots and are never indexed)
+  const __m512 level1 = _mm512_load_ps(pivots), level2 = _mm512_load_ps(pivots), level3 = _mm512_loadu_ps(pivots + 8);
+  const __m512 level4 = _mm512_load_ps(pivots + 16);
+  __m512 level5[2], level6[4], level7[8];
+  for (int j = 0; j < 2; ++j) level5[j] = _mm512_load_ps(pivots + 32 + 16 * j);
+  for (int j = 0; j < 4; ++j) level6[j] = _mm512_load_ps(pivots + 64 + 16 * j);
+  for (int j = 0; j < 8; ++j) level7[j] = _mm512_load_ps(pivots + 128 + 16 * j);
+  // level 1's pivots sit at offset 2, level 2's at 4: shift the prefix there instead of the table
+  auto step = [](__m512i index, __m512 x, __m512 pivot, int size) {
+    return _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(x, pivot, _CMP_GT_OQ), index, _mm512_set1_epi32(size));
+  };
+  auto search = [&](__m512 x) {
+    __m512i index = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, pivot0, _CMP_GT_OQ), _mm512_set1_epi32(128));
+    index = step(index, x, _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 7), _mm512_set1_epi32(2)), level1), 64);
+    index = step(index, x, _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 6), _mm512_set1_epi32(4)), level2), 32);
+    index = step(index, x, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 5), level3), 16);
+    index = step(index, x, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), level4), 8);
+    __m512i prefix = _mm512_srli_epi32(index, 3);
+    index = step(index, x, _mm512_permutex2var_ps(level5[0], prefix, level5[1]), 4);
+    prefix = _mm512_srli_epi32(index, 2);
+    const __mmask16 bit5_of_6 = _mm512_test_epi32_mask(prefix, _mm512_set1_epi32(32));
+    index = step(index, x,
+                 _mm512_mask_blend_ps(bit5_of_6, _mm512_permutex2var_ps(level6[0], prefix, level6[1]),
+                                      _mm512_permutex2var_ps(level6[2], prefix, level6[3])),
+                 2);
+    prefix = _mm512_srli_epi32(index, 1);
+    const __mmask16 bit5 = _mm512_test_epi32_mask(prefix, _mm512_set1_epi32(32));
+    const __mmask16 bit6 = _mm512_test_epi32_mask(prefix, _mm512_set1_epi32(64));
+    const __m512 low = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(level7[0], prefix, level7[1]),
+                                            _mm512_permutex2var_ps(level7[2], prefix, level7[3]));
+    const __m512 high = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(level7[4], prefix, level7[5]),
+                                             _mm512_permutex2var_ps(level7[6], prefix, level7[7]));
+    return step(index, x, _mm512_mask_blend_ps(bit6, low, high), 1);
+  };
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    const int64_t start = block * blocksize;
+    const int64_t end = std::min(n, start + blocksize);
+    const uint32_t max_bits = block_absmax_bits<kIn>(in, start, end);
+    if (max_bits > 0x7f7fffffu) {
+      absmax[block] = std::numeric_limits<float>::quiet_NaN();
+      std::memset(out + start, zero, static_cast<size_t>(end - start));
+      continue;
+    }
+    const float block_max = bits_to_float(max_bits);
+    absmax[block] = block_max;
+    const BlockScale scale = block_scale(block_max);
+    const __m512 prescale = _mm512_set1_ps(scale.prescale), inv_absmax = _mm512_set1_ps(scale.inv_absmax);
+    for (int64_t i = start; i < end; i += 16) {
+      const __mmask16 lanes = first_lanes_16(std::min<int64_t>(16, end - i));
+      const __m512 x = _mm512_mul_ps(_mm512_mul_ps(load_16_as_float_masked<kIn>(in, i, lanes), prescale), inv_absmax);
+      _mm_mask_storeu_epi8(out + i, lanes, _mm512_cvtepi32_epi8(search(x)));
+    }
+  }
+}
+#elif defined(__AVX2__)
+template <FloatType kIn>
+static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
+                                    float* absmax, int64_t block_begin, int64_t block_end) {
+  alignas(32) float midpoints[256], pivots[256];
+  fill_midpoints(code, midpoints);
+  fill_level_pivots(midpoints, pivots);
+  const uint8_t zero = nearest_code_index(midpoints, 0.0f);
+  const __m256 pivot0 = _mm256_set1_ps(midpoints[127]);
+  const __m256 level1 = _mm256_load_ps(pivots), level2 = _mm256_load_ps(pivots), level3 = _mm256_load_ps(pivots + 8);
+  // one level: index += x > pivot ? size : 0 (a true compare is all ones)
+  auto step = [](__m256i index, __m256 x, __m256 pivot, int size) {
+    return _mm256_add_epi32(index, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, pivot, _CMP_GT_OQ)),
+                                                    _mm256_set1_epi32(size)));
+  };
+  auto search = [&](__m256 x) {
+    __m256i index = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, pivot0, _CMP_GT_OQ)), _mm256_set1_epi32(128));
+    index = step(index, x, _mm256_permutevar8x32_ps(level1, _mm256_add_epi32(_mm256_srli_epi32(index, 7), _mm256_set1_epi32(2))), 64);
+    index = step(index, x, _mm256_permutevar8x32_ps(level2, _mm256_add_epi32(_mm256_srli_epi32(index, 6), _mm256_set1_epi32(4))), 32);
+    index = step(index, x, _mm256_permutevar8x32_ps(level3, _mm256_srli_epi32(index, 5)), 16);
+    for (int size = 8; size > 0; size >>= 1) {
+      const __m256i probe = _mm256_add_epi32(index, _mm256_set1_epi32(size - 1));
+      index = step(index, x, _mm256_i32gather_ps(midpoints, probe, 4), size);
+    }
+    return index;
+  };
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    const int64_t start = block * blocksize;
+    const int64_t end = std::min(n, start + blocksize);
+    const uint32_t max_bits = block_absmax_bits<kIn>(in, start, end);
+    if (max_bits > 0x7f7fffffu) {
+      absmax[block] = std::numeric_limits<float>::quiet_NaN();
+      std::memset(out + start, zero, static_cast<size_t>(end - start));
+      continue;
+    }
+    const float block_max = bits_to_float(max_bits);
+    absmax[block] = block_max;
+    const BlockScale scale = block_scale(block_max);
+    const __m256 prescale = _mm256_set1_ps(scale.prescale), inv_absmax = _mm256_set1_ps(scale.inv_absmax);
+    int64_t i = start;
+    for (; i + 8 <= end; i += 8) {
+      const __m256i index = search(_mm256_mul_ps(_mm256_mul_ps(load_8_as_float<kIn>(in, i), prescale), inv_absmax));
+      // 8 indices (< 256) in 32-bit lanes -> 8 bytes
+      const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(index, index), _mm256_setzero_si256());
+      const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm256_castsi256_si128(ordered));
+    }
+    for (; i < end; ++i) {
+      out[i] = nearest_code_index(midpoints, load_as_float<kIn>(in, i) * scale.prescale * scale.inv_absmax);
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define BNBX_8BIT_QUANTIZE quantize_blockwise_simd
+#else
+#define BNBX_8BIT_QUANTIZE quantize_blockwise_generic
+#endif
+
 #if defined(__AVX512F__)
 #define BNBX_8BIT_DEQUANTIZE dequantize_blockwise_simd
 #else
@@ -106,11 +249,11 @@ static void quantize_blockwise(FloatType in_type, const void* in, int64_t n, int
                                uint8_t* out, float* absmax, int64_t block_begin, int64_t block_end) {
   switch (in_type) {
     case FloatType::kFloat32:
-      return quantize_blockwise_generic<FloatType::kFloat32>(in, n, blocksize, code, out, absmax, block_begin, block_end);
+      return BNBX_8BIT_QUANTIZE<FloatType::kFloat32>(in, n, blocksize, code, out, absmax, block_begin, block_end);
     case FloatType::kFloat16:
-      return quantize_blockwise_generic<FloatType::kFloat16>(in, n, blocksize, code, out, absmax, block_begin, block_end);
+      return BNBX_8BIT_QUANTIZE<FloatType::kFloat16>(in, n, blocksize, code, out, absmax, block_begin, block_end);
     case FloatType::kBFloat16:
-      return quantize_blockwise_generic<FloatType::kBFloat16>(in, n, blocksize, code, out, absmax, block_begin, block_end);
+      return BNBX_8BIT_QUANTIZE<FloatType::kBFloat16>(in, n, blocksize, code, out, absmax, block_begin, block_end);
   }
 }
 
@@ -127,3 +270,4 @@ static void dequantize_blockwise(FloatType out_type, const uint8_t* in, const fl
 }
 
 #undef BNBX_8BIT_DEQUANTIZE
+#undef BNBX_8BIT_QUANTIZE
