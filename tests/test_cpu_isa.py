@@ -225,6 +225,35 @@ def test_quantize_4bit_thread_splits(isa, threads):
     assert_bits_equal(actual, expected, f"quantize_4bit with {threads} threads")
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_flush_denormal_mode(isa):
+    # torch.set_flush_denormal(True) sets FTZ/DAZ in this thread: float compares then see subnormals as zero.
+    # The SIMD entry points fall back to the generic loops there, so every instruction set agrees. One
+    # thread, because the flag is per thread and the pool's threads keep their own.
+    A = torch.randint(1, 0x7FFFFF, (64 * 40 + 3,), dtype=torch.int32).view(torch.float32).clone()  # subnormals
+    A[64:128] = torch.randn(64)
+    previous_threads = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    torch.set_num_threads(1)
+    try:
+        for dtype in DTYPES:
+            X = A.to(dtype) if dtype == torch.float32 else A.view(torch.int32).bitwise_right_shift(16).to(torch.int16).view(dtype)
+
+            def run():
+                packed, absmax = torch.ops.bnbx.quantize_4bit(X, 64, "fp4", torch.uint8)
+                codes, absmax8 = torch.ops.bnbx.quantize_blockwise(X, F.create_dynamic_map(), 256)
+                q, scale, zero_point = torch.ops.bnbx.quantize_int8(X, 64, False)
+                return (packed, absmax, torch.ops.bnbx.dequantize_4bit(packed, absmax, 64, "fp4", [X.numel()], dtype),
+                        codes, absmax8, q, scale, zero_point)
+
+            expected, actual = on_both(isa, run)
+            assert_bits_equal(actual, expected, f"flush-denormal mode {dtype_id(dtype)}")
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(previous_threads)
+
+
 # --- 8-bit blockwise and int8 -----------------------------------------------------------------------------
 
 

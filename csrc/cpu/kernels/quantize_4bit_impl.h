@@ -109,11 +109,16 @@ static void dequantize_4bit_generic(const uint8_t* packed, const float* absmax, 
 //   NaN/Inf pattern is above FLT_MAX's, so one integer max over |x| bits gives both the absmax and the
 //   non-finite test (max > FLT_MAX bits).
 // - scaling: the same two fp32 products, x * prescale * inv_absmax (no FMA: -ffp-contract=off).
-// - codes: "number of thresholds t with x > t" is a binary search over the sorted thresholds; each level
-//   picks its pivot from a small table indexed by the code prefix found so far.
+// - codes: "number of thresholds t with x > t". AVX-512 looks it up by cell of width 1/16 (CodeSearch
+//   below), AVX2 runs a branch-free binary search over the sorted thresholds, each level picking its pivot
+//   from a small table indexed by the code prefix found so far.
 // - dequantize: the 16 products table[q] * absmax are computed (and, for 16-bit outputs, rounded) once per
 //   block; rounding is a function of the fp32 value, so looking up rounded products equals rounding each one.
 // - packing: element 2j in the high nibble of byte j, as quantize_4bit_range does.
+// These shortcuts assume IEEE subnormals. With flush-to-zero or denormals-are-zero set in this thread's
+// MXCSR (torch.set_flush_denormal(True)) the generic loops' float compares and products see subnormals as
+// zero while integer shortcuts do not, so every SIMD entry point then runs the generic loop instead.
+static inline bool denormals_flushed() { return (_mm_getcsr() & 0x8040u) != 0; }  // FTZ (bit 15) | DAZ (bit 6)
 
 // fp32 -> bf16 round-to-nearest-even as float_to_bf16 does it: NaN -> 0x7fc0, everything else by integer
 // rounding of the bit pattern. Lanes hold the 16-bit results zero-extended.
@@ -851,6 +856,9 @@ constexpr int64_t kStreamOutputBytes = int64_t{16} << 20;
 template <FloatType kOut>
 static void dequantize_4bit_simd(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize,
                                  QuantType quant_type, void* out, int64_t block_begin, int64_t block_end) {
+  if (denormals_flushed()) {
+    return dequantize_4bit_generic<kOut>(packed, absmax, n, blocksize, quant_type, out, block_begin, block_end);
+  }
   const int64_t out_bytes = n * (kOut == FloatType::kFloat32 ? 4 : 2);
   // every block starts 64-byte aligned when the output does (blocksize >= 32 elements of >= 2 bytes)
   if (out_bytes >= kStreamOutputBytes && reinterpret_cast<uintptr_t>(out) % 64 == 0) {
@@ -864,6 +872,9 @@ static void dequantize_4bit_simd(const uint8_t* packed, const float* absmax, int
 template <FloatType kIn>
 static void quantize_4bit_simd(const void* in, int64_t n, int64_t blocksize, QuantType quant_type, uint8_t* packed,
                                float* absmax, int64_t block_begin, int64_t block_end) {
+  if (denormals_flushed()) {
+    return quantize_4bit_generic<kIn>(in, n, blocksize, quant_type, packed, absmax, block_begin, block_end);
+  }
   if (quant_type == QuantType::kNF4) {
     quantize_4bit_blocks_simd<kIn, QuantType::kNF4>(in, n, blocksize, packed, absmax, block_begin, block_end);
   } else {

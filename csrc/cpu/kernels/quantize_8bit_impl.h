@@ -64,7 +64,7 @@ static void dequantize_blockwise_simd(const uint8_t* in, const float* absmax, co
   if constexpr (kOut == FloatType::kFloat32) {
     return dequantize_blockwise_generic<kOut>(in, absmax, code, n, blocksize, out, block_begin, block_end);
   } else {
-    if (blocksize < 256) {
+    if (blocksize < 256 || denormals_flushed()) {
       return dequantize_blockwise_generic<kOut>(in, absmax, code, n, blocksize, out, block_begin, block_end);
     }
     __m512 codes[16];
@@ -120,6 +120,9 @@ static inline void fill_level_pivots(const float midpoints[256], float pivots[25
 template <FloatType kIn>
 static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
                                     float* absmax, int64_t block_begin, int64_t block_end) {
+  if (denormals_flushed()) {
+    return quantize_blockwise_generic<kIn>(in, n, blocksize, code, out, absmax, block_begin, block_end);
+  }
   alignas(64) float midpoints[256], pivots[256];
   fill_midpoints(code, midpoints);
   fill_level_pivots(midpoints, pivots);
@@ -183,6 +186,9 @@ static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize
 template <FloatType kIn>
 static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
                                     float* absmax, int64_t block_begin, int64_t block_end) {
+  if (denormals_flushed()) {
+    return quantize_blockwise_generic<kIn>(in, n, blocksize, code, out, absmax, block_begin, block_end);
+  }
   alignas(32) float midpoints[256], pivots[256];
   fill_midpoints(code, midpoints);
   fill_level_pivots(midpoints, pivots);

@@ -117,6 +117,9 @@ static void dequantize_int8_generic(const int8_t* q, const float* scale, const i
 template <FloatType kIn>
 static void quantize_int8_simd(const void* in, int64_t n, int64_t group_size, bool symmetric, int8_t* q, float* scale,
                                int32_t* zero_point, int64_t group_begin, int64_t group_end) {
+  if (denormals_flushed()) {
+    return quantize_int8_generic<kIn>(in, n, group_size, symmetric, q, scale, zero_point, group_begin, group_end);
+  }
   const float qmin = symmetric ? -127.0f : -128.0f;
   const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
   for (int64_t group = group_begin; group < group_end; ++group) {
@@ -156,6 +159,9 @@ static void quantize_int8_simd(const void* in, int64_t n, int64_t group_size, bo
 template <FloatType kOut>
 static void dequantize_int8_simd(const int8_t* q, const float* scale, const int32_t* zero_point, int64_t n,
                                  int64_t group_size, void* out, int64_t group_begin, int64_t group_end) {
+  if (denormals_flushed()) {
+    return dequantize_int8_generic<kOut>(q, scale, zero_point, n, group_size, out, group_begin, group_end);
+  }
   const __m512 limit = _mm512_set1_ps(kInt8DequantizeLimit<kOut>), negative_limit = _mm512_set1_ps(-kInt8DequantizeLimit<kOut>);
   for (int64_t group = group_begin; group < group_end; ++group) {
     const int64_t start = group * group_size;
@@ -182,6 +188,9 @@ static void dequantize_int8_simd(const int8_t* q, const float* scale, const int3
 template <FloatType kIn>
 static void quantize_int8_simd(const void* in, int64_t n, int64_t group_size, bool symmetric, int8_t* q, float* scale,
                                int32_t* zero_point, int64_t group_begin, int64_t group_end) {
+  if (denormals_flushed()) {
+    return quantize_int8_generic<kIn>(in, n, group_size, symmetric, q, scale, zero_point, group_begin, group_end);
+  }
   const float qmin = symmetric ? -127.0f : -128.0f;
   const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
   for (int64_t group = group_begin; group < group_end; ++group) {
@@ -237,6 +246,9 @@ static void quantize_int8_simd(const void* in, int64_t n, int64_t group_size, bo
 template <FloatType kOut>
 static void dequantize_int8_simd(const int8_t* q, const float* scale, const int32_t* zero_point, int64_t n,
                                  int64_t group_size, void* out, int64_t group_begin, int64_t group_end) {
+  if (denormals_flushed()) {
+    return dequantize_int8_generic<kOut>(q, scale, zero_point, n, group_size, out, group_begin, group_end);
+  }
   const __m256 limit = _mm256_set1_ps(kInt8DequantizeLimit<kOut>), negative_limit = _mm256_set1_ps(-kInt8DequantizeLimit<kOut>);
   for (int64_t group = group_begin; group < group_end; ++group) {
     const int64_t start = group * group_size;
