@@ -10,8 +10,9 @@ dequantize decodes them), bf16 weights, blocksize 64. Columns:
   outputs (out=), so this is the kernel; quantize always allocates its outputs, as the op does.
 - GB/s: bytes moved / time, bytes moved = the bf16 weight + the packed codes + the statistics as stored
   (absmax fp32, or uint8 absmax + nested fp32 absmax + offset), read on one side and written on the other.
-- % copy: that rate over this machine's copy bandwidth, measured in the same run before and after the rows
-  (the better of the two; a weight-sized bf16 tensor's .copy_, bytes read + written).
+- % copy: that rate over this machine's copy bandwidth, measured in the same run just before and just after
+  the bnbx rows (the better of the two; a weight-sized bf16 tensor's .copy_, bytes read + written). The
+  bnbx rows run first, back to back, and the slow baselines after them.
 - new out ms: dequantize into a freshly allocated output, the way bitsandbytes and the plain-torch version
   run (bitsandbytes has no CPU out= kernel); page faults of a fresh allocation count here. On Linux a
   fresh 90 MB tensor costs tens of ms of faults and zeroing; THP_MEM_ALLOC_ENABLE=1 (torch's allocator
@@ -120,8 +121,8 @@ class Timer:
 
     def median_ms(self, fns: list[Callable[[], object]], repeat: int, budget_s: Optional[float] = None) -> float:
         """Median over `repeat` calls (fewer, at least 3, when `budget_s` runs out), rotating over `fns`
-        (one per operand copy), after one warm-up call per copy."""
-        for fn in fns:
+        (one per operand copy), after one warm-up call per copy (one in all for slow, budgeted baselines)."""
+        for fn in fns if budget_s is None else fns[:1]:
             self.once(fn)
         first = self.once(fns[0])
         if budget_s is not None:
@@ -159,68 +160,62 @@ def load_bitsandbytes():
 
 
 def bench_device(device: torch.device, shapes, args, bnb_functional) -> tuple[list[list[str]], float]:
+    """bnbx rows and the copy bandwidth first, back to back (a short window: on a shared machine they see the
+    same conditions), then the baselines, which are hundreds of times slower and insensitive to noise."""
     timer = Timer(device)
     copies = 8 if device.type == "cuda" else 4
     # at least 64 MiB per copy, larger than the caches whatever --shapes says
     copy_elements = max(max(math.prod(s) for s in shapes), 1 << 25)
     copy_gbs = copy_bandwidth_gbs(timer, copy_elements, copies, args.repeat, device)
+    weights = {shape: [torch.randn(shape, device=device).to(WEIGHT_DTYPE) for _ in range(copies)] for shape in shapes}
+    configs = [(shape, q, c) for shape in shapes for q in ("nf4", "fp4") for c in (False, True)]
+
+    bnbx_ms = {}
+    for shape, quant_type, compress in configs:
+        ws = weights[shape]
+        quantize = [lambda w=w: F.quantize_4bit(w, BLOCKSIZE, quant_type, compress_statistics=compress) for w in ws]
+        q_ms = timer.median_ms(quantize, args.repeat)
+        quantized = [fn() for fn in quantize]
+        outs = [torch.empty(shape, dtype=WEIGHT_DTYPE, device=device) for _ in range(copies)]
+        dq_ms = timer.median_ms(
+            [lambda p=p, s=s, o=o: F.dequantize_4bit(p, s, out=o) for (p, s), o in zip(quantized, outs)], args.repeat
+        )
+        del outs
+        dq_new_ms = timer.median_ms([lambda p=p, s=s: F.dequantize_4bit(p, s) for p, s in quantized], args.repeat)
+        bnbx_ms[(shape, quant_type, compress)] = (q_ms, dq_ms, dq_new_ms)
+    # measured again, the better of both: a busy moment must not pass for the machine's bandwidth
+    copy_gbs = max(copy_gbs, copy_bandwidth_gbs(timer, copy_elements, copies, args.repeat, device))
+
     plain = TorchQuant(device)
     rows = []
-    for shape in shapes:
-        n = math.prod(shape)
-        weights = [torch.randn(shape, device=device).to(WEIGHT_DTYPE) for _ in range(copies)]
-        for quant_type in ("nf4", "fp4"):
-            for compress in (False, True):
-                moved = bytes_moved(n, compress)
-                label = [device.type, "x".join(map(str, shape)), quant_type, "yes" if compress else "no"]
-
-                # quantize
-                quantized = [F.quantize_4bit(w, BLOCKSIZE, quant_type, compress_statistics=compress) for w in weights]
-                q_ms = timer.median_ms(
-                    [lambda w=w: F.quantize_4bit(w, BLOCKSIZE, quant_type, compress_statistics=compress) for w in weights],
-                    args.repeat,
-                )
-                bnb_q = bnb_state = None
-                if bnb_functional is not None:
-                    try:
-                        bnb_state = [bnb_functional.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=compress,
-                                                                  quant_type=quant_type) for w in weights]  # fmt: skip
-                        bnb_q = timer.median_ms(
-                            [lambda w=w: bnb_functional.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=compress,
-                                                                      quant_type=quant_type) for w in weights],
-                            args.repeat, BASELINE_BUDGET_S,
-                        )  # fmt: skip
-                    except Exception as error:  # e.g. no kernel for this device
-                        print(f"bitsandbytes quantize_4bit failed on {device}: {error}", file=sys.stderr)
-                        bnb_state = None
-                torch_state = [plain.quantize(w, quant_type, compress) for w in weights]
-                torch_q = timer.median_ms([lambda w=w: plain.quantize(w, quant_type, compress) for w in weights],
-                                          args.repeat, BASELINE_BUDGET_S)  # fmt: skip
-                rows.append(label[:2] + ["quantize"] + label[2:] + row_numbers(q_ms, q_ms, moved, copy_gbs, bnb_q, torch_q))
-
-                # dequantize
-                outs = [torch.empty(shape, dtype=WEIGHT_DTYPE, device=device) for _ in range(copies)]
-                dq_ms = timer.median_ms(
-                    [lambda p=p, s=s, o=o: F.dequantize_4bit(p, s, out=o) for (p, s), o in zip(quantized, outs)], args.repeat
-                )
-                del outs
-                dq_new_ms = timer.median_ms([lambda p=p, s=s: F.dequantize_4bit(p, s) for p, s in quantized], args.repeat)
-                bnb_dq = None
-                if bnb_state is not None:
-                    bnb_dq = timer.median_ms([lambda p=p, s=s: bnb_functional.dequantize_4bit(p, s) for p, s in bnb_state],
-                                             args.repeat, BASELINE_BUDGET_S)  # fmt: skip
-                torch_dq = timer.median_ms(
-                    [lambda p=p, s=s: plain.dequantize(p, s, shape, quant_type, compress) for p, s in torch_state],
-                    args.repeat, BASELINE_BUDGET_S,
-                )
-                rows.append(label[:2] + ["dequantize"] + label[2:]
-                            + row_numbers(dq_ms, dq_new_ms, moved, copy_gbs, bnb_dq, torch_dq))  # fmt: skip
-                del quantized, bnb_state, torch_state
-    # measured again at the end, the best of both: a busy moment must not pass for the machine's bandwidth
-    copy_gbs = max(copy_gbs, copy_bandwidth_gbs(timer, copy_elements, copies, args.repeat, device))
-    # the shares are computed now that the copy bandwidth is final
-    for row in rows:
-        row[7] = f"{100 * float(row[6]) / copy_gbs:.0f}%"
+    for shape, quant_type, compress in configs:
+        ws = weights[shape]
+        bnb_q = bnb_dq = None
+        if bnb_functional is not None:
+            try:
+                bnb_quantize = [lambda w=w: bnb_functional.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=quant_type,
+                                                                         compress_statistics=compress) for w in ws]  # fmt: skip
+                bnb_q = timer.median_ms(bnb_quantize, args.repeat, BASELINE_BUDGET_S)
+                bnb_state = [fn() for fn in bnb_quantize]
+                bnb_dq = timer.median_ms([lambda p=p, s=s: bnb_functional.dequantize_4bit(p, s) for p, s in bnb_state],
+                                         args.repeat, BASELINE_BUDGET_S)  # fmt: skip
+                del bnb_state
+            except Exception as error:  # e.g. no kernel for this device
+                print(f"bitsandbytes 4-bit failed on {device}: {error}", file=sys.stderr)
+        torch_quantize = [lambda w=w: plain.quantize(w, quant_type, compress) for w in ws]
+        torch_q = timer.median_ms(torch_quantize, args.repeat, BASELINE_BUDGET_S)
+        torch_state = [fn() for fn in torch_quantize]
+        torch_dq = timer.median_ms(
+            [lambda p=p, s=s: plain.dequantize(p, s, shape, quant_type, compress) for p, s in torch_state],
+            args.repeat, BASELINE_BUDGET_S,
+        )
+        del torch_state
+        q_ms, dq_ms, dq_new_ms = bnbx_ms[(shape, quant_type, compress)]
+        moved = bytes_moved(math.prod(shape), compress)
+        label = [device.type, "x".join(map(str, shape))]
+        tail = [quant_type, "yes" if compress else "no"]
+        rows.append(label + ["quantize"] + tail + row_numbers(q_ms, q_ms, moved, copy_gbs, bnb_q, torch_q))
+        rows.append(label + ["dequantize"] + tail + row_numbers(dq_ms, dq_new_ms, moved, copy_gbs, bnb_dq, torch_dq))
     return rows, copy_gbs
 
 

@@ -305,13 +305,17 @@ static inline __m128i pack_16_codes(__m512i codes) {
   return _mm512_cvtepi64_epi8(_mm512_or_si512(_mm512_slli_epi32(codes, 4), _mm512_srli_epi64(codes, 32)));
 }
 
-// Codes of one finite block in[start, end) (start even) with its scale.
-template <FloatType kIn, QuantType kQuant>
-static inline void quantize_4bit_block_codes(const void* in, int64_t start, int64_t end, float prescale_value,
-                                             float inv_absmax_value, const CodeSearch& search, uint8_t* packed) {
+// Codes of one finite block in[start, end) (start even) with its scale. kPrescale false: prescale is 1, and
+// x * 1 == x exactly for every finite x (subnormals too: FTZ/DAZ runs the generic loop), so that product
+// is skipped.
+template <FloatType kIn, QuantType kQuant, bool kPrescale>
+static inline void quantize_4bit_block_codes_scaled(const void* in, int64_t start, int64_t end, float prescale_value,
+                                                    float inv_absmax_value, const CodeSearch& search, uint8_t* packed) {
   const __m512 prescale = _mm512_set1_ps(prescale_value);
   const __m512 inv_absmax = _mm512_set1_ps(inv_absmax_value);
-  auto scaled = [&](__m512 x) { return _mm512_mul_ps(_mm512_mul_ps(x, prescale), inv_absmax); };
+  auto scaled = [&](__m512 x) {
+    return _mm512_mul_ps(kPrescale ? _mm512_mul_ps(x, prescale) : x, inv_absmax);
+  };
   int64_t i = start;
   if constexpr (kIn == FloatType::kBFloat16) {
     // 32-bit lane j of a 64-byte load holds elements 2j (low half) and 2j+1 (high half): shifting or
@@ -338,6 +342,16 @@ static inline void quantize_4bit_block_codes(const void* in, int64_t start, int6
     const int64_t count = std::min<int64_t>(16, end - i);
     const __m512 x = load_16_as_float_masked<kIn>(in, i, first_lanes_16(count));
     _mm_mask_storeu_epi8(packed + i / 2, first_lanes_16((count + 1) / 2), pack_16_codes(codes_16<kQuant>(scaled(x), search)));
+  }
+}
+
+template <FloatType kIn, QuantType kQuant>
+static inline void quantize_4bit_block_codes(const void* in, int64_t start, int64_t end, float prescale_value,
+                                             float inv_absmax_value, const CodeSearch& search, uint8_t* packed) {
+  if (prescale_value == 1.0f) {
+    quantize_4bit_block_codes_scaled<kIn, kQuant, false>(in, start, end, 1.0f, inv_absmax_value, search, packed);
+  } else {
+    quantize_4bit_block_codes_scaled<kIn, kQuant, true>(in, start, end, prescale_value, inv_absmax_value, search, packed);
   }
 }
 
@@ -644,13 +658,15 @@ static inline __m128i pack_32_codes(__m256i c0, __m256i c1, __m256i c2, __m256i 
   return _mm_packus_epi16(_mm256_castsi256_si128(ordered), _mm256_extracti128_si256(ordered, 1));
 }
 
-// Codes of one finite block in[start, end) (start even) with its scale.
-template <FloatType kIn, QuantType kQuant>
-static inline void quantize_4bit_block_codes(const void* in, int64_t start, int64_t end, BlockScale scale,
-                                             const CodeSearch& search, uint8_t* packed) {
+// Codes of one finite block in[start, end) (start even) with its scale; kPrescale as in the AVX-512 path.
+template <FloatType kIn, QuantType kQuant, bool kPrescale>
+static inline void quantize_4bit_block_codes_scaled(const void* in, int64_t start, int64_t end, BlockScale scale,
+                                                    const CodeSearch& search, uint8_t* packed) {
   const __m256 prescale = _mm256_set1_ps(scale.prescale);
   const __m256 inv_absmax = _mm256_set1_ps(scale.inv_absmax);
-  auto scaled = [&](__m256 x) { return _mm256_mul_ps(_mm256_mul_ps(x, prescale), inv_absmax); };
+  auto scaled = [&](__m256 x) {
+    return _mm256_mul_ps(kPrescale ? _mm256_mul_ps(x, prescale) : x, inv_absmax);
+  };
   int64_t i = start;
   if constexpr (kIn == FloatType::kBFloat16) {
     // 32-bit lane j of a 32-byte load holds elements 2j (low half) and 2j+1 (high half): shifting or
@@ -680,6 +696,16 @@ static inline void quantize_4bit_block_codes(const void* in, int64_t start, int6
     _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + i / 2), pack_32_codes(c0, c1, c2, c3));
   }
   quantize_4bit_range<kIn>(in, i, end, scale, kQuant, packed);
+}
+
+template <FloatType kIn, QuantType kQuant>
+static inline void quantize_4bit_block_codes(const void* in, int64_t start, int64_t end, BlockScale scale,
+                                             const CodeSearch& search, uint8_t* packed) {
+  if (scale.prescale == 1.0f) {
+    quantize_4bit_block_codes_scaled<kIn, kQuant, false>(in, start, end, scale, search, packed);
+  } else {
+    quantize_4bit_block_codes_scaled<kIn, kQuant, true>(in, start, end, scale, search, packed);
+  }
 }
 
 // Lane-wise max of |x| bit patterns over one full block (16 16-bit or 8 32-bit lanes); the block is a
