@@ -1,0 +1,183 @@
+// CUDA 8-bit blockwise quantize / dequantize with a sorted 256-value code (the signed dynamic map, used to
+// double-quantize 4-bit absmax values): host code, then the kernels. The results are the bits of the CPU
+// reference, csrc/cpu/kernels/quantize_8bit_impl.h (quantize_blockwise_generic, dequantize_blockwise_generic).
+//
+// The code arrives as a device tensor and is never read on the host (no synchronisation); its sortedness,
+// which the binary search relies on, is checked in Python for CUDA tensors (bnbx/functional.py). Each thread
+// block copies the code (dequantize) or its 255 midpoints (quantize) into shared memory once, then loops over
+// tiles; the block absmax uses the same integer-max reduction as the 4-bit kernel (cuda_utils.cuh).
+#include <torch/library.h>
+
+#include "cuda_utils.cuh"
+
+namespace bnbx::cuda {
+namespace {
+
+constexpr int kThreads = 256;  // per thread block, unless one quantization block needs more threads
+constexpr int kDequantUnroll = 2;
+
+// Midpoints (code[i] + code[i+1]) / 2 in fp32 as the CPU computes them, padded with +Inf at 255 so the
+// search below has 256 slots; every thread of the block must call this (it ends in a barrier).
+__device__ __forceinline__ void load_midpoints(const float* __restrict__ code, float* midpoints) {
+  for (int i = threadIdx.x; i < kDynamicMapSize; i += blockDim.x) {
+    midpoints[i] = i + 1 < kDynamicMapSize ? (code[i] + code[i + 1]) / 2.0f : __uint_as_float(0x7f800000u);
+  }
+  __syncthreads();
+}
+
+// nearest_code_index of the CPU: index = number of midpoints m with x > m (ties to the lower code), by a
+// branch-free binary search over the sorted midpoints. Threads of a warp read different entries; 8 shared
+// loads per element are cheap next to the global traffic.
+__device__ __forceinline__ uint32_t nearest_code_index(const float* midpoints, float x) {
+  uint32_t index = 0;
+#pragma unroll
+  for (uint32_t step = 128; step > 0; step >>= 1) index += x > midpoints[index + step - 1] ? step : 0;
+  return index;
+}
+
+// in[n] -> codes[n] (one byte per element), absmax[ceil(n/blocksize)]; a block of blocksize elements is
+// covered by 2^log2_group threads (blocksize / kVec, from 4 to 1024).
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    quantize_blockwise_kernel(const T* __restrict__ in, const float* __restrict__ code, int64_t n, int log2_group,
+                              uint8_t* __restrict__ codes, float* __restrict__ absmax) {
+  constexpr int kVec = kVecElems<T>;
+  __shared__ float midpoints[kDynamicMapSize];
+  __shared__ uint32_t scratch[2][kMaxWarps];
+  load_midpoints(code, midpoints);
+  const uint32_t zero = nearest_code_index(midpoints, 0.0f);
+
+  const int64_t vectors = ceil_div64(n, kVec);
+  const int64_t blocks = ceil_div64(vectors, int64_t{1} << log2_group);
+  const int lane = threadIdx.x & ((1 << log2_group) - 1);
+  int parity = 0;
+  // The loop bound is the same for every thread of the block: all of them reach group_reduce's barrier.
+  for (int64_t tile = int64_t{blockIdx.x} * blockDim.x; tile < vectors;
+       tile += int64_t{gridDim.x} * blockDim.x, parity ^= 1) {
+    const int64_t vec = tile + threadIdx.x;
+    const int64_t start = vec * kVec;
+    float x[kVec];
+    const uint32_t bits = load_block_absmax_bits<T, kVec>(in, n, vec, log2_group, scratch[parity], x);
+    const bool nonfinite = bits > kFloatMaxBits;
+    const int64_t block = vec >> log2_group;
+    if (lane == 0 && block < blocks) {
+      absmax[block] = nonfinite ? __uint_as_float(kQuietNaNBits) : __uint_as_float(bits);
+    }
+    if (start >= n) continue;
+
+    UInt<kVec> word = 0;
+    if (nonfinite) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) word |= static_cast<UInt<kVec>>(zero) << (8 * i);
+    } else {
+      const BlockScale scale = block_scale(__uint_as_float(bits));
+      // (x * prescale) * inv_absmax as on the CPU; x * 1 is exact, so the common case skips that multiply.
+      if (scale.prescale != 1.0f) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) x[i] *= scale.prescale;
+      }
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        word |= static_cast<UInt<kVec>>(nearest_code_index(midpoints, x[i] * scale.inv_absmax)) << (8 * i);
+      }
+    }
+    store_word<kVec>(codes, start, n - start, word);
+  }
+}
+
+// codes[n], absmax[ceil(n/blocksize)] -> out[n] = code[codes[i]] * absmax, one rounding to T.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dequantize_blockwise_kernel(const uint8_t* __restrict__ codes, const float* __restrict__ absmax,
+                                const float* __restrict__ code, int64_t n, int log2_blocksize, T* __restrict__ out) {
+  constexpr int kVec = kVecElems<T>;
+  constexpr int64_t kTile = int64_t{kThreads} * kDequantUnroll;
+  __shared__ float values[kDynamicMapSize];
+  for (int i = threadIdx.x; i < kDynamicMapSize; i += blockDim.x) values[i] = code[i];
+  __syncthreads();
+
+  const int64_t vectors = ceil_div64(n, kVec);
+  for (int64_t tile = int64_t{blockIdx.x} * kTile; tile < vectors; tile += int64_t{gridDim.x} * kTile) {
+    // All loads of the tile first, then the math: kDequantUnroll independent loads in flight per thread.
+    UInt<kVec> words[kDequantUnroll];
+    float scales[kDequantUnroll];
+#pragma unroll
+    for (int u = 0; u < kDequantUnroll; ++u) {
+      const int64_t vec = tile + u * kThreads + threadIdx.x;
+      words[u] = 0;
+      scales[u] = 0.0f;
+      if (vec < vectors) {
+        words[u] = load_word<kVec>(codes, vec * kVec, n);
+        scales[u] = absmax[(vec * kVec) >> log2_blocksize];  // vec * kVec < n: never past the last block
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDequantUnroll; ++u) {
+      const int64_t vec = tile + u * kThreads + threadIdx.x;
+      if (vec >= vectors) continue;
+      float result[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        result[i] = mul_like_cpu(values[static_cast<uint32_t>(words[u] >> (8 * i)) & 0xffu], scales[u]);
+      }
+      store_floats<T, kVec>(out, vec * kVec, n, result);
+    }
+  }
+}
+
+// --- host code ---------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
+                                                           int64_t blocksize) {
+  check_quantize_blockwise_args(A, code, blocksize);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const at::Tensor input = contiguous_aligned(A);
+  const at::Tensor code_values = code.contiguous();
+  const int64_t n = input.numel();
+  at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
+  if (n == 0) return {out, absmax};
+
+  dispatch_float(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int kVec = kVecElems<T>;
+    const int group = static_cast<int>(blocksize / kVec);  // 4 .. 1024 threads per quantization block
+    const int threads = std::max(group, kThreads);
+    const unsigned int grid = grid_size(ceil_div(ceil_div(n, kVec), threads), threads);
+    quantize_blockwise_kernel<T><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        static_cast<const T*>(input.const_data_ptr()), code_values.const_data_ptr<float>(), n, log2_exact(group),
+        out.mutable_data_ptr<uint8_t>(), absmax.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, absmax};
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
+                                     int64_t blocksize, at::ScalarType dtype) {
+  check_dequantize_blockwise_args(A, absmax, code, blocksize, dtype);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const at::Tensor codes = contiguous_aligned(A);
+  const at::Tensor stats = absmax.contiguous();
+  const at::Tensor code_values = code.contiguous();
+  const int64_t n = codes.numel();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  if (n == 0) return out;
+
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
+    dequantize_blockwise_kernel<T><<<grid_size(tiles, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        codes.const_data_ptr<uint8_t>(), stats.const_data_ptr<float>(), code_values.const_data_ptr<float>(), n,
+        log2_exact(blocksize), static_cast<T*>(out.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
+  m.impl("quantize_blockwise", &bnbx::cuda::quantize_blockwise_cuda);
+  m.impl("dequantize_blockwise", &bnbx::cuda::dequantize_blockwise_cuda);
+}

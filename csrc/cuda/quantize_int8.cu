@@ -1,0 +1,343 @@
+// CUDA int8 absmax (symmetric) / zero-point (asymmetric) quantization over contiguous groups of the flattened
+// input: host code, then the kernels. The results are the bits of the CPU reference,
+// csrc/cpu/kernels/quantize_int8_impl.h (int8_group_params, quantize_int8_generic, dequantize_int8_generic).
+//
+// group_size is any positive integer, so groups start at arbitrary element offsets: the kernels use element
+// loads, coalesced because consecutive threads read consecutive elements. Work is cut into segments: a
+// segment is a whole group, or, when a few huge groups would leave most SMs idle (per-tensor scales), a
+// kSegment-element slice of one group. A power-of-two team of threads covers each segment.
+//   quantize, whole groups: one kernel; the team reduces the group's min/max range, derives scale and zero
+//     point, then quantizes its group (the second read mostly hits L1/L2).
+//   quantize, split groups: a range per segment, then a reduction of those per group into scale and zero
+//     point, then quantization of every segment from the stored scale and zero point (three kernels).
+//   dequantize: one kernel over segments, no reduction.
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "cuda_utils.cuh"
+
+namespace bnbx::cuda {
+namespace {
+
+constexpr int kThreads = 256;           // per thread block, unless one segment's team needs more
+constexpr int64_t kSegment = 16384;     // elements per slice of a split group: 16 per thread of a 1024 team
+constexpr int kElementsPerThread = 8;   // a team has about segment/8 threads (a power of two, 1 .. 1024)
+
+// Where the segments lie. A group is [g * group_size, min(n, (g + 1) * group_size)); segment k of group g is
+// [group_start + k * segment_size, ...) clipped to the group, and may be empty in a short last group.
+struct Int8Layout {
+  int64_t n;
+  int64_t group_size;
+  int64_t segment_size;        // group_size, or kSegment when groups are split
+  int64_t segments_per_group;  // 1, or ceil(min(group_size, n) / kSegment)
+  int64_t segments;            // groups * segments_per_group
+  int log2_team;               // threads per segment: 2^log2_team
+};
+
+struct Segment {
+  int64_t group;
+  int64_t start;
+  int64_t end;
+};
+
+__device__ __forceinline__ Segment locate(const Int8Layout& layout, int64_t segment) {
+  // the 64-bit division only runs for split groups, where a team has thousands of elements to amortise it
+  const int64_t group = layout.segments_per_group == 1 ? segment : segment / layout.segments_per_group;
+  const int64_t slice = segment - group * layout.segments_per_group;
+  const int64_t group_start = group * layout.group_size;
+  const int64_t group_end = group_start + min(layout.group_size, layout.n - group_start);  // no overflow
+  const int64_t start = min(group_end, group_start + slice * layout.segment_size);
+  return {group, start, start + min(layout.segment_size, group_end - start)};
+}
+
+// --- the arithmetic of quantize_int8_impl.h ----------------------------------------------------------------------
+
+// std::max / std::min as the CPU calls them: (a < b) ? b : a and (b < a) ? b : a. Written out because
+// fmaxf/fminf order -0.0 and +0.0 and treat NaN differently, and the stored bits must match.
+__device__ __forceinline__ float std_max(float a, float b) { return a < b ? b : a; }
+__device__ __forceinline__ float std_min(float a, float b) { return b < a ? b : a; }
+
+// The running range of int8_group_params, with `high` = +Inf marking a NaN or an Inf met (finite values
+// are at most FLT_MAX, so the mark cannot be mistaken for data).
+__device__ __forceinline__ Range extend(Range range, float x) {
+  range.low = x < range.low ? x : range.low;
+  range.high = fabsf(x) <= FLT_MAX ? (x > range.high ? x : range.high) : __uint_as_float(0x7f800000u);
+  return range;
+}
+
+// Int8Params of the CPU reference: x ~ (q - zero_point) * scale.
+struct Int8Params {
+  float scale;
+  float inv_scale;  // 1 / scale; 0 for an all-zero group and for a non-finite one
+  int32_t zero_point;
+  bool nonfinite;
+};
+
+// int8_group_params after its loop, from the group's range.
+__device__ __forceinline__ Int8Params int8_params(Range range, bool symmetric) {
+  if (range.high > FLT_MAX) return {__uint_as_float(kQuietNaNBits), 0.0f, 0, true};
+  if (symmetric) {
+    const float absmax = std_max(-range.low, range.high);  // -0.0 for an all-zero group, as on the CPU
+    const float scale = absmax / 127.0f;
+    return {scale, scale == 0.0f ? 0.0f : 1.0f / scale, 0, false};
+  }
+  const float scale = (range.high - range.low) / 255.0f;
+  if (scale == 0.0f) return {0.0f, 0.0f, 0, false};
+  const float zero_point = rintf(-128.0f - range.low / scale);
+  return {scale, 1.0f / scale, static_cast<int32_t>(std_min(127.0f, std_max(-128.0f, zero_point))), false};
+}
+
+// The same parameters rebuilt from what int8_params stored: a NaN scale only comes from a non-finite group,
+// and both branches above give inv_scale = (scale == 0 ? 0 : 1 / scale) otherwise.
+__device__ __forceinline__ Int8Params int8_params_from_stored(float scale, int32_t zero_point) {
+  const bool nonfinite = scale != scale;
+  return {scale, nonfinite || scale == 0.0f ? 0.0f : 1.0f / scale, zero_point, nonfinite};
+}
+
+// Quantizes in[i] for i = first, first + stride, ... < end, as quantize_int8_generic's loops do.
+template <typename T>
+__device__ __forceinline__ void quantize_elements(const T* __restrict__ in, int64_t first, int64_t end, int stride,
+                                                  const Int8Params& params, bool symmetric, int8_t* __restrict__ q) {
+  if (params.nonfinite) {
+    // NaN/Inf contract: scale NaN, zero point 0, q 0
+    for (int64_t i = first; i < end; i += stride) q[i] = 0;
+    return;
+  }
+  const float qmin = symmetric ? -127.0f : -128.0f;
+  const float zp = static_cast<float>(params.zero_point);
+  if (isinf(params.inv_scale)) {
+    // subnormal scale: 1/scale overflows, so divide instead (exact, slower, rare); a loop of its own so the
+    // common loop below never computes the division
+    for (int64_t i = first; i < end; i += stride) {
+      const float value = rintf(to_float(in[i]) / params.scale) + zp;
+      q[i] = static_cast<int8_t>(std_min(127.0f, std_max(qmin, value)));
+    }
+    return;
+  }
+  for (int64_t i = first; i < end; i += stride) {
+    const float value = rintf(to_float(in[i]) * params.inv_scale) + zp;
+    q[i] = static_cast<int8_t>(std_min(127.0f, std_max(qmin, value)));
+  }
+}
+
+// --- kernels -----------------------------------------------------------------------------------------------------
+
+// Whole groups (segments_per_group == 1): range, parameters and codes in one pass over each group.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    quantize_int8_kernel(const T* __restrict__ in, Int8Layout layout, bool symmetric, int8_t* __restrict__ q,
+                         float* __restrict__ scale, int32_t* __restrict__ zero_point) {
+  __shared__ Range scratch[2][kMaxWarps];
+  const int team = 1 << layout.log2_team;
+  const int lane = threadIdx.x & (team - 1);
+  const int teams = blockDim.x >> layout.log2_team;
+  int parity = 0;
+  // Every thread runs the same iterations (the bound depends on the block only): all reach the barrier.
+  for (int64_t first = int64_t{blockIdx.x} * teams; first < layout.segments;
+       first += int64_t{gridDim.x} * teams, parity ^= 1) {
+    const int64_t segment = first + (threadIdx.x >> layout.log2_team);
+    const bool valid = segment < layout.segments;
+    const Segment seg = valid ? locate(layout, segment) : Segment{0, 0, 0};
+    Range range{0.0f, 0.0f};
+    for (int64_t i = seg.start + lane; i < seg.end; i += team) range = extend(range, to_float(in[i]));
+    range = group_reduce(range, team, scratch[parity], MergeRange{});
+    if (!valid) continue;
+    const Int8Params params = int8_params(range, symmetric);
+    if (lane == 0) {
+      scale[seg.group] = params.scale;
+      zero_point[seg.group] = params.zero_point;
+    }
+    quantize_elements(in, seg.start + lane, seg.end, team, params, symmetric, q);
+  }
+}
+
+// Split groups, step 1: the range of every segment.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    int8_segment_range_kernel(const T* __restrict__ in, Int8Layout layout, Range* __restrict__ ranges) {
+  __shared__ Range scratch[2][kMaxWarps];
+  const int team = 1 << layout.log2_team;
+  const int lane = threadIdx.x & (team - 1);
+  const int teams = blockDim.x >> layout.log2_team;
+  int parity = 0;
+  // Every thread runs the same iterations (the bound depends on the block only): all reach the barrier.
+  for (int64_t first = int64_t{blockIdx.x} * teams; first < layout.segments;
+       first += int64_t{gridDim.x} * teams, parity ^= 1) {
+    const int64_t segment = first + (threadIdx.x >> layout.log2_team);
+    const bool valid = segment < layout.segments;
+    const Segment seg = valid ? locate(layout, segment) : Segment{0, 0, 0};
+    Range range{0.0f, 0.0f};
+    for (int64_t i = seg.start + lane; i < seg.end; i += team) range = extend(range, to_float(in[i]));
+    range = group_reduce(range, team, scratch[parity], MergeRange{});
+    if (valid && lane == 0) ranges[segment] = range;
+  }
+}
+
+// Split groups, step 2: one thread block per group merges its segments' ranges into scale and zero point.
+__global__ void __launch_bounds__(kThreads)
+    int8_group_params_kernel(const Range* __restrict__ ranges, Int8Layout layout, bool symmetric,
+                             float* __restrict__ scale, int32_t* __restrict__ zero_point) {
+  __shared__ Range scratch[2][kMaxWarps];
+  const int64_t groups = layout.segments / layout.segments_per_group;
+  int parity = 0;
+  for (int64_t group = blockIdx.x; group < groups; group += gridDim.x, parity ^= 1) {
+    const Range* first = ranges + group * layout.segments_per_group;
+    Range range{0.0f, 0.0f};  // {0, 0} is neutral: every range holds 0
+    for (int64_t k = threadIdx.x; k < layout.segments_per_group; k += blockDim.x) range = MergeRange{}(range, first[k]);
+    range = group_reduce(range, static_cast<int>(blockDim.x), scratch[parity], MergeRange{});
+    if (threadIdx.x == 0) {
+      const Int8Params params = int8_params(range, symmetric);
+      scale[group] = params.scale;
+      zero_point[group] = params.zero_point;
+    }
+  }
+}
+
+// Split groups, step 3: quantize every segment with its group's stored parameters.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    int8_quantize_segments_kernel(const T* __restrict__ in, Int8Layout layout, bool symmetric,
+                                  const float* __restrict__ scale, const int32_t* __restrict__ zero_point,
+                                  int8_t* __restrict__ q) {
+  const int team = 1 << layout.log2_team;
+  const int lane = threadIdx.x & (team - 1);
+  const int teams = blockDim.x >> layout.log2_team;
+  for (int64_t first = int64_t{blockIdx.x} * teams; first < layout.segments; first += int64_t{gridDim.x} * teams) {
+    const int64_t segment = first + (threadIdx.x >> layout.log2_team);
+    if (segment >= layout.segments) continue;
+    const Segment seg = locate(layout, segment);
+    const Int8Params params = int8_params_from_stored(scale[seg.group], zero_point[seg.group]);
+    quantize_elements(in, seg.start + lane, seg.end, team, params, symmetric, q);
+  }
+}
+
+// kInt8DequantizeLimit of the CPU reference: zero-point rounding can rebuild up to half a step past the
+// original maximum, which in fp16 can pass 65504, so fp16 output saturates to its finite range.
+template <typename T>
+constexpr float kDequantizeLimit = std::is_same_v<T, __half> ? 65504.0f : FLT_MAX;
+
+// out[i] = (q[i] - zero_point) * scale in fp32, clamped to kDequantizeLimit (NaN stays NaN), one rounding to T.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    dequantize_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scale,
+                           const int32_t* __restrict__ zero_point, Int8Layout layout, T* __restrict__ out) {
+  const int team = 1 << layout.log2_team;
+  const int lane = threadIdx.x & (team - 1);
+  const int teams = blockDim.x >> layout.log2_team;
+  for (int64_t first = int64_t{blockIdx.x} * teams; first < layout.segments; first += int64_t{gridDim.x} * teams) {
+    const int64_t segment = first + (threadIdx.x >> layout.log2_team);
+    if (segment >= layout.segments) continue;
+    const Segment seg = locate(layout, segment);
+    const float group_scale = scale[seg.group];
+    const float zp = static_cast<float>(zero_point[seg.group]);
+    for (int64_t i = seg.start + lane; i < seg.end; i += team) {
+      const float value = mul_like_cpu(static_cast<float>(q[i]) - zp, group_scale);
+      out[i] = from_float<T>(std_max(std_min(value, kDequantizeLimit<T>), -kDequantizeLimit<T>));
+    }
+  }
+}
+
+// --- host code ---------------------------------------------------------------------------------------------------
+
+Int8Layout make_layout(int64_t n, int64_t group_size, bool split) {
+  Int8Layout layout{};
+  layout.n = n;
+  layout.group_size = group_size;
+  layout.segment_size = split ? kSegment : group_size;
+  // every group but the last has group_size elements, and a group_size beyond n means one group of n
+  layout.segments_per_group = split ? ceil_div(std::min(group_size, n), kSegment) : 1;
+  layout.segments = ceil_div(n, group_size) * layout.segments_per_group;
+  const int64_t team = next_power_of_two(ceil_div(std::min(layout.segment_size, n), kElementsPerThread));
+  layout.log2_team = log2_exact(std::min<int64_t>(team, kMaxThreads));
+  return layout;
+}
+
+int threads_per_block(const Int8Layout& layout) { return std::max(1 << layout.log2_team, kThreads); }
+
+unsigned int segment_grid(const Int8Layout& layout) {
+  const int threads = threads_per_block(layout);
+  return grid_size(ceil_div(layout.segments, threads >> layout.log2_team), threads);
+}
+
+// Whole groups leave SMs idle when there are fewer of them than thread blocks the GPU holds at once; split
+// them when they are big enough to be worth the extra pass (a per-tensor scale over a large tensor).
+bool split_groups(int64_t n, int64_t group_size) {
+  if (std::min(group_size, n) <= 2 * kSegment) return false;
+  const Int8Layout whole = make_layout(n, group_size, false);
+  const int threads = threads_per_block(whole);
+  return ceil_div(whole.segments, threads >> whole.log2_team) < resident_blocks(threads);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& A, int64_t group_size,
+                                                                  bool symmetric) {
+  check_quantize_int8_args(A, group_size);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const at::Tensor input = A.contiguous();
+  const int64_t n = input.numel();
+  const int64_t groups = ceil_div(n, group_size);
+  at::Tensor q = at::empty(input.sizes(), input.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({groups}, input.options().dtype(at::kFloat));
+  at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
+  if (n == 0) return {q, scale, zero_point};
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool split = split_groups(n, group_size);
+  const Int8Layout layout = make_layout(n, group_size, split);
+  dispatch_float(input.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* in = static_cast<const T*>(input.const_data_ptr());
+    const int threads = threads_per_block(layout);
+    if (!split) {
+      quantize_int8_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(
+          in, layout, symmetric, q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
+          zero_point.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    static_assert(sizeof(Range) == 2 * sizeof(float), "ranges are stored as float pairs");
+    at::Tensor ranges = at::empty({layout.segments, 2}, input.options().dtype(at::kFloat));
+    Range* ranges_ptr = reinterpret_cast<Range*>(ranges.mutable_data_ptr<float>());
+    int8_segment_range_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(in, layout, ranges_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    int8_group_params_kernel<<<grid_size(groups, kThreads), kThreads, 0, stream>>>(
+        ranges_ptr, layout, symmetric, scale.mutable_data_ptr<float>(), zero_point.mutable_data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    int8_quantize_segments_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(
+        in, layout, symmetric, scale.const_data_ptr<float>(), zero_point.const_data_ptr<int32_t>(),
+        q.mutable_data_ptr<int8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {q, scale, zero_point};
+}
+
+at::Tensor dequantize_int8_cuda(const at::Tensor& A, const at::Tensor& scale, const at::Tensor& zero_point,
+                                int64_t group_size, at::ScalarType dtype) {
+  check_dequantize_int8_args(A, scale, zero_point, group_size, dtype);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const at::Tensor q = A.contiguous();
+  const at::Tensor scales = scale.contiguous();
+  const at::Tensor zero_points = zero_point.contiguous();
+  const int64_t n = q.numel();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  if (n == 0) return out;
+
+  const Int8Layout layout = make_layout(n, group_size, split_groups(n, group_size));
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_int8_kernel<T><<<segment_grid(layout), threads_per_block(layout), 0,
+                                c10::cuda::getCurrentCUDAStream()>>>(
+        q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), zero_points.const_data_ptr<int32_t>(), layout,
+        static_cast<T*>(out.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
+  m.impl("quantize_int8", &bnbx::cuda::quantize_int8_cuda);
+  m.impl("dequantize_int8", &bnbx::cuda::dequantize_int8_cuda);
+}
