@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/string_view.h>
 
 #include <string>
@@ -112,6 +113,29 @@ inline QuantType check_quantize_4bit_args(const at::Tensor& A, int64_t blocksize
   check_quant_storage(op, quant_storage);
   return parse_quant_type(op, quant_type);
 }
+
+// Outputs of quantize_4bit, allocated the same way by every backend: packed bytes (padding to whole
+// quant_storage elements zeroed, so they are deterministic) and one fp32 absmax per block.
+struct Quantize4bitOutputs {
+  at::Tensor packed;  // uint8 [bytes]
+  at::Tensor absmax;  // fp32 [ceil(n / blocksize)]
+  at::ScalarType storage;
+
+  Quantize4bitOutputs(const at::Tensor& input, int64_t blocksize, at::ScalarType quant_storage)
+      : storage(quant_storage) {
+    const int64_t n = input.numel();
+    const int64_t bytes = packed_4bit_bytes(n, static_cast<int64_t>(c10::elementSize(quant_storage)));
+    packed = at::empty({bytes}, input.options().dtype(at::kByte));
+    absmax = at::empty({ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
+    if (bytes > ceil_div(n, 2)) packed.narrow(0, ceil_div(n, 2), bytes - ceil_div(n, 2)).zero_();
+  }
+
+  // The op's result: the packed bytes as a [elements, 1] column of quant_storage (bitsandbytes' shape).
+  std::tuple<at::Tensor, at::Tensor> result() const {
+    const int64_t itemsize = static_cast<int64_t>(c10::elementSize(storage));
+    return {packed.view(storage).view({packed.numel() / itemsize, 1}), absmax};
+  }
+};
 
 // Checks the packed codes and absmax against the shape they claim to describe; returns numel.
 inline int64_t check_dequantize_4bit_args(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,

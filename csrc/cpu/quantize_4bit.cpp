@@ -16,22 +16,17 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   const at::Tensor input = A.contiguous();
   const int64_t n = input.numel();
   const int64_t blocks = ceil_div(n, blocksize);
-  const int64_t itemsize = static_cast<int64_t>(c10::elementSize(quant_storage));
-  const int64_t bytes = packed_4bit_bytes(n, itemsize);
-  at::Tensor packed = at::empty({bytes}, input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
-  // bytes past ceil(n/2) only exist to fill a wider quant_storage element; keep them deterministic
-  if (bytes > ceil_div(n, 2)) packed.narrow(0, ceil_div(n, 2), bytes - ceil_div(n, 2)).zero_();
+  Quantize4bitOutputs outputs(input, blocksize, quant_storage);
 
   const cpu::CpuKernels& kernels = cpu::cpu_kernels();
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
-  uint8_t* packed_ptr = packed.mutable_data_ptr<uint8_t>();
-  float* absmax_ptr = absmax.mutable_data_ptr<float>();
+  uint8_t* packed_ptr = outputs.packed.mutable_data_ptr<uint8_t>();
+  float* absmax_ptr = outputs.absmax.mutable_data_ptr<float>();
   at::parallel_for(0, blocks, cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     kernels.quantize_4bit(in_type, in, n, blocksize, type, packed_ptr, absmax_ptr, begin, end);
   });
-  return {packed.view(quant_storage).view({bytes / itemsize, 1}), absmax};
+  return outputs.result();
 }
 
 // Runs the kernel; the arguments are already checked.

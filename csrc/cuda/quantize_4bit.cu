@@ -292,25 +292,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor input = contiguous_aligned(A);
   const int64_t n = input.numel();
-  const int64_t blocks = ceil_div(n, blocksize);
-  const int64_t itemsize = static_cast<int64_t>(c10::elementSize(quant_storage));
-  const int64_t bytes = packed_4bit_bytes(n, itemsize);
-  at::Tensor packed = at::empty({bytes}, input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
-  // bytes past ceil(n/2) only exist to fill a wider quant_storage element; keep them deterministic
-  if (bytes > ceil_div(n, 2)) packed.narrow(0, ceil_div(n, 2), bytes - ceil_div(n, 2)).zero_();
+  Quantize4bitOutputs outputs(input, blocksize, quant_storage);
 
   if (n > 0) {
     dispatch_float(input.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       if (type == QuantType::kNF4) {
-        launch_quantize_4bit<T, QuantType::kNF4>(input, blocksize, packed, absmax);
+        launch_quantize_4bit<T, QuantType::kNF4>(input, blocksize, outputs.packed, outputs.absmax);
       } else {
-        launch_quantize_4bit<T, QuantType::kFP4>(input, blocksize, packed, absmax);
+        launch_quantize_4bit<T, QuantType::kFP4>(input, blocksize, outputs.packed, outputs.absmax);
       }
     });
   }
-  return {packed.view(quant_storage).view({bytes / itemsize, 1}), absmax};
+  return outputs.result();
 }
 
 // Fills `out` (checked by the caller: shape, dtype, contiguous, on A's device) from checked arguments.
