@@ -43,6 +43,7 @@ def load() -> ctypes.CDLL:
     handle.bnbx_cpu_capability.restype = ctypes.c_char_p
     handle.bnbx_set_cpu_capability.argtypes = [ctypes.c_char_p]
     handle.bnbx_set_cpu_capability.restype = ctypes.c_int
+    handle.bnbx_cpu_extensions.restype = ctypes.c_char_p
     handle.bnbx_cuda_built.restype = ctypes.c_int
     handle.bnbx_cuda_architectures.restype = ctypes.c_char_p
     return handle
@@ -61,6 +62,13 @@ def set_cpu_capability(name: str) -> None:
     """
     if not load().bnbx_set_cpu_capability(name.encode()):
         raise ValueError(f"CPU capability {name!r} is unknown or not supported by this CPU")
+
+
+def cpu_extensions() -> list[str]:
+    """CPU extensions beyond the active instruction set that some kernels use when present:
+    ``"avx512_vnni"``, ``"avx512_bf16"``, ``"amx"`` (AMX tiles, with the OS permission granted)."""
+    text = load().bnbx_cpu_extensions().decode()
+    return text.split(",") if text else []
 
 
 def cuda_built() -> bool:

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "formats.h"
+#include "rules.h"
 
 namespace bnbx {
 
@@ -69,9 +70,6 @@ inline void check_quant_storage(const char* op, at::ScalarType storage) {
   TORCH_CHECK_TYPE(storage == at::kByte || storage == at::kChar || is_supported_float(storage), op,
                    ": quant_storage must be uint8, int8, float16, bfloat16 or float32, got ", dtype_name(storage));
 }
-
-// a >= 0, b >= 1; written without a + b - 1, which overflows for a huge b (a user's group_size).
-inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
 
 // numel of a shape given as a list, with every size checked (non-negative, no overflow).
 inline int64_t checked_numel(const char* op, at::IntArrayRef shape) {
