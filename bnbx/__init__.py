@@ -43,3 +43,25 @@ __all__ = [
     "quantize_int8",
     "quantize_nf4",
 ]
+
+# LLM.int8(): functional ops (also in bnbx.functional), the differentiable matmul and the layer
+from . import matmul_int8  # noqa: E402  (registers the autograd of bnbx::int8_mixed_linear)
+from . import nn  # noqa: E402
+from .functional_int8 import (  # noqa: E402
+    int8_linear_matmul,
+    int8_mixed_linear,
+    int8_mm_dequant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+)
+from .matmul_int8 import matmul_8bit  # noqa: E402
+
+__all__ += [
+    "int8_linear_matmul",
+    "int8_mixed_linear",
+    "int8_mm_dequant",
+    "int8_vectorwise_dequant",
+    "int8_vectorwise_quant",
+    "matmul_8bit",
+    "nn",
+]

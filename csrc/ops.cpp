@@ -24,6 +24,21 @@ TORCH_LIBRARY(bnbx, m) {
   // and zero_point int32 [ceil(n/group_size)]. symmetric: absmax/127 scale, zero_point 0, q in [-127, 127].
   m.def("quantize_int8(Tensor A, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_int8(Tensor A, Tensor scale, Tensor zero_point, int group_size, ScalarType dtype) -> Tensor");
+
+  // ---- LLM.int8() (bitsandbytes' names and semantics) ----
+  // A float [..., K] -> q int8 like A, row_stats fp32 [rows] (absmax over |x| < threshold), outlier_cols
+  // int64 [n_out]: columns with any |x| >= threshold (threshold > 0), zero in q. q = round(x * 127 / stat).
+  m.def("int8_vectorwise_quant(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor)");
+  // float(A) * stats[row] / 127 -> fp32 like A
+  m.def("int8_vectorwise_dequant(Tensor A, Tensor stats) -> Tensor");
+  // A int8 [..., K], B int8 [N, K] -> int32 [..., N] = A @ B^T, exact
+  m.def("int8_linear_matmul(Tensor A, Tensor B) -> Tensor");
+  // A int32 [..., N] -> A * row_stats * col_stats / 127^2 + bias, in dtype (None: float16, as bitsandbytes)
+  m.def("int8_mm_dequant(Tensor A, Tensor row_stats, Tensor col_stats, ScalarType? dtype=None, Tensor? bias=None)"
+        " -> Tensor");
+  // The whole layer: A float [..., K], weight CB int8 [N, K] with row absmax SCB fp32 [N] -> A.dtype [..., N];
+  // int8 product of the normal columns + fp32 product of the outlier columns, bias, one write.
+  m.def("int8_mixed_linear(Tensor A, Tensor CB, Tensor SCB, Tensor? bias=None, float threshold=0.0) -> Tensor");
 }
 
 #ifndef BNBX_WITH_CUDA
@@ -43,7 +58,9 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
-                           "dequantize_blockwise", "quantize_int8", "dequantize_int8"}) {
+                           "dequantize_blockwise", "quantize_int8", "dequantize_int8",
+                           "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant",
+                           "int8_mixed_linear"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }
