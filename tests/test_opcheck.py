@@ -33,6 +33,17 @@ def samples(device: str, dtype: torch.dtype):
             yield torch.ops.bnbx.quantize_int8.default, (A, 32, symmetric), {}
             q, scale, zero_point = torch.ops.bnbx.quantize_int8(A, 32, symmetric)
             yield torch.ops.bnbx.dequantize_int8.default, (q, scale, zero_point, 32, dtype), {}
+    # LLM.int8() (more cases in test_int8_matmul.py::test_opcheck)
+    A = torch.randn(5, 70, dtype=dtype, device=device)
+    A[:, 3] *= 20
+    CB, SCB, _ = torch.ops.bnbx.int8_vectorwise_quant(torch.randn(9, 70, dtype=dtype, device=device), 0.0)
+    q, stats, _ = torch.ops.bnbx.int8_vectorwise_quant(A, 6.0)
+    C = torch.ops.bnbx.int8_linear_matmul(q, CB)
+    yield torch.ops.bnbx.int8_vectorwise_quant.default, (A, 6.0), {}
+    yield torch.ops.bnbx.int8_vectorwise_dequant.default, (q, stats), {}
+    yield torch.ops.bnbx.int8_linear_matmul.default, (q, CB), {}
+    yield torch.ops.bnbx.int8_mm_dequant.default, (C, stats, SCB, dtype, None), {}
+    yield torch.ops.bnbx.int8_mixed_linear.default, (A, CB, SCB, None, 6.0), {}
 
 
 def sample_id(sample) -> str:
