@@ -51,7 +51,8 @@ class Int8Params(nn.Parameter):
         return obj
 
     @property
-    def is_quantized(self) -> bool:
+    def is_int8(self) -> bool:
+        """True once the data holds the int8 codes (not torch.Tensor.is_quantized, which means torch.qint8)."""
         return self.data.dtype == torch.int8
 
     def _quantize(self, device: Optional[torch.device] = None) -> "Int8Params":
@@ -86,13 +87,13 @@ class Int8Params(nn.Parameter):
 
     def to(self, *args, **kwargs):
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if not self.is_quantized and device is not None and device.type != "meta" and not self.has_fp16_weights:
+        if not self.is_int8 and device is not None and device.type != "meta" and not self.has_fp16_weights:
             return self._quantize(device)
-        if self.is_quantized:
+        if self.is_int8:
             dtype = None  # the codes stay int8 whatever dtype the module is cast to
         moved = super().to(device=device, dtype=dtype, non_blocking=non_blocking)
         new = Int8Params(moved, requires_grad=self.requires_grad, has_fp16_weights=self.has_fp16_weights)
-        if self.is_quantized:
+        if self.is_int8:
             new.CB = new.data
             new.SCB = None if self.SCB is None else self.SCB.to(device if device is not None else self.SCB.device)
         return new
@@ -170,11 +171,11 @@ class Linear8bitLt(nn.Linear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"threshold={self.threshold}, has_fp16_weights={self.has_fp16_weights}, "
-            f"quantized={self.weight.is_quantized}"
+            f"quantized={self.weight.is_int8}"
         )
 
     def _ensure_quantized(self) -> None:
-        if not self.has_fp16_weights and not self.weight.is_quantized and self.weight.device.type != "meta":
+        if not self.has_fp16_weights and not self.weight.is_int8 and self.weight.device.type != "meta":
             self.weight._quantize(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +197,7 @@ class Linear8bitLt(nn.Linear):
     # ---- state_dict: bitsandbytes' keys ----------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not self.has_fp16_weights and self.weight.is_quantized and self.weight.SCB is not None:
+        if not self.has_fp16_weights and self.weight.is_int8 and self.weight.SCB is not None:
             destination[prefix + "SCB"] = self.weight.SCB if keep_vars else self.weight.SCB.detach()
             destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 
@@ -231,7 +232,7 @@ class Linear8bitLt(nn.Linear):
             handled = True
         elif weight is not None and weight.dtype == torch.int8:
             raise ValueError(f"Linear8bitLt: the int8 {prefix}weight comes without its {prefix}SCB row statistics")
-        elif weight is not None and self.weight.is_quantized:
+        elif weight is not None and self.weight.is_int8:
             # a 16-bit checkpoint into a quantized module: quantize it rather than copy floats into int8
             if tuple(weight.shape) != shape:
                 raise ValueError(f"Linear8bitLt: {prefix}weight must have shape {list(shape)}, got {list(weight.shape)}")
