@@ -78,7 +78,8 @@ void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t 
 // Product of all but the last dimension (1 for a 1-D tensor): the rows of the matrix view, also when K = 0.
 int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)); }
 
-int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
+// About 256K elements per task: these passes cost ~1 ns per element, so smaller tasks only add wake-ups.
+int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1)); }
 
 // Row-wise quantization of the contiguous A[rows, K]; fills q, stats and (threshold > 0) the outlier columns.
 std::vector<int64_t> vectorwise_quant_into(const at::Tensor& input, int64_t rows, int64_t K, float threshold,
@@ -90,7 +91,7 @@ std::vector<int64_t> vectorwise_quant_into(const at::Tensor& input, int64_t rows
   std::vector<uint8_t> mask;
   if (threshold > 0.0f && rows > 0) {
     // one mask per task, ORed afterwards, so no two threads write the same byte
-    const int64_t tasks = std::min<int64_t>(rows, std::max(1, at::get_num_threads()));
+    const int64_t tasks = std::min<int64_t>(ceil_div(rows, grain_rows(K)), std::max(1, at::get_num_threads()));
     std::vector<uint8_t> masks(tasks * K, 0);
     at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
       for (int64_t t = tb; t < te; ++t) {
@@ -174,7 +175,7 @@ void mm_dequant_into(const int32_t* C, const float* row_stats, const float* col_
   at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const void* bias_ptr = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
   const FloatType bias_type = bias_c.defined() ? to_float_type(bias_c.scalar_type()) : FloatType::kFloat32;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, grain_rows(N), [&](int64_t b, int64_t e) {
     kt.mm_dequant(C, row_stats, col_stats, bias_type, bias_ptr, a_out, b_out, n_out, to_float_type(dtype), out, N,
                   b, e);
   });
