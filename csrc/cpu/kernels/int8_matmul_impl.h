@@ -304,21 +304,27 @@ void amx_pack(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t
   }
 }
 
-// Stores accumulator tile T to C[m0.., n0..]: straight into C when the 16 x 16 block is inside, else through
-// a buffer.
-template <int T>
-BNBX_AMX inline void store_tile(int32_t* C, int64_t ldc, int64_t M, int64_t n_limit, int64_t m0, int64_t n0,
-                                int32_t* buffer) {
-  if (m0 >= M || n0 >= n_limit) return;
-  if (m0 + 16 <= M && n0 + 16 <= n_limit) {
-    _tile_stored(T, C + m0 * ldc + n0, ldc * 4);
-    return;
-  }
-  _tile_stored(T, buffer, 64);
+// Copies the valid part of a 16 x 16 int32 tile image into C[m0.., n0..].
+inline void copy_partial_tile(const int32_t* buffer, int32_t* C, int64_t ldc, int64_t M, int64_t n_limit, int64_t m0,
+                              int64_t n0) {
   for (int64_t i = 0; i < 16 && m0 + i < M; ++i) {
     for (int64_t j = 0; j < 16 && n0 + j < n_limit; ++j) C[(m0 + i) * ldc + n0 + j] = buffer[i * 16 + j];
   }
 }
+
+// Stores accumulator tile `t` (a literal: some compilers' _tile_stored pastes it into the instruction text) to
+// C[m0.., n0..]: straight into C when the 16 x 16 block is inside, else through a buffer.
+#define BNBX_STORE_TILE(t, m0, n0)                                                 \
+  do {                                                                             \
+    if ((m0) < M && (n0) < n_limit) {                                              \
+      if ((m0) + 16 <= M && (n0) + 16 <= n_limit) {                               \
+        _tile_stored(t, C + (m0) * ldc + (n0), ldc * 4);                           \
+      } else {                                                                     \
+        _tile_stored(t, buffer, 64);                                               \
+        copy_partial_tile(buffer, C, ldc, M, n_limit, (m0), (n0));                 \
+      }                                                                            \
+    }                                                                              \
+  } while (0)
 
 // One 32 x 32 (or smaller) block of C over all of K: a0/a1 rows of A with stride as, b0/b1 packed B blocks.
 template <bool kTwoM, bool kTwoN>
@@ -343,10 +349,10 @@ BNBX_AMX inline void amx_block(const int8_t* a, int64_t as, const uint8_t* b0, c
       if (kTwoN) _tile_dpbssd(3, 5, 7);
     }
   }
-  store_tile<0>(C, ldc, M, n_limit, m0, n0, buffer);
-  if (kTwoN) store_tile<1>(C, ldc, M, n_limit, m0, n0 + 16, buffer);
-  if (kTwoM) store_tile<2>(C, ldc, M, n_limit, m0 + 16, n0, buffer);
-  if (kTwoM && kTwoN) store_tile<3>(C, ldc, M, n_limit, m0 + 16, n0 + 16, buffer);
+  BNBX_STORE_TILE(0, m0, n0);
+  if (kTwoN) BNBX_STORE_TILE(1, m0, n0 + 16);
+  if (kTwoM) BNBX_STORE_TILE(2, m0 + 16, n0);
+  if (kTwoM && kTwoN) BNBX_STORE_TILE(3, m0 + 16, n0 + 16);
 }
 
 BNBX_AMX void gemm_amx(const int8_t* A, const uint8_t* packed_B, int32_t* C, int64_t M, int64_t N, int64_t K,
@@ -394,6 +400,7 @@ BNBX_AMX void gemm_amx(const int8_t* A, const uint8_t* packed_B, int32_t* C, int
   }
   _tile_release();
 }
+#undef BNBX_STORE_TILE
 #endif
 
 // ---- epilogue -------------------------------------------------------------------------------------------------
