@@ -88,11 +88,15 @@ def main() -> None:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"# bench_int8: K={K} N={N} threads={args.threads} | {cpu} | bnbx ISA {_library.cpu_capability()} "
-          f"+ {','.join(_library.cpu_extensions()) or 'none'}; int8 GEMM route (M >= 32): {int8_gemm_route()}, "
-          f"M < 32: {'avx512_vnni' if 'avx512_vnni' in _library.cpu_extensions() else int8_gemm_route()}")
-    print(f"# torch {torch.__version__}, bitsandbytes {bnb.__version__ if bnb else 'not installed'}, "
-          f"copy bandwidth {bw:.1f} GB/s, load average {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)")
+    print(
+        f"# bench_int8: K={K} N={N} threads={args.threads} | {cpu} | bnbx ISA {_library.cpu_capability()} "
+        f"+ {','.join(_library.cpu_extensions()) or 'none'}; int8 GEMM route (M >= 32): {int8_gemm_route()}, "
+        f"M < 32: {'avx512_vnni' if 'avx512_vnni' in _library.cpu_extensions() else int8_gemm_route()}"
+    )
+    print(
+        f"# torch {torch.__version__}, bitsandbytes {bnb.__version__ if bnb else 'not installed'}, "
+        f"copy bandwidth {bw:.1f} GB/s, load average {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)"
+    )
     print("| M | implementation | ms | TFLOP/s | GB/s | % copy | vs bf16 | vs bnb |")
     print("|---|---|---|---|---|---|---|---|")
 
@@ -113,20 +117,31 @@ def main() -> None:
         xb, xh = x32.bfloat16(), x32.half()
         xo_b, xo_h = outlier_input(M, K, torch.bfloat16, g), outlier_input(M, K, torch.float16, g)
 
-        for name, dtype, x in (("torch fp32 linear", torch.float32, x32), ("torch bf16 linear", torch.bfloat16, xb),
-                               ("torch fp16 linear", torch.float16, xh)):
+        for name, dtype, x in (
+            ("torch fp32 linear", torch.float32, x32),
+            ("torch bf16 linear", torch.bfloat16, xb),
+            ("torch fp16 linear", torch.float16, xh),
+        ):
             wb = N * K * dtype.itemsize
-            run(name, lambda: [W.to(dtype).clone() for _ in range(copies_for(wb, M))],
-                lambda w, x=x: torch.nn.functional.linear(x, w), wb)
+            run(
+                name,
+                lambda: [W.to(dtype).clone() for _ in range(copies_for(wb, M))],
+                lambda w, x=x: torch.nn.functional.linear(x, w),
+                wb,
+            )
         CB, SCB, _ = bnbx.int8_vectorwise_quant(W)
         xq, xs, _ = bnbx.int8_vectorwise_quant(xb)
-        if M > 16:  # torch._int_mm needs M > 16
-            run("torch._int_mm (product only)", lambda: [CB.t().contiguous().t() for _ in range(copies_for(N * K, M))],
-                lambda w: torch._int_mm(xq, w.t()), N * K)
+        run(
+            "torch._int_mm (product only)",
+            lambda: [CB.clone() for _ in range(copies_for(N * K, M))],
+            lambda w: torch._int_mm(xq, w.t()),
+            N * K,
+        )
         linear = torch.nn.Linear(K, N, bias=True)
         linear.weight.data = W.clone()
         if bnb is not None:
             for thr, x in ((0.0, xh), (6.0, xo_h)):
+
                 def make_bnb(thr=thr):
                     mods = []
                     for _ in range(copies_for(N * K, M)):
@@ -134,16 +149,34 @@ def main() -> None:
                         m.load_state_dict(linear.state_dict())
                         mods.append(m.to("cpu").eval())
                     return mods
+
                 run(f"bitsandbytes Linear8bitLt thr {thr:g}", make_bnb, lambda m, x=x: m(x), N * K)
         for thr, x in ((0.0, xb), (6.0, xo_b)):
+
             def make_ours(thr=thr):
                 return [Linear8bitLt.from_linear(linear, threshold=thr).eval() for _ in range(copies_for(N * K, M))]
-            run(f"bnbx Linear8bitLt thr {thr:g}", make_ours, lambda m, x=x: m(x), N * K, f"bitsandbytes Linear8bitLt thr {thr:g}")
+
+            run(
+                f"bnbx Linear8bitLt thr {thr:g}",
+                make_ours,
+                lambda m, x=x: m(x),
+                N * K,
+                f"bitsandbytes Linear8bitLt thr {thr:g}",
+            )
         run("bnbx int8_vectorwise_quant (op)", lambda: [xo_b], lambda x: bnbx.int8_vectorwise_quant(x, 6.0), 0)
-        run("bnbx int8_linear_matmul (op)", lambda: [CB.clone() for _ in range(copies_for(N * K, M))],
-            lambda w: bnbx.int8_linear_matmul(xq, w), N * K)
+        run(
+            "bnbx int8_linear_matmul (op)",
+            lambda: [CB.clone() for _ in range(copies_for(N * K, M))],
+            lambda w: bnbx.int8_linear_matmul(xq, w),
+            N * K,
+        )
         C = bnbx.int8_linear_matmul(xq, CB)
-        run("bnbx int8_mm_dequant (op)", lambda: [C], lambda c: bnbx.int8_mm_dequant(c, xs, SCB, dtype=torch.bfloat16), 0)
+        run(
+            "bnbx int8_mm_dequant (op)",
+            lambda: [C],
+            lambda c: bnbx.int8_mm_dequant(c, xs, SCB, dtype=torch.bfloat16),
+            0,
+        )
 
         bf16 = times["torch bf16 linear"]
         for name, ms, wbytes, peer in rows:

@@ -7,12 +7,7 @@ import contextlib
 
 import pytest
 import torch
-
-import bnbx
-from bnbx import _library
-from bnbx import functional as F
-from bnbx.functional_int8 import _force_int8_gemm
-from conftest import DEVICES, DTYPES, dtype_id
+from conftest import DTYPES, dtype_id
 from reference_int8_matmul import (
     int8_linear_matmul_ref,
     int8_mixed_linear_ref,
@@ -20,6 +15,10 @@ from reference_int8_matmul import (
     int8_vectorwise_dequant_ref,
     int8_vectorwise_quant_ref,
 )
+
+from bnbx import _library
+from bnbx import functional as F
+from bnbx.functional_int8 import _force_int8_gemm
 
 ops = torch.ops.bnbx
 
@@ -127,7 +126,9 @@ def test_gemm_exact_routes_and_isas(isa, route, shape):
     with cpu_isa(isa), gemm_route(route):
         C = ops.int8_linear_matmul(A, B)
     assert torch.equal(C, int8_linear_matmul_ref(A, B))
-    assert torch.equal(C.reshape(-1, N), torch._int_mm(A.reshape(-1, K), B.t()) if A.numel() // K > 16 else C.reshape(-1, N))
+    assert torch.equal(
+        C.reshape(-1, N), torch._int_mm(A.reshape(-1, K), B.t()) if A.numel() // K > 16 else C.reshape(-1, N)
+    )
 
 
 def test_gemm_extremes_and_empty():
@@ -135,7 +136,10 @@ def test_gemm_extremes_and_empty():
         A = torch.full((40, K), -128, dtype=torch.int8)
         B = torch.full((33, K), -128, dtype=torch.int8)
         assert ops.int8_linear_matmul(A, B).eq(128 * 128 * K).all()
-    assert ops.int8_linear_matmul(torch.ones(0, 5, dtype=torch.int8), torch.ones(3, 5, dtype=torch.int8)).shape == (0, 3)
+    assert ops.int8_linear_matmul(torch.ones(0, 5, dtype=torch.int8), torch.ones(3, 5, dtype=torch.int8)).shape == (
+        0,
+        3,
+    )
     assert ops.int8_linear_matmul(torch.ones(4, 0, dtype=torch.int8), torch.ones(3, 0, dtype=torch.int8)).eq(0).all()
 
 
@@ -197,58 +201,129 @@ def test_matches_bitsandbytes(dtype, threshold):
     C = F.int8_linear_matmul(q, CB)
     assert torch.equal(C, bnb.functional.int8_linear_matmul(q, CB))
     bias = torch.randn(47, dtype=torch.float16)
-    assert torch.equal(F.int8_mm_dequant(C, stats, SCB, bias=bias), bnb.functional.int8_mm_dequant(C, stats, SCB, bias=bias))
+    assert torch.equal(
+        F.int8_mm_dequant(C, stats, SCB, bias=bias), bnb.functional.int8_mm_dequant(C, stats, SCB, bias=bias)
+    )
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------
 
 I8 = torch.ones(4, 8, dtype=torch.int8)
 BAD = [
-    (lambda d: ops.int8_vectorwise_quant(torch.ones(4, 8, dtype=torch.float64, device=d), 0.0), TypeError,
-     "int8_vectorwise_quant: A must be float32, float16 or bfloat16, got float64"),
-    (lambda d: ops.int8_vectorwise_quant(torch.tensor(1.0, device=d), 0.0), ValueError,
-     "A must have at least one dimension"),
-    (lambda d: ops.int8_vectorwise_quant(torch.ones(4, 8, device=d), -1.0), ValueError,
-     "int8_vectorwise_quant: threshold must be >= 0"),
-    (lambda d: ops.int8_vectorwise_quant(torch.ones(4, 8, device=d), float("nan")), ValueError,
-     "threshold must be >= 0"),
-    (lambda d: ops.int8_vectorwise_dequant(I8.to(d), torch.ones(3, device=d)), ValueError,
-     "int8_vectorwise_dequant: stats must hold 4 values, got 3"),
-    (lambda d: ops.int8_vectorwise_dequant(I8.float().to(d), torch.ones(4, device=d)), TypeError,
-     "int8_vectorwise_dequant: A must be int8, got float32"),
-    (lambda d: ops.int8_linear_matmul(I8.float().to(d), I8.to(d)), TypeError,
-     "int8_linear_matmul: A must be int8, got float32"),
-    (lambda d: ops.int8_linear_matmul(I8.to(d), I8.to(torch.uint8).to(d)), TypeError,
-     "int8_linear_matmul: B must be int8, got uint8"),
-    (lambda d: ops.int8_linear_matmul(I8.to(d), torch.ones(3, 9, dtype=torch.int8, device=d)), ValueError,
-     "int8_linear_matmul: B must be [N, K] with K = A.shape[-1] = 8"),
-    (lambda d: ops.int8_linear_matmul(I8.to(d), torch.ones(2, 3, 8, dtype=torch.int8, device=d)), ValueError,
-     "int8_linear_matmul: B must be 2-D [N, K], got 3 dimensions"),
+    (
+        lambda d: ops.int8_vectorwise_quant(torch.ones(4, 8, dtype=torch.float64, device=d), 0.0),
+        TypeError,
+        "int8_vectorwise_quant: A must be float32, float16 or bfloat16, got float64",
+    ),
+    (
+        lambda d: ops.int8_vectorwise_quant(torch.tensor(1.0, device=d), 0.0),
+        ValueError,
+        "A must have at least one dimension",
+    ),
+    (
+        lambda d: ops.int8_vectorwise_quant(torch.ones(4, 8, device=d), -1.0),
+        ValueError,
+        "int8_vectorwise_quant: threshold must be >= 0",
+    ),
+    (
+        lambda d: ops.int8_vectorwise_quant(torch.ones(4, 8, device=d), float("nan")),
+        ValueError,
+        "threshold must be >= 0",
+    ),
+    (
+        lambda d: ops.int8_vectorwise_dequant(I8.to(d), torch.ones(3, device=d)),
+        ValueError,
+        "int8_vectorwise_dequant: stats must hold 4 values, got 3",
+    ),
+    (
+        lambda d: ops.int8_vectorwise_dequant(I8.float().to(d), torch.ones(4, device=d)),
+        TypeError,
+        "int8_vectorwise_dequant: A must be int8, got float32",
+    ),
+    (
+        lambda d: ops.int8_linear_matmul(I8.float().to(d), I8.to(d)),
+        TypeError,
+        "int8_linear_matmul: A must be int8, got float32",
+    ),
+    (
+        lambda d: ops.int8_linear_matmul(I8.to(d), I8.to(torch.uint8).to(d)),
+        TypeError,
+        "int8_linear_matmul: B must be int8, got uint8",
+    ),
+    (
+        lambda d: ops.int8_linear_matmul(I8.to(d), torch.ones(3, 9, dtype=torch.int8, device=d)),
+        ValueError,
+        "int8_linear_matmul: B must be [N, K] with K = A.shape[-1] = 8",
+    ),
+    (
+        lambda d: ops.int8_linear_matmul(I8.to(d), torch.ones(2, 3, 8, dtype=torch.int8, device=d)),
+        ValueError,
+        "int8_linear_matmul: B must be 2-D [N, K], got 3 dimensions",
+    ),
     # the weight passed transposed ([K, N] instead of [N, K])
-    (lambda d: ops.int8_linear_matmul(I8.to(d), torch.ones(8, 3, dtype=torch.int8, device=d)), ValueError,
-     "K = A.shape[-1] = 8, got [8, 3]"),
-    (lambda d: ops.int8_linear_matmul(torch.ones(1, 2**17, dtype=torch.int8, device=d),
-                                      torch.ones(1, 2**17, dtype=torch.int8, device=d)), ValueError,
-     "K must be at most 131071"),
-    (lambda d: ops.int8_mm_dequant(I8.to(d), torch.ones(4, device=d), torch.ones(8, device=d)), TypeError,
-     "int8_mm_dequant: A must be int32, got int8"),
-    (lambda d: ops.int8_mm_dequant(I8.int().to(d), torch.ones(4, device=d), torch.ones(7, device=d)), ValueError,
-     "int8_mm_dequant: col_stats must hold 8 values, got 7"),
-    (lambda d: ops.int8_mm_dequant(I8.int().to(d), torch.ones(4, device=d, dtype=torch.float16),
-                                   torch.ones(8, device=d)), TypeError,
-     "int8_mm_dequant: row_stats must be float32, got float16"),
-    (lambda d: ops.int8_mm_dequant(I8.int().to(d), torch.ones(4, device=d), torch.ones(8, device=d), torch.int32),
-     TypeError, "int8_mm_dequant: dtype must be float32, float16 or bfloat16, got int32"),
-    (lambda d: ops.int8_mm_dequant(I8.int().to(d), torch.ones(4, device=d), torch.ones(8, device=d), None,
-                                   torch.ones(5, device=d)), ValueError, "int8_mm_dequant: bias must hold N = 8 values, got 5"),
-    (lambda d: ops.int8_mixed_linear(torch.ones(4, 8, device=d), I8.to(d), torch.ones(3, device=d), None, 0.0),
-     ValueError, "int8_mixed_linear: SCB must hold 4 values, got 3"),
-    (lambda d: ops.int8_mixed_linear(torch.ones(4, 7, device=d), I8.to(d), torch.ones(4, device=d), None, 0.0),
-     ValueError, "int8_mixed_linear: CB must be [N, K] with K = A.shape[-1] = 7"),
-    (lambda d: ops.int8_mixed_linear(torch.ones(4, 8, device=d), I8.to(d), torch.ones(4, device=d), None, -0.5),
-     ValueError, "int8_mixed_linear: threshold must be >= 0"),
-    (lambda d: ops.int8_mixed_linear(torch.ones(4, 8, device=d, dtype=torch.int8), I8.to(d), torch.ones(4, device=d),
-                                     None, 0.0), TypeError, "int8_mixed_linear: A must be float32, float16 or bfloat16"),
+    (
+        lambda d: ops.int8_linear_matmul(I8.to(d), torch.ones(8, 3, dtype=torch.int8, device=d)),
+        ValueError,
+        "K = A.shape[-1] = 8, got [8, 3]",
+    ),
+    (
+        lambda d: ops.int8_linear_matmul(
+            torch.ones(1, 2**17, dtype=torch.int8, device=d), torch.ones(1, 2**17, dtype=torch.int8, device=d)
+        ),
+        ValueError,
+        "K must be at most 131071",
+    ),
+    (
+        lambda d: ops.int8_mm_dequant(I8.to(d), torch.ones(4, device=d), torch.ones(8, device=d)),
+        TypeError,
+        "int8_mm_dequant: A must be int32, got int8",
+    ),
+    (
+        lambda d: ops.int8_mm_dequant(I8.int().to(d), torch.ones(4, device=d), torch.ones(7, device=d)),
+        ValueError,
+        "int8_mm_dequant: col_stats must hold 8 values, got 7",
+    ),
+    (
+        lambda d: ops.int8_mm_dequant(
+            I8.int().to(d), torch.ones(4, device=d, dtype=torch.float16), torch.ones(8, device=d)
+        ),
+        TypeError,
+        "int8_mm_dequant: row_stats must be float32, got float16",
+    ),
+    (
+        lambda d: ops.int8_mm_dequant(I8.int().to(d), torch.ones(4, device=d), torch.ones(8, device=d), torch.int32),
+        TypeError,
+        "int8_mm_dequant: dtype must be float32, float16 or bfloat16, got int32",
+    ),
+    (
+        lambda d: ops.int8_mm_dequant(
+            I8.int().to(d), torch.ones(4, device=d), torch.ones(8, device=d), None, torch.ones(5, device=d)
+        ),
+        ValueError,
+        "int8_mm_dequant: bias must hold N = 8 values, got 5",
+    ),
+    (
+        lambda d: ops.int8_mixed_linear(torch.ones(4, 8, device=d), I8.to(d), torch.ones(3, device=d), None, 0.0),
+        ValueError,
+        "int8_mixed_linear: SCB must hold 4 values, got 3",
+    ),
+    (
+        lambda d: ops.int8_mixed_linear(torch.ones(4, 7, device=d), I8.to(d), torch.ones(4, device=d), None, 0.0),
+        ValueError,
+        "int8_mixed_linear: CB must be [N, K] with K = A.shape[-1] = 7",
+    ),
+    (
+        lambda d: ops.int8_mixed_linear(torch.ones(4, 8, device=d), I8.to(d), torch.ones(4, device=d), None, -0.5),
+        ValueError,
+        "int8_mixed_linear: threshold must be >= 0",
+    ),
+    (
+        lambda d: ops.int8_mixed_linear(
+            torch.ones(4, 8, device=d, dtype=torch.int8), I8.to(d), torch.ones(4, device=d), None, 0.0
+        ),
+        TypeError,
+        "int8_mixed_linear: A must be float32, float16 or bfloat16",
+    ),
 ]
 
 
@@ -256,7 +331,9 @@ BAD = [
 @pytest.mark.parametrize("index", range(len(BAD)))
 def test_bad_input(device, index):
     call, error, words = BAD[index]
-    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        error, match=words.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")
+    ):
         call(device)
 
 

@@ -8,12 +8,12 @@ import logging
 
 import pytest
 import torch
+from conftest import DTYPES, dtype_id
+from reference_int8_matmul import int8_mixed_linear_ref, int8_vectorwise_dequant_ref
 from torch import nn
 
 import bnbx
 from bnbx.nn import Int8Params, Linear8bitLt
-from conftest import DTYPES, dtype_id
-from reference_int8_matmul import int8_mixed_linear_ref, int8_vectorwise_dequant_ref
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def test_quantizes_once_on_move_and_repr():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(64,), (5, 64), (2, 3, 64), (0, 64)])
 def test_forward_dtypes_and_shapes(dtype, shape):
-    linear, module = make(dtype=dtype)
+    _linear, module = make(dtype=dtype)
     x = torch.randn(shape).to(dtype)
     if x.numel():
         x[..., 7] = 30
@@ -67,7 +67,7 @@ def test_forward_dtypes_and_shapes(dtype, shape):
 
 
 def test_input_gradient_through_dequantized_weight():
-    linear, module = make()
+    _linear, module = make()
     x = torch.randn(4, 64, requires_grad=True)
     g = torch.randn(4, 24)
     module(x).backward(g)
@@ -149,11 +149,15 @@ def test_bad_state_dicts_and_inputs():
     with pytest.raises(ValueError, match="SCB must be float32 with 24 values"):
         Linear8bitLt(64, 24, has_fp16_weights=False).load_state_dict(bad)
     with pytest.raises(ValueError, match="SCB needs an int8 weight"):
-        Linear8bitLt(64, 24, has_fp16_weights=False).load_state_dict(dict(sd, weight=torch.ones(24, 64, dtype=torch.int8)[:, :10]))
+        Linear8bitLt(64, 24, has_fp16_weights=False).load_state_dict(
+            dict(sd, weight=torch.ones(24, 64, dtype=torch.int8)[:, :10])
+        )
     with pytest.raises(ValueError, match="without its SCB"):
         Linear8bitLt(64, 24, has_fp16_weights=False).load_state_dict({k: v for k, v in sd.items() if k != "SCB"})
     with pytest.raises(ValueError, match="weight_format"):
-        Linear8bitLt(64, 24, has_fp16_weights=False).load_state_dict(dict(sd, weight_format=torch.tensor(1, dtype=torch.uint8)))
+        Linear8bitLt(64, 24, has_fp16_weights=False).load_state_dict(
+            dict(sd, weight_format=torch.tensor(1, dtype=torch.uint8))
+        )
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         module(torch.ones(2, 64, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"input must be \[..., 64\]"):
@@ -189,8 +193,15 @@ def test_outlier_decomposition_quality():
         module = Linear8bitLt.from_linear(linear.half(), threshold=threshold)
         errors[threshold] = rel_error(module(X), ref)
     clean = torch.randn(M, K).half()
-    clean_error = rel_error(Linear8bitLt.from_linear(linear, threshold=6.0)(clean), clean.float() @ linear.weight.data.float().t())
-    log.warning("LLM.int8() relative error: outliers thr0 %.5f thr6 %.5f; no outliers %.5f", errors[0.0], errors[6.0], clean_error)
+    clean_error = rel_error(
+        Linear8bitLt.from_linear(linear, threshold=6.0)(clean), clean.float() @ linear.weight.data.float().t()
+    )
+    log.warning(
+        "LLM.int8() relative error: outliers thr0 %.5f thr6 %.5f; no outliers %.5f",
+        errors[0.0],
+        errors[6.0],
+        clean_error,
+    )
     assert errors[6.0] <= errors[0.0] / 5
     bnb = pytest.importorskip("bitsandbytes")
     theirs = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=6.0)

@@ -55,7 +55,7 @@ class Int8Params(nn.Parameter):
         """True once the data holds the int8 codes (not torch.Tensor.is_quantized, which means torch.qint8)."""
         return self.data.dtype == torch.int8
 
-    def _quantize(self, device: Optional[torch.device] = None) -> "Int8Params":
+    def _quantize(self, device: Optional[torch.device] = None) -> Int8Params:
         if self.has_fp16_weights:
             return super().to(device)
         weight = self.data.contiguous().to(device)
@@ -143,9 +143,7 @@ class Linear8bitLt(nn.Linear):
         self._register_load_state_dict_pre_hook(_check_weight_format, with_module=False)
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, threshold: float = 0.0, has_fp16_weights: bool = False
-    ) -> "Linear8bitLt":
+    def from_linear(cls, linear: nn.Linear, threshold: float = 0.0, has_fp16_weights: bool = False) -> Linear8bitLt:
         """A ``Linear8bitLt`` holding ``linear``'s weight (quantized unless ``has_fp16_weights``) and bias."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear8bitLt.from_linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -184,9 +182,7 @@ class Linear8bitLt(nn.Linear):
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"Linear8bitLt: input must be float32, float16 or bfloat16, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"Linear8bitLt: input must be [..., {self.in_features}], got shape {list(x.shape)}"
-            )
+            raise ValueError(f"Linear8bitLt: input must be [..., {self.in_features}], got shape {list(x.shape)}")
         self._ensure_quantized()
         if self.has_fp16_weights:
             return matmul_8bit(x, self.weight, None, self.bias, self.threshold)
@@ -201,8 +197,9 @@ class Linear8bitLt(nn.Linear):
             destination[prefix + "SCB"] = self.weight.SCB if keep_vars else self.weight.SCB.detach()
             destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         weight = state_dict.get(prefix + "weight")
         scb = state_dict.get(prefix + "SCB")
         shape = (self.out_features, self.in_features)
@@ -235,7 +232,9 @@ class Linear8bitLt(nn.Linear):
         elif weight is not None and self.weight.is_int8:
             # a 16-bit checkpoint into a quantized module: quantize it rather than copy floats into int8
             if tuple(weight.shape) != shape:
-                raise ValueError(f"Linear8bitLt: {prefix}weight must have shape {list(shape)}, got {list(weight.shape)}")
+                raise ValueError(
+                    f"Linear8bitLt: {prefix}weight must have shape {list(shape)}, got {list(weight.shape)}"
+                )
             device = self.weight.device
             self.weight = Int8Params(weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
             self.weight._quantize(device)
