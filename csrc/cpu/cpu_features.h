@@ -39,7 +39,4 @@ bool cpu_has_amx();  // AMX-TILE, AMX-INT8 and AMX-BF16, with the OS permission 
 
 const CpuKernels& cpu_kernels();
 
-// Work split for at::parallel_for: about 32K elements per task, in whole blocks.
-inline int64_t grain_in_blocks(int64_t blocksize) { return blocksize >= 32768 ? 1 : 32768 / blocksize; }
-
 }  // namespace bnbx::cpu

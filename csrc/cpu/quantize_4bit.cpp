@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   const void* in = input.const_data_ptr();
   uint8_t* packed_ptr = outputs.packed.mutable_data_ptr<uint8_t>();
   float* absmax_ptr = outputs.absmax.mutable_data_ptr<float>();
-  at::parallel_for(0, blocks, cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     kernels.quantize_4bit(in_type, in, n, blocksize, type, packed_ptr, absmax_ptr, begin, end);
   });
   return outputs.result();
@@ -39,7 +39,7 @@ void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t
   const uint8_t* packed_ptr = static_cast<const uint8_t*>(packed.const_data_ptr());
   const float* absmax_ptr = stats.const_data_ptr<float>();
   void* out_ptr = out.mutable_data_ptr();
-  at::parallel_for(0, ceil_div(n, blocksize), cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ceil_div(n, blocksize), grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     kernels.dequantize_4bit(out_type, packed_ptr, absmax_ptr, n, blocksize, type, out_ptr, begin, end);
   });
 }

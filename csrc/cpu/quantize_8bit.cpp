@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, c
   const float* code_ptr = code_values.const_data_ptr<float>();
   uint8_t* out_ptr = out.mutable_data_ptr<uint8_t>();
   float* absmax_ptr = absmax.mutable_data_ptr<float>();
-  at::parallel_for(0, blocks, cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     kernels.quantize_blockwise(in_type, in, n, blocksize, code_ptr, out_ptr, absmax_ptr, begin, end);
   });
   return {out, absmax};
@@ -54,7 +54,7 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
   const float* absmax_ptr = stats.const_data_ptr<float>();
   const float* code_ptr = code_values.const_data_ptr<float>();
   void* out_ptr = out.mutable_data_ptr();
-  at::parallel_for(0, ceil_div(n, blocksize), cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, ceil_div(n, blocksize), grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
     kernels.dequantize_blockwise(out_type, in, absmax_ptr, code_ptr, n, blocksize, out_ptr, begin, end);
   });
   return out;

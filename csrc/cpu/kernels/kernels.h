@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../../common/formats.h"
+#include "../../common/rules.h"
 
 namespace bnbx::cpu {
 

@@ -7,19 +7,7 @@
 #include <cmath>
 #include <limits>
 
-// Per-block scale factor. Values are scaled by 1/absmax (a reciprocal, as bitsandbytes' CUDA kernel does).
-// A block whose absmax is subnormal would overflow the reciprocal, so both sides are first multiplied by
-// 2^64 (exact for powers of two). absmax == 0 gives a factor of 0, so an all-zero block stores the code of 0.
-struct BlockScale {
-  float prescale;     // 1, or 2^64 for subnormal absmax
-  float inv_absmax;   // 1 / (absmax * prescale), 0 when absmax == 0
-};
-
-static inline BlockScale block_scale(float absmax) {
-  if (absmax == 0.0f) return {1.0f, 0.0f};
-  if (absmax < FLT_MIN) return {18446744073709551616.0f, 1.0f / (absmax * 18446744073709551616.0f)};
-  return {1.0f, 1.0f / absmax};
-}
+// The block scale (BlockScale, block_scale) is common/rules.h's, shared with the CUDA kernels.
 
 static inline uint8_t code_4bit(QuantType quant_type, float scaled) {
   return quant_type == QuantType::kNF4 ? nf4_code(scaled) : fp4_code(scaled);
