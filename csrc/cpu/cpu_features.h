@@ -10,8 +10,6 @@
 
 #include <cstdint>
 
-#include "kernels/kernels.h"
-
 namespace bnbx::cpu {
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -36,7 +34,5 @@ const Table& select_kernels(const Table& scalar, const Table& avx2, const Table&
 bool cpu_has_avx512_vnni();
 bool cpu_has_avx512_bf16();
 bool cpu_has_amx();  // AMX-TILE, AMX-INT8 and AMX-BF16, with the OS permission to use the tiles
-
-const CpuKernels& cpu_kernels();
 
 }  // namespace bnbx::cpu

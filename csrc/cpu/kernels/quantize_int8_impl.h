@@ -1,6 +1,12 @@
 // int8 absmax (symmetric) and zero-point (asymmetric) quantization over contiguous groups, compiled once per
-// instruction set (see kernels.h). C++ twin of tests/reference.py::quantize_int8_ref.
-#pragma once
+// instruction set (see quantize_int8.h). C++ twin of tests/reference.py::quantize_int8_ref.
+#include "isa_unit.h"
+#include "quantize_int8.h"
+
+namespace bnbx::cpu {
+namespace BNBX_ISA {
+
+#include "simd.h"
 
 // Group parameters and the rounding of one element (Int8Params, int8_params_from_range, int8_code) are
 // common/rules.h's, shared with the CUDA kernels.
@@ -90,7 +96,7 @@ static void dequantize_int8_generic(const int8_t* q, const float* scale, const i
 //   expressions. The accumulators start at +0 and only take strictly smaller (larger) values, so they hold
 //   +0 or values whose bit pattern is fixed by their value: the lane order cannot change the result.
 // - values: the same fp32 product, rounding in the current mode (as nearbyint), then min/max in the
-//   generic's operand order; dequantize stores with the helpers of quantize_4bit_impl.h.
+//   generic's operand order; dequantize stores with the helpers of simd_avx512.h / simd_avx2.h.
 // Non-finite groups, subnormal scales and tails use the loops above.
 #if defined(__AVX512F__)
 template <FloatType kIn>
@@ -286,3 +292,9 @@ static void dequantize_int8(FloatType out_type, const int8_t* q, const float* sc
 }
 
 #undef BNBX_INT8_KERNEL
+
+}  // namespace BNBX_ISA
+
+const QuantizeInt8Kernels BNBX_TABLE(quantize_int8) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_int8, &BNBX_ISA::dequantize_int8};
+
+}  // namespace bnbx::cpu
