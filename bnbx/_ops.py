@@ -15,15 +15,8 @@ from typing import Sequence
 
 import torch
 
-SUPPORTED_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-QUANT_STORAGES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
-BLOCKSIZES = tuple(2**i for i in range(5, 13))  # 32 .. 4096
-QUANT_TYPES = ("nf4", "fp4")
-DYNAMIC_MAP_SIZE = 256
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+from ._formats import BLOCKSIZES, DYNAMIC_MAP_SIZE, QUANT_STORAGES, QUANT_TYPES, SUPPORTED_FLOATS
+from ._formats import dtype_name as _dtype_name
 
 
 def check_float_dtype(op: str, name: str, dtype: torch.dtype) -> None:

@@ -12,8 +12,9 @@ from typing import Literal, Optional
 
 import torch
 
-from . import _ops
-from .quant_state import QuantState, canonical_code
+from . import _formats, _ops
+from ._formats import canonical_code
+from .quant_state import QuantState
 
 __all__ = [
     "Int8QuantState",
@@ -50,32 +51,10 @@ def get_4bit_type(quant_type: str, device: torch.device | str = "cpu") -> torch.
     return canonical_code(quant_type).to(device)
 
 
-def _build_dynamic_map(signed: bool) -> torch.Tensor:
-    # bitsandbytes' create_dynamic_map(signed, max_exponent_bits=7, total_bits=8): for exponent i = 0..6,
-    # the 2^i midpoints of linspace(0.1, 1, 2^i + 1) scaled by 10^(i - 6), both signs; plus 0 and 1.
-    # (Unsigned: the same with one more fraction bit and no negatives, as bitsandbytes builds it.)
-    values: list[float] = []
-    fraction_bits = 0 if signed else 1
-    for exponent in range(7):
-        boundaries = torch.linspace(0.1, 1, 2 ** (exponent + fraction_bits) + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        scaled = (10 ** (exponent - 6)) * means
-        values += scaled.tolist()
-        if signed:
-            values += (-scaled).tolist()
-    values += [0.0, 1.0]
-    values += [0.0] * (256 - len(values))
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
-
-
-# Built once at import, so torch.compile sees a constant instead of tracing the construction.
-_DYNAMIC_MAPS = {True: _build_dynamic_map(True), False: _build_dynamic_map(False)}
-
-
 def create_dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-value 8-bit dynamic map of bitsandbytes (fp32, sorted): fine near 0, coarse near 1."""
-    return _DYNAMIC_MAPS[bool(signed)].to(device, copy=True)
+    table = _formats.DYNAMIC_MAP if signed else _formats.UNSIGNED_DYNAMIC_MAP
+    return table.to(device, copy=True)
 
 
 # --- 4-bit ---------------------------------------------------------------------------------------------------

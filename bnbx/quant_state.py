@@ -19,10 +19,12 @@ from typing import Any, Optional
 
 import torch
 
-from . import _ops
+from ._formats import BLOCKSIZES, DYNAMIC_MAP_SIZE, QUANT_TYPES, canonical_code
+from ._formats import DTYPES as _DTYPES
+from ._formats import dtype_name as _dtype_to_name
 
-# dtype names as bitsandbytes writes them, mapped through a fixed table.
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["QuantState", "canonical_code"]
+
 _MAX_METADATA_BYTES = 4096
 _MAX_ELEMENTS = 2**62
 _PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
@@ -30,10 +32,6 @@ _JSON_KEYS = {"quant_type", "blocksize", "dtype", "shape"}
 _NESTED_JSON_KEYS = {"nested_blocksize", "nested_dtype", "nested_offset"}
 _TENSOR_KEYS = {"absmax", "quant_map"}
 _NESTED_TENSOR_KEYS = {"nested_absmax", "nested_quant_map"}
-
-
-def _dtype_to_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -74,9 +72,12 @@ class QuantState:
         """The fp32 absmax per block, decoding the nested (double-quantized) form when there is one."""
         if self.state2 is None:
             return self.absmax
-        from .functional import dequantize_blockwise
-
-        return dequantize_blockwise(self.absmax, self.state2) + self.offset
+        # the op directly (not functional.py, which imports this module)
+        state2 = self.state2
+        nested = torch.ops.bnbx.dequantize_blockwise(
+            self.absmax, state2.get_absmax(), state2.code, state2.blocksize, torch.float32
+        )
+        return nested + self.offset
 
     def to(self, device: torch.device | str) -> "QuantState":
         """Move every tensor to ``device``, in place (as bitsandbytes does); also returns ``self``."""
@@ -126,8 +127,8 @@ class QuantState:
         such as ``"weight."``. Raises ``ValueError`` naming the key for anything missing, unknown,
         malformed or inconsistent."""
         fields = _unpack(qs_dict)
-        quant_type = _enum(fields, "quant_type", _ops.QUANT_TYPES)
-        blocksize = _integer(fields, "blocksize", allowed=_ops.BLOCKSIZES)
+        quant_type = _enum(fields, "quant_type", QUANT_TYPES)
+        blocksize = _integer(fields, "blocksize", allowed=BLOCKSIZES)
         dtype = _DTYPES[_enum(fields, "dtype", tuple(_DTYPES))]
         shape = _shape(fields)
         n = math.prod(shape)
@@ -153,7 +154,7 @@ class QuantState:
             return cls(absmax.to(device), torch.Size(shape), canonical.to(device), blocksize, quant_type, dtype)
 
         absmax = _tensor(fields, "absmax", torch.uint8, blocks)
-        nested_blocksize = _integer(fields, "nested_blocksize", allowed=_ops.BLOCKSIZES)
+        nested_blocksize = _integer(fields, "nested_blocksize", allowed=BLOCKSIZES)
         if _enum(fields, "nested_dtype", ("float32",)) != "float32":  # pragma: no cover - _enum raises first
             raise ValueError("QuantState.from_dict: nested_dtype must be float32")
         offset = fields["nested_offset"]
@@ -161,7 +162,7 @@ class QuantState:
             raise ValueError(f"QuantState.from_dict: nested_offset must be a finite number, got {offset!r}")
         nested_absmax = _tensor(fields, "nested_absmax", torch.float32, -(-blocks // nested_blocksize))
         _check_finite_nonnegative("nested_absmax", nested_absmax)
-        nested_code = _tensor(fields, "nested_quant_map", torch.float32, _ops.DYNAMIC_MAP_SIZE)
+        nested_code = _tensor(fields, "nested_quant_map", torch.float32, DYNAMIC_MAP_SIZE)
         if not bool(torch.isfinite(nested_code).all()) or not bool((nested_code[1:] >= nested_code[:-1]).all()):
             raise ValueError("QuantState.from_dict: nested_quant_map must be finite and sorted")
         state2 = cls(
@@ -172,22 +173,6 @@ class QuantState:
             absmax.to(device), torch.Size(shape), canonical.to(device), blocksize, quant_type, dtype,
             offset=torch.tensor(float(offset), dtype=torch.float32, device=device), state2=state2,
         )
-
-
-def canonical_code(quant_type: str) -> torch.Tensor:
-    """The fp32 table of a 4-bit type as bitsandbytes stores it in ``quant_map`` (``[16]``, by nibble)."""
-    if quant_type == "nf4":
-        values = [
-            -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0,
-        ]  # fmt: skip
-        return torch.tensor(values, dtype=torch.float32)
-    if quant_type == "fp4":
-        raw = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], dtype=torch.float32)
-        return raw / 12.0
-    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
 
 
 # --- strict readers for untrusted dicts ----------------------------------------------------------------------
@@ -213,7 +198,7 @@ def _unpack(qs_dict: dict[str, Any]) -> dict[str, Any]:
     if blobs:
         key = blobs[0]
         suffix = key.split("quant_state.", 1)[1]
-        if suffix not in (_PACKED_KEY_PREFIX.split(".", 1)[1] + t for t in _ops.QUANT_TYPES):
+        if suffix not in (_PACKED_KEY_PREFIX.split(".", 1)[1] + t for t in QUANT_TYPES):
             raise ValueError(f"QuantState.from_dict: {key!r} must end in bitsandbytes__nf4 or bitsandbytes__fp4")
         for name, value in _decode_blob(key, qs_dict[key]).items():
             if name in fields:
