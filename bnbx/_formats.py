@@ -47,10 +47,11 @@ NF4_VALUES = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )  # fmt: skip
-# FP4 by nibble value before normalisation (bit 3 = sign); stored divided by 12 in fp32.
-FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+# FP4 by nibble value before normalisation (bit 3 = sign); stored divided by 12 in fp32. Code 8 (sign bit, zero
+# magnitude) is stored as +0.0, as bitsandbytes writes it in quant_map.
+FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 # Further 4-bit tables bitsandbytes' get_4bit_type offers (no bnbx kernel decodes them).
-INT4_RAW = (7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0)
+INT4_RAW = (7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0)
 AF4_BS64 = (
     1.0, 0.72424863, 0.55496234, 0.42563882, 0.31675666, 0.21961274, 0.12934483, 0.04273164, 0.0,
     -0.04934812, -0.14982478, -0.25607552, -0.3736951, -0.51243739, -0.69441008, -1.0,
@@ -136,7 +137,7 @@ def create_fp8_map(
     ``create_fp8_map(True, 2, 1, 4)``."""
     op = "create_fp8_map"
     total_bits = _check_int(op, "total_bits", total_bits, 2, 8)
-    exponent_bits = _check_int(op, "exponent_bits", exponent_bits, 1, 7)
+    exponent_bits = _check_int(op, "exponent_bits", exponent_bits, 1, 8)
     precision_bits = _check_int(op, "precision_bits", precision_bits, 0, 7)
     if exponent_bits + precision_bits + (1 if signed else 0) != total_bits:
         raise ValueError(
