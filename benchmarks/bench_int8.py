@@ -14,7 +14,7 @@ Columns: median ms over --repeat calls after a warm-up; TFLOP/s = 2 M N K / time
 (the weight dominates traffic at small M); % copy = GB/s over this machine's copy bandwidth measured in the same
 run (bytes read + written by a large .copy_); vs bf16 = torch bf16 time / this time (> 1: faster); vs bnb =
 bitsandbytes' time at the same threshold / this time. At M <= 128 every weight is rotated through enough copies
-(>= 640 MB) that none is served from this CPU's large L3.
+(--rotate-mb, 640 MB by default) that none is served from this CPU's large L3.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def copies_for(nbytes: int, M: int) -> int:
     return 1 if M > 128 else max(1, -(-ROTATE_BYTES // nbytes))
 
 
+def set_rotate_mb(mb: int) -> None:
+    global ROTATE_BYTES
+    ROTATE_BYTES = mb * 2**20
+
+
 def copy_bandwidth() -> float:
     src = torch.empty(256 * 2**20, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src)
@@ -71,7 +76,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=11008)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rotate-mb", type=int, default=640, help="weight bytes to rotate through at M <= 128")
     args = parser.parse_args()
+    set_rotate_mb(args.rotate_mb)
     torch.set_num_threads(args.threads)
     K, N = args.k, args.n
     try:
