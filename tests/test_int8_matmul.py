@@ -399,3 +399,16 @@ def test_autograd_matches_fp64_reference():
     torch.testing.assert_close(bias.grad.double(), b64.grad, rtol=1e-6, atol=1e-6)
     # the backward formula itself is linear: gradcheck it in fp64 through the same dequantized weight
     assert torch.autograd.gradcheck(lambda a, b: torch.nn.functional.linear(a, W64, b), (A64, b64))
+
+
+def test_functional_signatures_match_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    import inspect
+
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    for name in ("int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant"):
+        ours, theirs = params(getattr(F, name)), params(getattr(bnb.functional, name))
+        # int8_mm_dequant adds one trailing keyword, dtype (bitsandbytes always returns fp16)
+        assert ours[: len(theirs)] == theirs and len(ours) - len(theirs) == (name == "int8_mm_dequant")
