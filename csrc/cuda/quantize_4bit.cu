@@ -10,8 +10,6 @@
 //
 // dequantize_4bit_kernel: each thread reads 2 or 4 packed bytes and writes 16 bytes of output; the 16 code
 // values sit in shared memory (16 words in 16 banks: no bank conflicts) and absmax is read once per vector.
-#include <torch/library.h>
-
 #include <cstring>
 #include <limits>
 
@@ -271,20 +269,53 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// --- host code ---------------------------------------------------------------------------------------------------
+// --- launchers (raw pointers, no torch: the emulation calls these too) ------------------------------------------
 
 template <typename T, QuantType kType>
-void launch_quantize_4bit(const at::Tensor& input, int64_t blocksize, at::Tensor& packed, at::Tensor& absmax) {
+void launch_quantize_4bit_as(const T* in, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
+                             cudaStream_t stream) {
   constexpr int kVec = kVecElems<T>;
-  const int64_t n = input.numel();
   const int group = static_cast<int>(blocksize / kVec);  // 4 .. 1024 threads per quantization block
   const int threads = std::max(group, kThreads);
-  const unsigned int grid = grid_size(ceil_div(ceil_div(n, kVec), threads), threads);
-  quantize_4bit_kernel<T, kType><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(input.const_data_ptr()), n, log2_exact(group), packed.mutable_data_ptr<uint8_t>(),
-      absmax.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto kernel = quantize_4bit_kernel<T, kType>;
+  launch_kernel(kernel, grid_size(kernel, ceil_div(ceil_div(n, kVec), threads), threads), threads, stream, in, n,
+                log2_exact(group), packed, absmax);
 }
+
+// in[n] (16-byte aligned) -> packed[ceil(n/2)], absmax[ceil(n/blocksize)]; n > 0, blocksize checked.
+template <typename T>
+void launch_quantize_4bit(const T* in, int64_t n, int64_t blocksize, QuantType type, uint8_t* packed, float* absmax,
+                          cudaStream_t stream) {
+  if (type == QuantType::kNF4) {
+    launch_quantize_4bit_as<T, QuantType::kNF4>(in, n, blocksize, packed, absmax, stream);
+  } else {
+    launch_quantize_4bit_as<T, QuantType::kFP4>(in, n, blocksize, packed, absmax, stream);
+  }
+}
+
+// packed[ceil(n/2)] (16-byte aligned), absmax -> out[n] (16-byte aligned); n > 0.
+template <typename T>
+void launch_dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize, QuantType type,
+                            T* out, cudaStream_t stream) {
+  CodeTable table;
+  fill_code_table(type, table.values);
+  const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
+  const auto kernel = dequantize_4bit_kernel<T>;
+  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, packed, absmax, n,
+                log2_exact(blocksize), table, out);
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+#if !defined(BNBX_CUDA_EMULATION)
+// --- torch host code ---------------------------------------------------------------------------------------------
+#include <torch/library.h>
+
+#include "cuda_host.h"
+
+namespace bnbx::cuda {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
                                                       c10::string_view quant_type, at::ScalarType quant_storage) {
@@ -297,11 +328,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   if (n > 0) {
     dispatch_float(input.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      if (type == QuantType::kNF4) {
-        launch_quantize_4bit<T, QuantType::kNF4>(input, blocksize, outputs.packed, outputs.absmax);
-      } else {
-        launch_quantize_4bit<T, QuantType::kFP4>(input, blocksize, outputs.packed, outputs.absmax);
-      }
+      launch_quantize_4bit<T>(static_cast<const T*>(input.const_data_ptr()), n, blocksize, type,
+                              outputs.packed.mutable_data_ptr<uint8_t>(), outputs.absmax.mutable_data_ptr<float>(),
+                              current_stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return outputs.result();
@@ -315,14 +345,10 @@ void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t
   const at::Tensor stats = absmax.contiguous();
   // out may be a view at an odd offset; the kernel's 16-byte stores need an aligned buffer
   at::Tensor target = is_aligned(out.const_data_ptr(), 16) ? out : at::empty_like(out);
-  CodeTable table;
-  fill_code_table(type, table.values);
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
-    dequantize_4bit_kernel<T><<<grid_size(tiles, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const uint8_t*>(packed.const_data_ptr()), stats.const_data_ptr<float>(), n,
-        log2_exact(blocksize), table, static_cast<T*>(target.mutable_data_ptr()));
+    launch_dequantize_4bit<T>(static_cast<const uint8_t*>(packed.const_data_ptr()), stats.const_data_ptr<float>(),
+                              n, blocksize, type, static_cast<T*>(target.mutable_data_ptr()), current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!target.is_same(out)) out.copy_(target);
@@ -356,3 +382,4 @@ TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   m.impl("dequantize_4bit", &bnbx::cuda::dequantize_4bit_cuda);
   m.impl("dequantize_4bit.out", &bnbx::cuda::dequantize_4bit_out_cuda);
 }
+#endif  // !BNBX_CUDA_EMULATION

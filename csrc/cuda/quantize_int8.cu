@@ -11,8 +11,6 @@
 //   quantize, split groups: a range per segment, then a reduction of those per group into scale and zero
 //     point, then quantization of every segment from the stored scale and zero point (three kernels).
 //   dequantize: one kernel over segments, no reduction.
-#include <torch/library.h>
-
 #include <type_traits>
 
 #include "cuda_utils.cuh"
@@ -238,7 +236,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// --- host code ---------------------------------------------------------------------------------------------------
+// --- launchers (raw pointers, no torch: the emulation calls these too) ------------------------------------------
 
 Int8Layout make_layout(int64_t n, int64_t group_size, bool split) {
   Int8Layout layout{};
@@ -255,19 +253,71 @@ Int8Layout make_layout(int64_t n, int64_t group_size, bool split) {
 
 int threads_per_block(const Int8Layout& layout) { return std::max(1 << layout.log2_team, kThreads); }
 
-unsigned int segment_grid(const Int8Layout& layout) {
+template <typename Kernel>
+unsigned int segment_grid(Kernel kernel, const Int8Layout& layout) {
   const int threads = threads_per_block(layout);
-  return grid_size(ceil_div(layout.segments, threads >> layout.log2_team), threads);
+  return grid_size(kernel, ceil_div(layout.segments, threads >> layout.log2_team), threads);
 }
 
 // Whole groups leave SMs idle when there are fewer of them than thread blocks the GPU holds at once; split
 // them when they are big enough to be worth the extra pass (a per-tensor scale over a large tensor).
+template <typename T>
 bool split_groups(int64_t n, int64_t group_size) {
   if (std::min(group_size, n) <= 2 * kSegment) return false;
   const Int8Layout whole = make_layout(n, group_size, false);
   const int threads = threads_per_block(whole);
-  return ceil_div(whole.segments, threads >> whole.log2_team) < resident_blocks(threads);
+  return ceil_div(whole.segments, threads >> whole.log2_team) < resident_blocks(quantize_int8_kernel<T>, threads);
 }
+
+// Ranges (pairs of floats) the quantize launcher needs as workspace: one per segment when groups are split.
+template <typename T>
+int64_t quantize_int8_workspace(int64_t n, int64_t group_size) {
+  return split_groups<T>(n, group_size) ? make_layout(n, group_size, true).segments : 0;
+}
+
+// in[n] -> q[n], scale and zero_point [ceil(n/group_size)]; workspace holds quantize_int8_workspace ranges.
+template <typename T>
+void launch_quantize_int8(const T* in, int64_t n, int64_t group_size, bool symmetric, int8_t* q, float* scale,
+                          int32_t* zero_point, Range* workspace, cudaStream_t stream) {
+  const bool split = split_groups<T>(n, group_size);
+  const Int8Layout layout = make_layout(n, group_size, split);
+  const int threads = threads_per_block(layout);
+  if (!split) {
+    const auto kernel = quantize_int8_kernel<T>;
+    launch_kernel(kernel, segment_grid(kernel, layout), threads, stream, in, layout, symmetric, q, scale, zero_point);
+    return;
+  }
+  const auto ranges = int8_segment_range_kernel<T>;
+  launch_kernel(ranges, segment_grid(ranges, layout), threads, stream, in, layout, workspace);
+  const auto params = int8_group_params_kernel;
+  launch_kernel(params, grid_size(params, ceil_div(n, group_size), kThreads), kThreads, stream,
+                static_cast<const Range*>(workspace), layout, symmetric, scale, zero_point);
+  const auto codes = int8_quantize_segments_kernel<T>;
+  launch_kernel(codes, segment_grid(codes, layout), threads, stream, in, layout, symmetric,
+                static_cast<const float*>(scale), static_cast<const int32_t*>(zero_point), q);
+}
+
+// q[n], scale, zero_point -> out[n]; n > 0.
+template <typename T>
+void launch_dequantize_int8(const int8_t* q, const float* scale, const int32_t* zero_point, int64_t n,
+                            int64_t group_size, T* out, cudaStream_t stream) {
+  const Int8Layout layout = make_layout(n, group_size, split_groups<T>(n, group_size));
+  const auto kernel = dequantize_int8_kernel<T>;
+  launch_kernel(kernel, segment_grid(kernel, layout), threads_per_block(layout), stream, q, scale, zero_point, layout,
+                out);
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+#if !defined(BNBX_CUDA_EMULATION)
+// --- torch host code ---------------------------------------------------------------------------------------------
+#include <torch/library.h>
+
+#include "cuda_host.h"
+
+namespace bnbx::cuda {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& A, int64_t group_size,
                                                                   bool symmetric) {
@@ -281,31 +331,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tens
   at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
   if (n == 0) return {q, scale, zero_point};
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool split = split_groups(n, group_size);
-  const Int8Layout layout = make_layout(n, group_size, split);
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* in = static_cast<const T*>(input.const_data_ptr());
-    const int threads = threads_per_block(layout);
-    if (!split) {
-      quantize_int8_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(
-          in, layout, symmetric, q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
-          zero_point.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
     static_assert(sizeof(Range) == 2 * sizeof(float), "ranges are stored as float pairs");
-    at::Tensor ranges = at::empty({layout.segments, 2}, input.options().dtype(at::kFloat));
-    Range* ranges_ptr = reinterpret_cast<Range*>(ranges.mutable_data_ptr<float>());
-    int8_segment_range_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(in, layout, ranges_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    int8_group_params_kernel<<<grid_size(groups, kThreads), kThreads, 0, stream>>>(
-        ranges_ptr, layout, symmetric, scale.mutable_data_ptr<float>(), zero_point.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    int8_quantize_segments_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(
-        in, layout, symmetric, scale.const_data_ptr<float>(), zero_point.const_data_ptr<int32_t>(),
-        q.mutable_data_ptr<int8_t>());
+    const int64_t ranges = quantize_int8_workspace<T>(n, group_size);
+    at::Tensor workspace = at::empty({std::max<int64_t>(ranges, 1), 2}, input.options().dtype(at::kFloat));
+    launch_quantize_int8<T>(static_cast<const T*>(input.const_data_ptr()), n, group_size, symmetric,
+                            q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
+                            zero_point.mutable_data_ptr<int32_t>(),
+                            reinterpret_cast<Range*>(workspace.mutable_data_ptr<float>()), current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {q, scale, zero_point};
@@ -322,13 +356,11 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& A, const at::Tensor& scale, co
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
   if (n == 0) return out;
 
-  const Int8Layout layout = make_layout(n, group_size, split_groups(n, group_size));
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_int8_kernel<T><<<segment_grid(layout), threads_per_block(layout), 0,
-                                c10::cuda::getCurrentCUDAStream()>>>(
-        q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), zero_points.const_data_ptr<int32_t>(), layout,
-        static_cast<T*>(out.mutable_data_ptr()));
+    launch_dequantize_int8<T>(q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(),
+                              zero_points.const_data_ptr<int32_t>(), n, group_size,
+                              static_cast<T*>(out.mutable_data_ptr()), current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -341,3 +373,4 @@ TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   m.impl("quantize_int8", &bnbx::cuda::quantize_int8_cuda);
   m.impl("dequantize_int8", &bnbx::cuda::dequantize_int8_cuda);
 }
+#endif  // !BNBX_CUDA_EMULATION
