@@ -46,8 +46,10 @@ def _check_input(op: str, A: torch.Tensor) -> None:
 
 
 def get_4bit_type(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The fp32 code table (``[16]``, by nibble value) of ``"nf4"`` or ``"fp4"`` on ``device``."""
-    return canonical_code(quant_type).to(device)
+    """The fp32 code table (``[16]``, by nibble value) of ``"nf4"`` or ``"fp4"`` on ``device`` (a fresh copy)."""
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return _table(quant_type, device).clone()
 
 
 def _build_dynamic_map(signed: bool) -> torch.Tensor:
@@ -74,8 +76,33 @@ _DYNAMIC_MAPS = {True: _build_dynamic_map(True), False: _build_dynamic_map(False
 
 
 def create_dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-value 8-bit dynamic map of bitsandbytes (fp32, sorted): fine near 0, coarse near 1."""
-    return _DYNAMIC_MAPS[bool(signed)].to(device, copy=True)
+    """The 256-value 8-bit dynamic map of bitsandbytes (fp32, sorted): fine near 0, coarse near 1 (a fresh copy)."""
+    return _table("dynamic" if signed else "dynamic-unsigned", device).clone()
+
+
+# Tables per (kind, device), made once and shared by every call: copying one from the host per call would make
+# each CUDA call wait for the GPU (a synchronisation) and could not be captured in a CUDA graph. The CUDA copy
+# is taken from pinned memory without blocking, so even the first call does not synchronise. Callers must not
+# modify the returned tensor (QuantState.code holds it); the public functions above hand out copies.
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(kind: str, device: torch.device | str) -> torch.Tensor:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    table = _TABLES.get((kind, device))
+    if table is None:
+        if kind in ("dynamic", "dynamic-unsigned"):
+            host = _DYNAMIC_MAPS[kind == "dynamic"]
+        else:
+            host = canonical_code(kind)  # raises the ValueError for an unknown quant_type
+        if device.type == "cuda":
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host.to(device, copy=True)
+        _TABLES[(kind, device)] = table
+    return table
 
 
 # --- 4-bit ---------------------------------------------------------------------------------------------------
@@ -107,7 +134,7 @@ def quantize_4bit(
     """
     _check_input("quantize_4bit", A)
     packed, absmax = torch.ops.bnbx.quantize_4bit(A, blocksize, quant_type, quant_storage)
-    code = get_4bit_type(quant_type, A.device)
+    code = _table(quant_type, A.device)
     if not compress_statistics:
         return packed, QuantState(absmax, A.shape, code, blocksize, quant_type, A.dtype)
     # Double quantization as in QLoRA: subtract the mean, 8-bit blockwise with the dynamic map, blocks of 256.
@@ -195,7 +222,7 @@ def quantize_blockwise(
     """
     _check_input("quantize_blockwise", A)
     if code is None:
-        code = create_dynamic_map(signed=True, device=A.device)
+        code = _table("dynamic", A.device)
     elif code.device.type != "cpu" and code.numel() == _ops.DYNAMIC_MAP_SIZE and code.dtype == torch.float32:
         # the CPU kernel checks the order itself; on a GPU check it here (one sync, only for a custom code)
         if not bool((code.reshape(-1)[1:] >= code.reshape(-1)[:-1]).all()):
@@ -228,7 +255,7 @@ def dequantize_blockwise(
     elif absmax is None:
         raise ValueError("dequantize_blockwise: pass quant_state or absmax")
     if code is None:
-        code = create_dynamic_map(signed=True, device=A.device)
+        code = _table("dynamic", A.device)
     result = torch.ops.bnbx.dequantize_blockwise(A, absmax, code, blocksize, dtype)
     if out is None:
         return result
