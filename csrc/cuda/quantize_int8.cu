@@ -31,6 +31,7 @@ struct Int8Layout {
   int64_t segments_per_group;  // 1, or ceil(min(group_size, n) / kSegment)
   int64_t segments;            // groups * segments_per_group
   int log2_team;               // threads per segment: 2^log2_team
+  bool vectorized;             // group_size (and so every segment start) is a multiple of the vector width
 };
 
 struct Segment {
@@ -71,28 +72,83 @@ __device__ __forceinline__ Int8Params int8_params_from_stored(float scale, int32
   return {scale, nonfinite || scale == 0.0f ? 0.0f : 1.0f / scale, zero_point, nonfinite};
 }
 
-// Quantizes in[i] for i = first, first + stride, ... < end, as quantize_int8_generic's loops do.
-template <typename T>
-__device__ __forceinline__ void quantize_elements(const T* __restrict__ in, int64_t first, int64_t end, int stride,
-                                                  const Int8Params& params, bool symmetric, int8_t* __restrict__ q) {
-  if (params.nonfinite) {
-    // NaN/Inf contract: scale NaN, zero point 0, q 0
-    for (int64_t i = first; i < end; i += stride) q[i] = 0;
-    return;
-  }
-  const float qmin = symmetric ? -127.0f : -128.0f;
-  const float zp = static_cast<float>(params.zero_point);
-  if (isinf(params.inv_scale)) {
-    // subnormal scale: 1/scale overflows, so divide instead (exact, slower, rare); a loop of its own so the
-    // common loop below never computes the division
-    for (int64_t i = first; i < end; i += stride) {
-      q[i] = int8_code(to_float(in[i]) / params.scale, zp, qmin);
+// One code of quantize_int8_generic; the branches are uniform over a team (one group's parameters).
+__device__ __forceinline__ int8_t int8_code_of(float x, const Int8Params& params, float zp, float qmin) {
+  if (params.nonfinite) return 0;  // NaN/Inf contract: scale NaN, zero point 0, q 0
+  // a subnormal scale overflows 1/scale: divide instead (exact, rare)
+  return int8_code(isinf(params.inv_scale) ? x / params.scale : x * params.inv_scale, zp, qmin);
+}
+
+// Reads of a segment [start, end) by one thread of its team (lane of team): with 16-byte vector loads, two in
+// flight per thread, when the layout is vectorized (start is then a multiple of kVec and `in` is 16-byte
+// aligned; elements at or past `end` read as 0, which no range and no code ever keeps); otherwise element
+// loads unrolled by four, four independent loads in flight. f(index, x[], count) sees kVec (or 4) values.
+constexpr int kInt8Unroll = 2;
+
+template <typename T, typename F>
+__device__ __forceinline__ void for_segment(const T* __restrict__ in, int64_t start, int64_t end, int lane, int team,
+                                            bool vectorized, const F& f) {
+  constexpr int kVec = kVecElems<T>;
+  if (vectorized) {
+    const int64_t stride = int64_t{team} * kVec;
+    for (int64_t i = start + int64_t{lane} * kVec; i < end; i += kInt8Unroll * stride) {
+      float x[kInt8Unroll][kVec];
+#pragma unroll
+      for (int u = 0; u < kInt8Unroll; ++u) load_floats<T, kVec>(in, i + u * stride, end, x[u]);
+#pragma unroll
+      for (int u = 0; u < kInt8Unroll; ++u) {
+        if (i + u * stride < end) f(i + u * stride, x[u], kVec);
+      }
     }
     return;
   }
-  for (int64_t i = first; i < end; i += stride) {
-    q[i] = int8_code(to_float(in[i]) * params.inv_scale, zp, qmin);
+  int64_t i = start + lane;
+  for (; i + 3 * int64_t{team} < end; i += 4 * int64_t{team}) {
+    float x[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) x[u] = to_float(in[i + u * int64_t{team}]);
+    f(i, x, -team);  // a negative count: 4 values `team` apart
   }
+  for (; i < end; i += team) {
+    float x[1] = {to_float(in[i])};
+    f(i, x, 1);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Range segment_range(const T* __restrict__ in, int64_t start, int64_t end, int lane,
+                                               int team, bool vectorized) {
+  Range range{0.0f, 0.0f};
+  for_segment(in, start, end, lane, team, vectorized, [&](int64_t, const float* x, int count) {
+    const int values = count < 0 ? 4 : count;
+    for (int k = 0; k < values; ++k) range = extend(range, x[k]);
+  });
+  return range;
+}
+
+// Quantizes a segment as quantize_int8_generic's loops do: codes of a vector leave as one kVec-byte store.
+template <typename T>
+__device__ __forceinline__ void quantize_segment(const T* __restrict__ in, int64_t start, int64_t end, int lane,
+                                                 int team, bool vectorized, const Int8Params& params, bool symmetric,
+                                                 int8_t* __restrict__ q) {
+  constexpr int kVec = kVecElems<T>;
+  const float qmin = symmetric ? -127.0f : -128.0f;
+  const float zp = static_cast<float>(params.zero_point);
+  uint8_t* bytes = reinterpret_cast<uint8_t*>(q);
+  for_segment(in, start, end, lane, team, vectorized, [&](int64_t i, const float* x, int count) {
+    if (count == kVec && vectorized) {
+      UInt<kVec> word = 0;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        word |= static_cast<UInt<kVec>>(static_cast<uint8_t>(int8_code_of(x[k], params, zp, qmin))) << (8 * k);
+      }
+      store_word<kVec>(bytes, i, end - i, word);
+    } else if (count < 0) {
+      for (int u = 0; u < 4; ++u) q[i + u * int64_t{-count}] = int8_code_of(x[u], params, zp, qmin);
+    } else {
+      q[i] = int8_code_of(x[0], params, zp, qmin);
+    }
+  });
 }
 
 // --- kernels -----------------------------------------------------------------------------------------------------
@@ -113,8 +169,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t segment = first + (threadIdx.x >> layout.log2_team);
     const bool valid = segment < layout.segments;
     const Segment seg = valid ? locate(layout, segment) : Segment{0, 0, 0};
-    Range range{0.0f, 0.0f};
-    for (int64_t i = seg.start + lane; i < seg.end; i += team) range = extend(range, to_float(in[i]));
+    Range range = segment_range(in, seg.start, seg.end, lane, team, layout.vectorized);
     range = group_reduce(range, team, scratch[parity], MergeRange{});
     if (!valid) continue;
     const Int8Params params = int8_params(range, symmetric);
@@ -122,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       scale[seg.group] = params.scale;
       zero_point[seg.group] = params.zero_point;
     }
-    quantize_elements(in, seg.start + lane, seg.end, team, params, symmetric, q);
+    quantize_segment(in, seg.start, seg.end, lane, team, layout.vectorized, params, symmetric, q);
   }
 }
 
@@ -141,8 +196,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t segment = first + (threadIdx.x >> layout.log2_team);
     const bool valid = segment < layout.segments;
     const Segment seg = valid ? locate(layout, segment) : Segment{0, 0, 0};
-    Range range{0.0f, 0.0f};
-    for (int64_t i = seg.start + lane; i < seg.end; i += team) range = extend(range, to_float(in[i]));
+    Range range = segment_range(in, seg.start, seg.end, lane, team, layout.vectorized);
     range = group_reduce(range, team, scratch[parity], MergeRange{});
     if (valid && lane == 0) ranges[segment] = range;
   }
@@ -182,7 +236,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (segment >= layout.segments) continue;
     const Segment seg = locate(layout, segment);
     const Int8Params params = int8_params_from_stored(scale[seg.group], zero_point[seg.group]);
-    quantize_elements(in, seg.start + lane, seg.end, team, params, symmetric, q);
+    quantize_segment(in, seg.start, seg.end, lane, team, layout.vectorized, params, symmetric, q);
   }
 }
 
@@ -192,22 +246,59 @@ template <typename T>
 constexpr float kDequantizeLimit = std::is_same_v<T, __half> ? 65504.0f : FLT_MAX;
 
 // out[i] = (q[i] - zero_point) * scale in fp32, clamped to kDequantizeLimit (NaN stays NaN), one rounding to T.
+// Elementwise, independent of the segments: each thread reads 16 codes with one 16-byte load (kInt8Unroll
+// loads in flight) and writes them with 16-byte stores. The group of the first code costs one division; the
+// others step across group boundaries (group_size may be 1, so several can fall inside one vector).
+constexpr int kCodesPerVector = 16;
+
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kThreads)
     dequantize_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scale,
-                           const int32_t* __restrict__ zero_point, Int8Layout layout, T* __restrict__ out) {
-  const int team = 1 << layout.log2_team;
-  const int lane = threadIdx.x & (team - 1);
-  const int teams = blockDim.x >> layout.log2_team;
-  for (int64_t first = int64_t{blockIdx.x} * teams; first < layout.segments; first += int64_t{gridDim.x} * teams) {
-    const int64_t segment = first + (threadIdx.x >> layout.log2_team);
-    if (segment >= layout.segments) continue;
-    const Segment seg = locate(layout, segment);
-    const float group_scale = scale[seg.group];
-    const float zp = static_cast<float>(zero_point[seg.group]);
-    for (int64_t i = seg.start + lane; i < seg.end; i += team) {
-      const float value = mul_like_cpu(static_cast<float>(q[i]) - zp, group_scale);
-      out[i] = from_float<T>(std_max(std_min(value, kDequantizeLimit<T>), -kDequantizeLimit<T>));
+                           const int32_t* __restrict__ zero_point, int64_t n, int64_t group_size, T* __restrict__ out) {
+  constexpr int kVec = kVecElems<T>;
+  constexpr int64_t kTile = int64_t{kThreads} * kInt8Unroll;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(q);
+  const int64_t vectors = ceil_div(n, kCodesPerVector);
+  for (int64_t tile = int64_t{blockIdx.x} * kTile; tile < vectors; tile += int64_t{gridDim.x} * kTile) {
+    AlignedArray<uint32_t, 4> words[kInt8Unroll];
+#pragma unroll
+    for (int u = 0; u < kInt8Unroll; ++u) {
+      const int64_t start = (tile + u * kThreads + threadIdx.x) * kCodesPerVector;
+      if (start + kCodesPerVector <= n) {
+        words[u] = *reinterpret_cast<const AlignedArray<uint32_t, 4>*>(bytes + start);
+      } else {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) words[u].v[w] = start < n ? load_word<4>(bytes, start + 4 * w, n) : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kInt8Unroll; ++u) {
+      const int64_t start = (tile + u * kThreads + threadIdx.x) * kCodesPerVector;
+      if (start >= n) continue;
+      int64_t group = start / group_size;
+      int64_t boundary = (group + 1) * group_size;  // first element of the next group
+      float group_scale = scale[group];
+      float zp = static_cast<float>(zero_point[group]);
+      float values[kCodesPerVector];
+#pragma unroll
+      for (int j = 0; j < kCodesPerVector; ++j) {
+        if (start + j == boundary && start + j < n) {
+          ++group;
+          boundary += group_size;
+          group_scale = scale[group];
+          zp = static_cast<float>(zero_point[group]);
+        }
+        const int8_t code = static_cast<int8_t>(words[u].v[j / 4] >> (8 * (j % 4)));
+        const float value = mul_like_cpu(static_cast<float>(code) - zp, group_scale);
+        values[j] = std_max(std_min(value, kDequantizeLimit<T>), -kDequantizeLimit<T>);
+      }
+#pragma unroll
+      for (int c = 0; c < kCodesPerVector / kVec; ++c) {
+        float chunk[kVec];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) chunk[k] = values[c * kVec + k];
+        store_floats<T, kVec>(out, start + c * kVec, n, chunk);
+      }
     }
   }
 }
@@ -224,6 +315,14 @@ Int8Layout make_layout(int64_t n, int64_t group_size, bool split) {
   layout.segments = ceil_div(n, group_size) * layout.segments_per_group;
   const int64_t team = next_power_of_two(ceil_div(std::min(layout.segment_size, n), kElementsPerThread));
   layout.log2_team = log2_exact(std::min<int64_t>(team, kMaxThreads));
+  return layout;
+}
+
+// Vector loads need every segment to start on a vector boundary of the 16-byte aligned input.
+template <typename T>
+Int8Layout make_layout_for(const T* in, int64_t n, int64_t group_size, bool split) {
+  Int8Layout layout = make_layout(n, group_size, split);
+  layout.vectorized = group_size % kVecElems<T> == 0 && kSegment % kVecElems<T> == 0 && is_aligned(in, 16);
   return layout;
 }
 
@@ -256,7 +355,7 @@ template <typename T>
 void launch_quantize_int8(const T* in, int64_t n, int64_t group_size, bool symmetric, int8_t* q, float* scale,
                           int32_t* zero_point, Range* workspace, cudaStream_t stream) {
   const bool split = split_groups<T>(n, group_size);
-  const Int8Layout layout = make_layout(n, group_size, split);
+  const Int8Layout layout = make_layout_for(in, n, group_size, split);
   const int threads = threads_per_block(layout);
   if (!split) {
     const auto kernel = quantize_int8_kernel<T>;
@@ -273,13 +372,13 @@ void launch_quantize_int8(const T* in, int64_t n, int64_t group_size, bool symme
                 static_cast<const float*>(scale), static_cast<const int32_t*>(zero_point), q);
 }
 
-// q[n], scale, zero_point -> out[n]; n > 0.
+// q[n] (16-byte aligned), scale, zero_point -> out[n] (16-byte aligned); n > 0.
 template <typename T>
 void launch_dequantize_int8(const int8_t* q, const float* scale, const int32_t* zero_point, int64_t n,
                             int64_t group_size, T* out, cudaStream_t stream) {
-  const Int8Layout layout = make_layout(n, group_size, split_groups<T>(n, group_size));
+  const int64_t tiles = ceil_div(ceil_div(n, kCodesPerVector), int64_t{kThreads} * kInt8Unroll);
   const auto kernel = dequantize_int8_kernel<T>;
-  launch_kernel(kernel, segment_grid(kernel, layout), threads_per_block(layout), stream, q, scale, zero_point, layout,
+  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, q, scale, zero_point, n, group_size,
                 out);
 }
 
@@ -299,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tens
                                                                   bool symmetric) {
   check_quantize_int8_args(A, group_size);
   const c10::cuda::CUDAGuard guard(A.device());
-  const at::Tensor input = A.contiguous();
+  const at::Tensor input = contiguous_aligned(A);
   const int64_t n = input.numel();
   const int64_t groups = ceil_div(n, group_size);
   at::Tensor q = at::empty(input.sizes(), input.options().dtype(at::kChar));
@@ -325,7 +424,7 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& A, const at::Tensor& scale, co
                                 int64_t group_size, at::ScalarType dtype) {
   check_dequantize_int8_args(A, scale, zero_point, group_size, dtype);
   const c10::cuda::CUDAGuard guard(A.device());
-  const at::Tensor q = A.contiguous();
+  const at::Tensor q = contiguous_aligned(A);
   const at::Tensor scales = scale.contiguous();
   const at::Tensor zero_points = zero_point.contiguous();
   const int64_t n = q.numel();

@@ -43,6 +43,7 @@
 #define BNBX_EMU_ASAN 1
 #endif
 #if defined(BNBX_EMU_ASAN)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -339,17 +340,25 @@ inline bool release_warps(Block& b) {
   return released;
 }
 
+// A fresh context for thread t. Not inlined: getcontext returns like setjmp, so the caller's loop variables
+// must not live in this frame (-Wclobbered).
+__attribute__((noinline)) inline void init_fiber(Block& b, int t) {
+  Fiber& fiber = b.fibers[t];
+  fiber.state = Fiber::kReady;
+#if defined(BNBX_EMU_ASAN)
+  // an abandoned launch (an error) can leave poisoned frames on the reused stack
+  __asan_unpoison_memory_region(b.stacks[t], kStackBytes);
+#endif
+  getcontext(&fiber.context);
+  fiber.context.uc_stack.ss_sp = b.stacks[t];
+  fiber.context.uc_stack.ss_size = kStackBytes;
+  fiber.context.uc_link = nullptr;
+  makecontext(&fiber.context, fiber_main, 0);
+}
+
 // Runs one thread block to completion (or to the first error).
 inline void run_block(Block& b) {
-  for (int t = 0; t < b.threads; ++t) {
-    Fiber& fiber = b.fibers[t];
-    fiber.state = Fiber::kReady;
-    getcontext(&fiber.context);
-    fiber.context.uc_stack.ss_sp = b.stacks[t];
-    fiber.context.uc_stack.ss_size = kStackBytes;
-    fiber.context.uc_link = nullptr;
-    makecontext(&fiber.context, fiber_main, 0);
-  }
+  for (int t = 0; t < b.threads; ++t) init_fiber(b, t);
   for (;;) {
     for (int t = 0; t < b.threads; ++t) {
       if (b.fibers[t].state == Fiber::kReady) switch_to_fiber(b, t);
