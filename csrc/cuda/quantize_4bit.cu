@@ -124,18 +124,57 @@ __host__ __device__ inline CodeBucket make_code_bucket(uint32_t bucket) {
   return entry;
 }
 
+template <QuantType kType>
+__host__ __device__ __forceinline__ uint32_t bucket_of(float x) {
+  if constexpr (kType == QuantType::kNF4) {
+    return nf4_bucket(x);
+  } else {
+    return fp4_bucket(fabsf(x));
+  }
+}
+
+// The code of x from its bucket's entry (see above).
+template <QuantType kType>
+__host__ __device__ __forceinline__ uint32_t code_in_bucket(float x, float threshold, uint32_t codes) {
+  if constexpr (kType == QuantType::kNF4) {
+    return codes + (x > threshold ? 1 : 0);
+  } else {
+    const float magnitude = fabsf(x);
+    const uint32_t code = (codes >> (magnitude > threshold ? 4 : 0)) & 0x7u;
+    return code | (x < 0.0f ? 0x8u : 0x0u);  // x < 0, so -0.0 keeps sign 0 as on the CPU
+  }
+}
+
 // nf4_code(x) / fp4_code(x) of formats.h for x in [-1 - 2^-23, 1 + 2^-23] (checked exhaustively against them).
 template <QuantType kType>
 __host__ __device__ __forceinline__ uint32_t code_4bit(float x, const CodeBucket* buckets) {
-  if constexpr (kType == QuantType::kNF4) {
-    const CodeBucket entry = buckets[nf4_bucket(x)];
-    return entry.codes + (x > entry.threshold ? 1 : 0);
-  } else {
-    const float magnitude = fabsf(x);
-    const CodeBucket entry = buckets[fp4_bucket(magnitude)];
-    const uint32_t code = (entry.codes >> (magnitude > entry.threshold ? 4 : 0)) & 0x7u;
-    return code | (x < 0.0f ? 0x8u : 0x0u);  // x < 0, so -0.0 keeps sign 0 as on the CPU
+  const CodeBucket entry = buckets[bucket_of<kType>(x)];
+  return code_in_bucket<kType>(x, entry.threshold, entry.codes);
+}
+
+// The bucket table once per warp lane, so the lookup is free of bank conflicts: lane l reads word b * 32 + l
+// of each array, always bank l, whatever buckets the 32 lanes pick (one table would put lanes that pick
+// different buckets in the same bank). 2 x 4 bytes x 32 x 130 = 33 KB of shared memory, filled once per
+// thread block (the grid is sized to stay resident).
+template <QuantType kType>
+struct LaneBuckets {
+  float threshold[kBuckets<kType>][kWarpSize];
+  uint32_t codes[kBuckets<kType>][kWarpSize];
+};
+
+template <QuantType kType>
+__device__ __forceinline__ void fill_lane_buckets(LaneBuckets<kType>& table) {
+  for (uint32_t i = threadIdx.x; i < kBuckets<kType> * kWarpSize; i += blockDim.x) {
+    const CodeBucket entry = make_code_bucket<kType>(i / kWarpSize);
+    table.threshold[i / kWarpSize][i % kWarpSize] = entry.threshold;
+    table.codes[i / kWarpSize][i % kWarpSize] = entry.codes;
   }
+}
+
+template <QuantType kType>
+__device__ __forceinline__ uint32_t code_4bit_lane(float x, const LaneBuckets<kType>& table, uint32_t lane) {
+  const uint32_t bucket = bucket_of<kType>(x);
+  return code_in_bucket<kType>(x, table.threshold[bucket][lane], table.codes[bucket][lane]);
 }
 
 template <QuantType kType>
@@ -146,6 +185,119 @@ constexpr uint32_t kZeroCode = kType == QuantType::kNF4 ? kNF4ZeroCode : kFP4Zer
 constexpr int kThreads = 256;  // per thread block, unless one quantization block needs more threads
 constexpr int kDequantUnroll = 2;  // vectors in flight per thread in dequantize (more loads outstanding)
 
+constexpr int kQuantUnroll = 2;  // vectors in flight per thread in quantize
+
+// Two absmax patterns reduced together: one shuffle pair and one barrier for both vectors of a thread.
+struct BitsPair {
+  uint32_t a, b;
+};
+__device__ __forceinline__ BitsPair shfl_xor(BitsPair v, int mask) {
+  return {__shfl_xor_sync(0xffffffffu, v.a, mask), __shfl_xor_sync(0xffffffffu, v.b, mask)};
+}
+struct MaxBitsPair {
+  __device__ __forceinline__ BitsPair operator()(BitsPair x, BitsPair y) const {
+    return {x.a > y.a ? x.a : y.a, x.b > y.b ? x.b : y.b};
+  }
+};
+
+__device__ __forceinline__ uint32_t max_magnitude_bits(const float* x, int count) {
+  uint32_t bits = 0;
+  for (int i = 0; i < count; ++i) {
+    const uint32_t magnitude = __float_as_uint(x[i]) & 0x7fffffffu;
+    bits = magnitude > bits ? magnitude : bits;
+  }
+  return bits;
+}
+
+// Codes of one vector (kVec elements starting at element `start` of in[0, n)) from its block's absmax
+// pattern, packed two per byte into a kVec/2-byte word (element 2j in the high nibble of byte j).
+template <typename T, QuantType kType, bool kFull>
+__device__ __forceinline__ UInt<kVecElems<T> / 2> pack_codes(float (&x)[kVecElems<T>], uint32_t bits, int64_t valid,
+                                                             const LaneBuckets<kType>& table, uint32_t lane) {
+  constexpr int kVec = kVecElems<T>;
+  constexpr int kBytes = kVec / 2;
+  constexpr uint32_t kZero = kZeroCode<kType>;
+  uint32_t codes[kVec];
+  if (bits > kFloatMaxBits) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) codes[i] = kZero;  // NaN/Inf block: codes of 0, absmax NaN
+  } else {
+    const BlockScale scale = block_scale(__uint_as_float(bits));
+    // (x * prescale) * inv_absmax as on the CPU; x * 1 is exact, so the common case skips that multiply.
+    if (scale.prescale != 1.0f) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) x[i] *= scale.prescale;
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) codes[i] = code_4bit_lane<kType>(x[i] * scale.inv_absmax, table, lane);
+  }
+  if (!kFull && valid < kVec) {
+    // The last element of an odd n leaves a low nibble holding the code of 0.0.
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) codes[i] = i < valid ? codes[i] : kZero;
+  }
+  UInt<kBytes> word = 0;
+#pragma unroll
+  for (int j = 0; j < kBytes; ++j) {
+    word |= static_cast<UInt<kBytes>>(codes[2 * j] << 4 | codes[2 * j + 1]) << (8 * j);
+  }
+  return word;
+}
+
+// One tile of kQuantUnroll * blockDim vectors: thread t holds vectors t and blockDim + t (both loaded before
+// any arithmetic), the 2^log2_group threads of each quantization block reduce both absmax patterns at once,
+// then code and store. kFull: the tile lies wholly inside in[0, n), so no load or store is masked; offsets
+// inside the tile are 32-bit (a tile is at most 2 * 1024 vectors).
+template <typename T, QuantType kType, bool kFull>
+__device__ __forceinline__ void quantize_4bit_tile(const T* __restrict__ in, int64_t n, int64_t tile, int log2_group,
+                                                   const LaneBuckets<kType>& table, BitsPair* scratch,
+                                                   uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+  constexpr int kVec = kVecElems<T>;
+  constexpr int kBytes = kVec / 2;
+  const T* tile_in = in + tile * kVec;
+  uint8_t* tile_packed = packed + tile * kBytes;
+  const uint32_t first = threadIdx.x;
+  const uint32_t second = blockDim.x + threadIdx.x;
+  float x[kQuantUnroll][kVec];
+  if constexpr (kFull) {
+    const auto* vectors = reinterpret_cast<const AlignedArray<T, kVec>*>(tile_in);
+    const AlignedArray<T, kVec> v0 = vectors[first];
+    const AlignedArray<T, kVec> v1 = vectors[second];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      x[0][i] = to_float(v0.v[i]);
+      x[1][i] = to_float(v1.v[i]);
+    }
+  } else {
+    load_floats<T, kVec>(in, (tile + first) * kVec, n, x[0]);
+    load_floats<T, kVec>(in, (tile + second) * kVec, n, x[1]);
+  }
+  BitsPair bits{max_magnitude_bits(x[0], kVec), max_magnitude_bits(x[1], kVec)};
+  bits = group_reduce(bits, 1 << log2_group, scratch, MaxBitsPair{});
+
+  const uint32_t lane = threadIdx.x % kWarpSize;
+  const uint32_t group_lane = threadIdx.x & ((1u << log2_group) - 1);
+  const int64_t blocks = ceil_div(ceil_div(n, kVec), int64_t{1} << log2_group);
+#pragma unroll
+  for (int u = 0; u < kQuantUnroll; ++u) {
+    const uint32_t local = u == 0 ? first : second;
+    const uint32_t block_bits = u == 0 ? bits.a : bits.b;
+    const int64_t block = (tile + local) >> log2_group;
+    if (group_lane == 0 && (kFull || block < blocks)) {
+      // NaN/Inf contract: the block's absmax is NaN, so all of it dequantizes to NaN.
+      absmax[block] = block_bits > kFloatMaxBits ? __uint_as_float(kQuietNaNBits) : __uint_as_float(block_bits);
+    }
+    const int64_t valid = kFull ? kVec : n - (tile + local) * kVec;
+    if (!kFull && valid <= 0) continue;
+    const UInt<kBytes> word = pack_codes<T, kType, kFull>(x[u], block_bits, valid, table, lane);
+    if constexpr (kFull) {
+      reinterpret_cast<UInt<kBytes>*>(tile_packed)[local] = word;
+    } else {
+      store_word<kBytes>(packed, (tile + local) * kBytes, (valid + 1) / 2, word);
+    }
+  }
+}
+
 // in[n] -> packed[ceil(n/2)] (element 2j in the high nibble of byte j), absmax[ceil(n/blocksize)].
 // A block of blocksize elements is covered by 2^log2_group threads (blocksize / kVec, from 4 to 1024).
 template <typename T, QuantType kType>
@@ -153,58 +305,24 @@ __global__ void __launch_bounds__(kMaxThreads)
     quantize_4bit_kernel(const T* __restrict__ in, int64_t n, int log2_group, uint8_t* __restrict__ packed,
                          float* __restrict__ absmax) {
   constexpr int kVec = kVecElems<T>;
-  constexpr int kBytes = kVec / 2;
-  constexpr uint32_t kZero = kZeroCode<kType>;
-  __shared__ uint32_t scratch[2][kMaxWarps];
-  __shared__ CodeBucket buckets[kBuckets<kType>];
-  for (uint32_t b = threadIdx.x; b < kBuckets<kType>; b += blockDim.x) buckets[b] = make_code_bucket<kType>(b);
+  __shared__ BitsPair scratch[2][kMaxWarps];
+  __shared__ LaneBuckets<kType> table;
+  fill_lane_buckets<kType>(table);
   __syncthreads();
 
+  const int64_t full_vectors = n / kVec;
   const int64_t vectors = ceil_div(n, kVec);
-  const int64_t blocks = ceil_div(vectors, int64_t{1} << log2_group);
-  const int lane = threadIdx.x & ((1 << log2_group) - 1);
+  const int64_t tile_vectors = int64_t{kQuantUnroll} * blockDim.x;
   int parity = 0;
-  // The loop bound is the same for every thread of the block: all of them reach group_reduce's barrier.
-  for (int64_t tile = int64_t{blockIdx.x} * blockDim.x; tile < vectors;
-       tile += int64_t{gridDim.x} * blockDim.x, parity ^= 1) {
-    const int64_t vec = tile + threadIdx.x;
-    const int64_t start = vec * kVec;
-    float x[kVec];
-    const uint32_t bits = load_block_absmax_bits<T, kVec>(in, n, vec, log2_group, scratch[parity], x);
-    const bool nonfinite = bits > kFloatMaxBits;
-    const int64_t block = vec >> log2_group;
-    if (lane == 0 && block < blocks) {
-      // NaN/Inf contract: the block's absmax is NaN, so all of it dequantizes to NaN.
-      absmax[block] = nonfinite ? __uint_as_float(kQuietNaNBits) : __uint_as_float(bits);
-    }
-    if (start >= n) continue;
-
-    uint32_t codes[kVec];
-    if (nonfinite) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) codes[i] = kZero;
+  // The loop bound and the full/partial choice depend on the tile only: every thread of the block takes the
+  // same path and reaches group_reduce's barrier.
+  for (int64_t tile = int64_t{blockIdx.x} * tile_vectors; tile < vectors;
+       tile += int64_t{gridDim.x} * tile_vectors, parity ^= 1) {
+    if (tile + tile_vectors <= full_vectors) {
+      quantize_4bit_tile<T, kType, true>(in, n, tile, log2_group, table, scratch[parity], packed, absmax);
     } else {
-      const BlockScale scale = block_scale(__uint_as_float(bits));
-      // (x * prescale) * inv_absmax as on the CPU; x * 1 is exact, so the common case skips that multiply.
-      if (scale.prescale != 1.0f) {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) x[i] *= scale.prescale;
-      }
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) codes[i] = code_4bit<kType>(x[i] * scale.inv_absmax, buckets);
+      quantize_4bit_tile<T, kType, false>(in, n, tile, log2_group, table, scratch[parity], packed, absmax);
     }
-    const int64_t valid = n - start;
-    if (valid < kVec) {
-      // The last element of an odd n leaves a low nibble holding the code of 0.0.
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) codes[i] = i < valid ? codes[i] : kZero;
-    }
-    UInt<kBytes> word = 0;
-#pragma unroll
-    for (int j = 0; j < kBytes; ++j) {
-      word |= static_cast<UInt<kBytes>>(codes[2 * j] << 4 | codes[2 * j + 1]) << (8 * j);
-    }
-    store_word<kBytes>(packed, vec * kBytes, (valid + 1) / 2, word);
   }
 }
 
@@ -278,8 +396,8 @@ void launch_quantize_4bit_as(const T* in, int64_t n, int64_t blocksize, uint8_t*
   const int group = static_cast<int>(blocksize / kVec);  // 4 .. 1024 threads per quantization block
   const int threads = std::max(group, kThreads);
   const auto kernel = quantize_4bit_kernel<T, kType>;
-  launch_kernel(kernel, grid_size(kernel, ceil_div(ceil_div(n, kVec), threads), threads), threads, stream, in, n,
-                log2_exact(group), packed, absmax);
+  const int64_t tiles = ceil_div(ceil_div(n, kVec), int64_t{kQuantUnroll} * threads);
+  launch_kernel(kernel, grid_size(kernel, tiles, threads), threads, stream, in, n, log2_exact(group), packed, absmax);
 }
 
 // in[n] (16-byte aligned) -> packed[ceil(n/2)], absmax[ceil(n/blocksize)]; n > 0, blocksize checked.
