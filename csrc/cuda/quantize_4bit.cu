@@ -164,10 +164,14 @@ struct LaneBuckets {
 
 template <QuantType kType>
 __device__ __forceinline__ void fill_lane_buckets(LaneBuckets<kType>& table) {
-  for (uint32_t i = threadIdx.x; i < kBuckets<kType> * kWarpSize; i += blockDim.x) {
-    const CodeBucket entry = make_code_bucket<kType>(i / kWarpSize);
-    table.threshold[i / kWarpSize][i % kWarpSize] = entry.threshold;
-    table.codes[i / kWarpSize][i % kWarpSize] = entry.codes;
+  // one entry per thread, written to its 32 copies in a rotated order so a warp's stores hit 32 banks
+  for (uint32_t bucket = threadIdx.x; bucket < kBuckets<kType>; bucket += blockDim.x) {
+    const CodeBucket entry = make_code_bucket<kType>(bucket);
+    for (uint32_t k = 0; k < kWarpSize; ++k) {
+      const uint32_t copy = (k + bucket) % kWarpSize;
+      table.threshold[bucket][copy] = entry.threshold;
+      table.codes[bucket][copy] = entry.codes;
+    }
   }
 }
 
