@@ -52,8 +52,8 @@ def rows(device: torch.device, shape: tuple[int, int], copies: int):
     """(name, fns, bytes moved) per row; fns rotate over `copies` inputs."""
     n = shape[0] * shape[1]
     W = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(copies)]
-    q4 = [F.quantize_4bit(w, BLOCKSIZE, "nf4") for w in W]
-    q4n = [F.quantize_4bit(w, BLOCKSIZE, "nf4", compress_statistics=True) for w in W]
+    q4 = [F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4") for w in W]
+    q4n = [F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True) for w in W]
     q8 = [F.quantize_blockwise(w, blocksize=256) for w in W]
     qi = {g: [F.quantize_int8(w, g, **kw) for w in W] for g, kw in
           [("tensor", {}), ("channel", {"axis": 0}), ("group", {"group_size": 128})]}
@@ -67,9 +67,9 @@ def rows(device: torch.device, shape: tuple[int, int], copies: int):
                                    for i in r], b16 + b4 + 4 * blocks
     yield "op quantize_4bit fp4", [lambda i=i: torch.ops.bnbx.quantize_4bit(W[i], BLOCKSIZE, "fp4", torch.uint8)
                                    for i in r], b16 + b4 + 4 * blocks
-    yield "F.quantize_4bit nf4", [lambda i=i: F.quantize_4bit(W[i], BLOCKSIZE, "nf4") for i in r], \
+    yield "F.quantize_4bit nf4", [lambda i=i: F.quantize_4bit(W[i], blocksize=BLOCKSIZE, quant_type="nf4") for i in r], \
         b16 + b4 + 4 * blocks
-    yield "F.quantize_4bit nf4 nested", [lambda i=i: F.quantize_4bit(W[i], BLOCKSIZE, "nf4", compress_statistics=True)
+    yield "F.quantize_4bit nf4 nested", [lambda i=i: F.quantize_4bit(W[i], blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
                                          for i in r], b16 + b4 + blocks
     yield "op dequantize_4bit.out", [
         lambda i=i: torch.ops.bnbx.dequantize_4bit.out(q4[i][0], q4[i][1].absmax, BLOCKSIZE, "nf4", list(shape),

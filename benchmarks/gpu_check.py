@@ -45,7 +45,8 @@ class Report:
                     "PYTHONUNBUFFERED": "1", **(env or {})}
         start = time.perf_counter()
         try:
-            proc = subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+                                  check=False)
             status, output = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as error:
             status = 124
@@ -68,8 +69,8 @@ class Report:
 
     def write(self) -> None:
         mode = "dry run (no GPU steps executed)" if self.dry_run else "GPU run"
-        lines = [f"# bnbx GPU check: {mode}", "", f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
-                 f"{platform.node()}, python {platform.python_version()}", "",
+        stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {platform.node()}, python {platform.python_version()}"
+        lines = [f"# bnbx GPU check: {mode}", "", stamp, "",
                  "| step | result | seconds |", "|---|---|---:|"]
         lines += [f"| {s} | {o} | {t:.1f} |" for s, o, t in self.results]
         lines += ["", "## Details", ""] + self.sections
@@ -119,11 +120,12 @@ def step_env(report: Report, args) -> str:
                            "--format=csv"], 60)
     else:
         report.note("env", "nvidia-smi not found")
-    status, _ = report.run("env", [python(), "-c",
-                                   "import torch, platform; print('python', platform.python_version(), 'torch', "
-                                   "torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() "
-                                   "and torch.cuda.get_device_name(), 'capability', torch.cuda.is_available() and "
-                                   "torch.cuda.get_device_capability())"], 120)
+    probe = (
+        "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', "
+        "torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(), 'capability', "
+        "torch.cuda.is_available() and torch.cuda.get_device_capability())"
+    )
+    status, _ = report.run("env", [python(), "-c", probe], 120)
     return "ok" if status == 0 else "FAILED"
 
 
@@ -156,7 +158,7 @@ def step_build(report: Report, args) -> str:
 def step_tests(report: Report, args) -> str:
     files = ["tests/test_cuda_parity.py", "tests/test_no_sync.py"]
     if args.dry_run:
-        status, output = report.run("tests", [python(), "-m", "pytest", "-q", "--collect-only", "-p",
+        status, _ = report.run("tests", [python(), "-m", "pytest", "-q", "--collect-only", "-p",
                                               "no:cacheprovider", *files], 300)
         return "dry (collected)" if status == 0 else "FAILED"
     status1, _ = report.run("tests", [python(), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files],
@@ -183,7 +185,7 @@ def step_sanitizer(report: Report, args) -> str:
     outcomes = []
     for check in ("memcheck", "racecheck", "synccheck"):
         extra = ["--leak-check", "no"] if check == "memcheck" else []
-        status, output = report.run("sanitizer", [tool, "--tool", check, "--error-exitcode", "99", *extra, *cases],
+        status, _ = report.run("sanitizer", [tool, "--tool", check, "--error-exitcode", "99", *extra, *cases],
                                     args.sanitizer_timeout)
         outcomes.append(f"{check} {'ok' if status == 0 else 'FAILED' if status != 124 else 'timeout'}")
     return ", ".join(outcomes)
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             outcome = steps[name](report, args)
-        except Exception as error:  # a broken step must not lose the report of the others
+        except Exception as error:  # noqa: BLE001 - a broken step must not lose the report of the others
             outcome = f"FAILED ({type(error).__name__}: {error})"
         report.result(name, outcome, time.perf_counter() - start)
         failed |= "FAILED" in outcome

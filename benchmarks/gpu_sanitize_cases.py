@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from special_values import assert_same_bits, special_input  # noqa: E402
+from special_values import assert_same_bits, special_input
 
-from bnbx import functional as F  # noqa: E402
+from bnbx import functional as F
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, blocksize in ((1, 64), (33, 32), (4097, 64), (4097, 4096), (20000, 128)):
             A = special_input(n, dtype, blocksize, g)
             for quant_type in ("nf4", "fp4"):
-                p_ref, s_ref = F.quantize_4bit(A, blocksize, quant_type, compress_statistics=n > 4000)
-                p, s = F.quantize_4bit(A.to(device), blocksize, quant_type, compress_statistics=n > 4000)
+                p_ref, s_ref = F.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type, compress_statistics=n > 4000)
+                p, s = F.quantize_4bit(A.to(device), blocksize=blocksize, quant_type=quant_type, compress_statistics=n > 4000)
                 assert_same_bits(p, p_ref, "4-bit packed")
                 out = torch.empty(n, device=device, dtype=dtype)
                 assert_same_bits(F.dequantize_4bit(p, s, out=out), F.dequantize_4bit(p_ref, s_ref), "4-bit out")
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             assert_same_bits(F.dequantize_blockwise(c, b), F.dequantize_blockwise(c_ref, b_ref), "8-bit values")
             calls += 2
         full = special_input(4099, dtype, 64, g)
-        p_ref, _ = F.quantize_4bit(full[3:], 64, "nf4")
+        p_ref, _ = F.quantize_4bit(full[3:], blocksize=64, quant_type="nf4")
         unaligned = full.to(device)[3:]  # a view whose data is not 16-byte aligned
-        assert_same_bits(F.quantize_4bit(unaligned, 64, "nf4")[0], p_ref, "unaligned view")
+        assert_same_bits(F.quantize_4bit(unaligned, blocksize=64, quant_type="nf4")[0], p_ref, "unaligned view")
         for n, kwargs in ((70001, {}), (4097, {"granularity": "group", "group_size": 17}), (33, {})):
             A = special_input(n, dtype, 4096, g)
             for symmetric in (True, False):

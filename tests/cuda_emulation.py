@@ -155,6 +155,6 @@ class Emulator:
         return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> Emulator:
     return Emulator(build(sanitize=os.environ.get("BNBX_EMU_SANITIZE", "") == "address"))

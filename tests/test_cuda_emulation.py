@@ -11,11 +11,11 @@ import zlib
 
 import pytest
 import torch
-
-from bnbx.functional import create_dynamic_map
 from conftest import BLOCKSIZES, DTYPES, QUANT_TYPES, dtype_id
 from cuda_emulation import compiler, load
 from special_values import assert_same_bits, special_input
+
+from bnbx.functional import create_dynamic_map
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="the CUDA emulation needs g++")
 

@@ -11,10 +11,10 @@ import zlib
 
 import pytest
 import torch
-
-from bnbx import functional as F
 from conftest import BLOCKSIZES, CUDA_READY, DTYPES, QUANT_TYPES, dtype_id
 from special_values import assert_same_bits, special_input
+
+from bnbx import functional as F
 
 pytestmark = pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a bnbx built with CUDA kernels")
 
@@ -27,8 +27,8 @@ def _input(n: int, dtype: torch.dtype, blocksize: int, *key) -> torch.Tensor:
 
 
 def _same_4bit(A: torch.Tensor, blocksize: int, quant_type: str, **kwargs) -> None:
-    packed_c, state_c = F.quantize_4bit(A, blocksize, quant_type, **kwargs)
-    packed_g, state_g = F.quantize_4bit(A.cuda(), blocksize, quant_type, **kwargs)
+    packed_c, state_c = F.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type, **kwargs)
+    packed_g, state_g = F.quantize_4bit(A.cuda(), blocksize=blocksize, quant_type=quant_type, **kwargs)
     assert_same_bits(packed_g, packed_c, "packed")
     assert_same_bits(state_g.absmax, state_c.absmax, "absmax")
     if state_c.state2 is not None:
@@ -57,7 +57,7 @@ def test_4bit_views_and_out():
     base = _input(3 * 4099, torch.float16, 64).reshape(3, 4099)
     for view in (base.t(), base[:, 1:], base.reshape(-1)[5:4102]):  # transposed, offset, odd offset
         _same_4bit(view, 64, "fp4")
-    packed, state = F.quantize_4bit(base.cuda(), 64, "nf4")
+    packed, state = F.quantize_4bit(base.cuda(), blocksize=64, quant_type="nf4")
     wide = torch.full((3, 4099 + 3), 7.0, device="cuda", dtype=torch.float16)
     expected = F.dequantize_4bit(packed.cpu(), state.to("cpu"))
     state.to("cuda")

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-import bnbx
-from bnbx import functional as F
 from conftest import CUDA_READY
 from special_values import assert_same_bits
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bnbx import functional as F
 
 # aten ops that build a table from host data, copy between devices, or read a value back to the host
 FORBIDDEN = {"lift_fresh", "lift_fresh_copy", "_to_copy", "copy_", "_local_scalar_dense", "linspace", "_pin_memory",
@@ -35,16 +34,16 @@ class OpRecorder(TorchDispatchMode):
 def _calls(device: str):
     """(name, fn) for every op path of the Python API and the raw ops, each quantizing fresh data."""
     A = torch.randn(64, 96, device=device, dtype=torch.bfloat16)
-    packed, state = F.quantize_4bit(A, 64, "nf4")
-    packed2, state2 = F.quantize_4bit(A, 64, "fp4", compress_statistics=True)
+    packed, state = F.quantize_4bit(A, blocksize=64, quant_type="nf4")
+    packed2, state2 = F.quantize_4bit(A, blocksize=64, quant_type="fp4", compress_statistics=True)
     codes, bstate = F.quantize_blockwise(A)
     q, istate = F.quantize_int8(A, "channel", axis=1)
     out = torch.empty_like(A)
     code = F._table("dynamic", device)
     return [
-        ("quantize_4bit", lambda: F.quantize_4bit(A, 64, "nf4")),
-        ("quantize_4bit fp4 storage", lambda: F.quantize_4bit(A, 128, "fp4", quant_storage=torch.bfloat16)),
-        ("quantize_4bit nested", lambda: F.quantize_4bit(A, 64, "nf4", compress_statistics=True)),
+        ("quantize_4bit", lambda: F.quantize_4bit(A, blocksize=64, quant_type="nf4")),
+        ("quantize_4bit fp4 storage", lambda: F.quantize_4bit(A, blocksize=128, quant_type="fp4", quant_storage=torch.bfloat16)),
+        ("quantize_4bit nested", lambda: F.quantize_4bit(A, blocksize=64, quant_type="nf4", compress_statistics=True)),
         ("dequantize_4bit", lambda: F.dequantize_4bit(packed, state)),
         ("dequantize_4bit out", lambda: F.dequantize_4bit(packed, state, out=out)),
         ("dequantize_4bit nested", lambda: F.dequantize_4bit(packed2, state2)),
