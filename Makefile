@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= $(if $(shell command -v nvcc 2>/dev/null),torch==2.14.1,torch==2.13.0)
 SOURCES := $(shell find csrc bnbx cmake -type f -not -name '*.so' -not -path '*/__pycache__/*') CMakeLists.txt pyproject.toml
 
-.PHONY: demo test bench env clean
+.PHONY: demo test sanitize gpu-check bench env clean
 
 $(VENV)/.installed: $(SOURCES) Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,19 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
+	$(MAKE) sanitize
+
+# ASan + UBSan build of the CPU kernels and of the emulated CUDA kernels, on a fast subset of the tests.
+sanitize: $(VENV)/.installed
+	PYTHON=$(VENV)/bin/python scripts/sanitize.sh
+
+# The prepared GPU check (README: "CUDA status / GPU check"), for a GPU machine: builds for the present GPU
+# with that machine's python3 and torch (no venv, no downloads), runs the CUDA tests, compute-sanitizer and the
+# benchmark, and writes one report. DRY_RUN=1 runs everything that needs no GPU (tests/test_gpu_check.py).
+GPU_PYTHON ?= python3
+REPORT ?= gpu_check_report.md
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --report $(REPORT) $(if $(DRY_RUN),--dry-run)
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/bench_quant.py

@@ -106,6 +106,29 @@ def get_4bit_type(typename: str, device: Optional[torch.device | str] = None, bl
     return _formats.four_bit_table(typename, blocksize).to(device)
 
 
+# Tables per (kind, device), made once and shared by every call: copying one from the host per call would make
+# each CUDA call wait for the GPU (a synchronisation) and could not be captured in a CUDA graph. The CUDA copy
+# is taken from pinned memory without blocking, so even the first call does not synchronise. The QuantStates
+# of the ops hold these tensors: they are never modified in place.
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(kind: str, device: torch.device | str) -> torch.Tensor:
+    """The code table ``kind`` ("nf4", "fp4" or "dynamic") on ``device``, cached."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    table = _TABLES.get((kind, device))
+    if table is None:
+        host = _formats.DYNAMIC_MAP if kind == "dynamic" else _formats.canonical_code(kind)
+        if device.type == "cuda":
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host.to(device, copy=True)
+        _TABLES[(kind, device)] = table
+    return table
+
+
 # --- 4-bit ---------------------------------------------------------------------------------------------------
 
 
@@ -143,7 +166,7 @@ def quantize_4bit(
     blocksize = _check_blocksize(op, _DEFAULT_4BIT_BLOCKSIZE if blocksize is None else blocksize, _formats.BLOCKSIZES)
     quant_type = _check_quant_type(op, quant_type)
     packed, stats = torch.ops.bnbx.quantize_4bit(A, blocksize, quant_type, quant_storage)
-    code = get_4bit_type(quant_type, A.device)
+    code = _table(quant_type, A.device)
     if not compress_statistics:
         state = QuantState(stats, A.shape, code, blocksize, quant_type, A.dtype)
     else:
@@ -294,7 +317,7 @@ def quantize_blockwise(
     _check_input(op, A)
     blocksize = _check_blocksize(op, blocksize, _formats.BLOCKSIZES_8BIT)
     if code is None:
-        code = _formats.DYNAMIC_MAP.to(A.device, copy=True)
+        code = _table("dynamic", A.device)
     else:
         code = _check_code(op, code, A.device).clone()
     codes, stats = torch.ops.bnbx.quantize_blockwise(A, code, blocksize)
@@ -342,7 +365,7 @@ def dequantize_blockwise(
         blocksize = _check_blocksize(op, blocksize, _formats.BLOCKSIZES_8BIT)
         stats, dtype = absmax, torch.float32
     if code is None:
-        code = _formats.DYNAMIC_MAP.to(A.device, copy=True)
+        code = _table("dynamic", A.device)
     else:
         _check_tensor(op, "code", code)
         code = code.to(A.device)

@@ -10,6 +10,12 @@
 
 #include <cstdint>
 
+// Every kernel includes this header: refuse fast-math here (CMakeLists.txt also checks the flags), since it
+// changes NaN, Inf and subnormal blocks and the bits every backend must agree on.
+#if defined(__FAST_MATH__) || defined(__USE_FAST_MATH__)
+#error "bnbx: the kernels must be compiled without fast-math (-ffast-math, -Ofast, --use_fast_math)"
+#endif
+
 #if defined(__CUDACC__)
 #define BNBX_HOST_DEVICE __host__ __device__
 #define BNBX_CONSTANT __constant__

@@ -7,24 +7,48 @@
 // fast-math, so `/` is IEEE division, denormals are kept, and every product rounds once, as on the CPU.
 #pragma once
 
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-// Only c10/cuda headers, not ATen/cuda/CUDAContext.h: that one includes cuSPARSE, cuBLAS and cuSOLVER
-// headers, which a minimal CUDA toolkit (nvcc + cudart, as on the CI host) does not ship.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// No torch headers here: the kernels and their launchers also compile as plain C++ over a shim of the CUDA
+// built-ins (csrc/cuda/emulation/), which runs them on the CPU in CI. Torch-facing host code is in
+// cuda_host.h, included only by the part of each .cu that the emulation leaves out.
+#if defined(BNBX_CUDA_EMULATION)
+#include "emulation/cuda_shim.h"
+#else
+#include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
 
+#include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
-#include "../common/checks.h"
 #include "../common/formats.h"
 #include "../common/rules.h"
+
+// The NaN/Inf/subnormal contract needs IEEE arithmetic: CMakeLists.txt refuses fast-math flags for the kernels,
+// and this stops a build that slipped one in some other way.
+#if defined(__FAST_MATH__) || defined(__USE_FAST_MATH__)
+#error "bnbx: the CUDA kernels must be compiled without fast-math (-use_fast_math / -ffast-math): NaN, Inf and subnormal blocks would change"
+#endif
+
+// Internal invariants of the launchers (user input is checked before, in csrc/common/checks.h).
+#if defined(BNBX_CUDA_EMULATION)
+#define BNBX_CUDA_ASSERT(cond, what) \
+  do {                               \
+    if (!(cond)) ::bnbx::emu::fail(what); \
+  } while (0)
+#define BNBX_CUDA_CALL(expr) BNBX_CUDA_ASSERT((expr) == cudaSuccess, #expr " failed")
+#else
+#define BNBX_CUDA_ASSERT(cond, what) TORCH_INTERNAL_ASSERT(cond, what)
+#define BNBX_CUDA_CALL(expr)                                                             \
+  do {                                                                                   \
+    const cudaError_t bnbx_error = (expr);                                               \
+    TORCH_CHECK(bnbx_error == cudaSuccess, #expr ": ", cudaGetErrorString(bnbx_error)); \
+  } while (0)
+#endif
 
 namespace bnbx::cuda {
 
@@ -246,12 +270,12 @@ __device__ __forceinline__ uint32_t load_block_absmax_bits(const T* __restrict__
   return group_reduce(bits, 1 << log2_group, scratch, MaxBits{});
 }
 
-// --- host side ----------------------------------------------------------------------------------------------
+// --- host side: torch-free launch plumbing ----------------------------------------------------------------
 
 inline int log2_exact(int64_t power_of_two) {
   int log2 = 0;
   while ((int64_t{1} << log2) < power_of_two) ++log2;
-  TORCH_INTERNAL_ASSERT((int64_t{1} << log2) == power_of_two, "not a power of two: ", power_of_two);
+  BNBX_CUDA_ASSERT((int64_t{1} << log2) == power_of_two, "log2_exact: not a power of two");
   return log2;
 }
 
@@ -261,49 +285,51 @@ inline int64_t next_power_of_two(int64_t x) {
   return p;
 }
 
-// Thread blocks of `threads_per_block` threads the current GPU holds at once. cudaDeviceGetAttribute reads
-// values the driver caches, so asking on every launch costs no synchronisation.
-inline int64_t resident_blocks(int threads_per_block) {
-  const int device = c10::cuda::current_device();
-  int sms = 0, threads_per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  return static_cast<int64_t>(sms) * std::max(1, threads_per_sm / threads_per_block);
+// kernel<<<grid, threads, 0, stream>>>(args...), written as a call so the emulation can run it on the CPU.
+template <typename... Params, typename... Args>
+inline void launch_kernel(void (*kernel)(Params...), unsigned int grid, int threads, cudaStream_t stream,
+                          Args&&... args) {
+#if defined(BNBX_CUDA_EMULATION)
+  (void)stream;
+  emu::launch(kernel, dim3(grid), dim3(static_cast<unsigned int>(threads)),
+              std::tuple<Params...>(static_cast<Params>(args)...));
+#else
+  kernel<<<grid, static_cast<unsigned int>(threads), 0, stream>>>(static_cast<Params>(args)...);
+#endif
 }
 
-// Grid for a grid-stride kernel: enough thread blocks to fill every SM once, never more than there is work.
-// Each block then loops over tiles, so no tensor size can exceed the grid limits, and per-block setup
+// Thread blocks of `kernel` at `threads` per block that the current GPU holds at once, from the occupancy the
+// compiled kernel really has (registers, shared memory), not an assumed one. Cached per kernel, block size
+// and device: the driver's answers never change, and the call costs no synchronisation anyway.
+template <typename Kernel>
+inline int64_t resident_blocks(Kernel kernel, int threads) {
+  constexpr int kDevices = 64;
+  static std::atomic<uint64_t> cache[kDevices] = {};  // threads << 32 | blocks (a block count fits 32 bits)
+  int device = 0;
+  BNBX_CUDA_CALL(cudaGetDevice(&device));
+  const bool cacheable = device >= 0 && device < kDevices;
+  if (cacheable) {
+    const uint64_t entry = cache[device].load(std::memory_order_relaxed);
+    if (entry >> 32 == static_cast<uint64_t>(threads)) return static_cast<int64_t>(entry & 0xffffffffu);
+  }
+  int sms = 0, per_sm = 0;
+  BNBX_CUDA_CALL(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  BNBX_CUDA_CALL(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int64_t blocks = static_cast<int64_t>(std::max(1, sms)) * std::max(1, per_sm);
+  if (cacheable) cache[device].store(static_cast<uint64_t>(threads) << 32 | static_cast<uint64_t>(blocks));
+  return blocks;
+}
+
+// Grid for a grid-stride kernel: enough thread blocks to fill every SM, never more than there is work. Each
+// block then loops over tiles, so no tensor size can exceed the grid limits, and per-block setup
 // (shared-memory tables) is paid once per block rather than once per tile.
-inline unsigned int grid_size(int64_t tiles, int threads_per_block) {
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(tiles, resident_blocks(threads_per_block))));
+template <typename Kernel>
+inline unsigned int grid_size(Kernel kernel, int64_t tiles, int threads) {
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(tiles, resident_blocks(kernel, threads))));
 }
 
 inline bool is_aligned(const void* ptr, size_t alignment) {
   return reinterpret_cast<uintptr_t>(ptr) % alignment == 0;
-}
-
-// A contiguous tensor whose data starts on a 16-byte boundary, as the vector loads need. Fresh allocations
-// always do; a view with an odd storage offset is copied (rare, and cheaper than a second kernel variant).
-inline at::Tensor contiguous_aligned(const at::Tensor& t) {
-  at::Tensor result = t.contiguous();
-  if (!is_aligned(result.const_data_ptr(), 16)) result = result.clone();
-  return result;
-}
-
-// Calls f(T{}) with T the CUDA type of a float dtype the checks already accepted (float, __half,
-// __nv_bfloat16); used instead of AT_DISPATCH_FLOATING_TYPES_AND2, which would also instantiate double.
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(__half{});
-    case at::kBFloat16:
-      return f(__nv_bfloat16{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "unchecked dtype ", dtype);
-  }
 }
 
 }  // namespace bnbx::cuda

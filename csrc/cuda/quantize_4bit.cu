@@ -10,8 +10,6 @@
 //
 // dequantize_4bit_kernel: each thread reads 2 or 4 packed bytes and writes 16 bytes of output; the 16 code
 // values sit in shared memory (16 words in 16 banks: no bank conflicts) and absmax is read once per vector.
-#include <torch/library.h>
-
 #include <cstring>
 #include <limits>
 
@@ -126,18 +124,61 @@ __host__ __device__ inline CodeBucket make_code_bucket(uint32_t bucket) {
   return entry;
 }
 
+template <QuantType kType>
+__host__ __device__ __forceinline__ uint32_t bucket_of(float x) {
+  if constexpr (kType == QuantType::kNF4) {
+    return nf4_bucket(x);
+  } else {
+    return fp4_bucket(fabsf(x));
+  }
+}
+
+// The code of x from its bucket's entry (see above).
+template <QuantType kType>
+__host__ __device__ __forceinline__ uint32_t code_in_bucket(float x, float threshold, uint32_t codes) {
+  if constexpr (kType == QuantType::kNF4) {
+    return codes + (x > threshold ? 1 : 0);
+  } else {
+    const float magnitude = fabsf(x);
+    const uint32_t code = (codes >> (magnitude > threshold ? 4 : 0)) & 0x7u;
+    return code | (x < 0.0f ? 0x8u : 0x0u);  // x < 0, so -0.0 keeps sign 0 as on the CPU
+  }
+}
+
 // nf4_code(x) / fp4_code(x) of formats.h for x in [-1 - 2^-23, 1 + 2^-23] (checked exhaustively against them).
 template <QuantType kType>
 __host__ __device__ __forceinline__ uint32_t code_4bit(float x, const CodeBucket* buckets) {
-  if constexpr (kType == QuantType::kNF4) {
-    const CodeBucket entry = buckets[nf4_bucket(x)];
-    return entry.codes + (x > entry.threshold ? 1 : 0);
-  } else {
-    const float magnitude = fabsf(x);
-    const CodeBucket entry = buckets[fp4_bucket(magnitude)];
-    const uint32_t code = (entry.codes >> (magnitude > entry.threshold ? 4 : 0)) & 0x7u;
-    return code | (x < 0.0f ? 0x8u : 0x0u);  // x < 0, so -0.0 keeps sign 0 as on the CPU
+  const CodeBucket entry = buckets[bucket_of<kType>(x)];
+  return code_in_bucket<kType>(x, entry.threshold, entry.codes);
+}
+
+// The bucket table once per warp lane, so the lookup is free of bank conflicts: lane l reads word b * 32 + l
+// of each array, always bank l, whatever buckets the 32 lanes pick (one table would put lanes that pick
+// different buckets in the same bank). 2 x 4 bytes x 32 x 130 = 33 KB of shared memory, filled once per
+// thread block (the grid is sized to stay resident).
+template <QuantType kType>
+struct LaneBuckets {
+  float threshold[kBuckets<kType>][kWarpSize];
+  uint32_t codes[kBuckets<kType>][kWarpSize];
+};
+
+template <QuantType kType>
+__device__ __forceinline__ void fill_lane_buckets(LaneBuckets<kType>& table) {
+  // one entry per thread, written to its 32 copies in a rotated order so a warp's stores hit 32 banks
+  for (uint32_t bucket = threadIdx.x; bucket < kBuckets<kType>; bucket += blockDim.x) {
+    const CodeBucket entry = make_code_bucket<kType>(bucket);
+    for (uint32_t k = 0; k < kWarpSize; ++k) {
+      const uint32_t copy = (k + bucket) % kWarpSize;
+      table.threshold[bucket][copy] = entry.threshold;
+      table.codes[bucket][copy] = entry.codes;
+    }
   }
+}
+
+template <QuantType kType>
+__device__ __forceinline__ uint32_t code_4bit_lane(float x, const LaneBuckets<kType>& table, uint32_t lane) {
+  const uint32_t bucket = bucket_of<kType>(x);
+  return code_in_bucket<kType>(x, table.threshold[bucket][lane], table.codes[bucket][lane]);
 }
 
 template <QuantType kType>
@@ -148,6 +189,119 @@ constexpr uint32_t kZeroCode = kType == QuantType::kNF4 ? kNF4ZeroCode : kFP4Zer
 constexpr int kThreads = 256;  // per thread block, unless one quantization block needs more threads
 constexpr int kDequantUnroll = 2;  // vectors in flight per thread in dequantize (more loads outstanding)
 
+constexpr int kQuantUnroll = 2;  // vectors in flight per thread in quantize
+
+// Two absmax patterns reduced together: one shuffle pair and one barrier for both vectors of a thread.
+struct BitsPair {
+  uint32_t a, b;
+};
+__device__ __forceinline__ BitsPair shfl_xor(BitsPair v, int mask) {
+  return {__shfl_xor_sync(0xffffffffu, v.a, mask), __shfl_xor_sync(0xffffffffu, v.b, mask)};
+}
+struct MaxBitsPair {
+  __device__ __forceinline__ BitsPair operator()(BitsPair x, BitsPair y) const {
+    return {x.a > y.a ? x.a : y.a, x.b > y.b ? x.b : y.b};
+  }
+};
+
+__device__ __forceinline__ uint32_t max_magnitude_bits(const float* x, int count) {
+  uint32_t bits = 0;
+  for (int i = 0; i < count; ++i) {
+    const uint32_t magnitude = __float_as_uint(x[i]) & 0x7fffffffu;
+    bits = magnitude > bits ? magnitude : bits;
+  }
+  return bits;
+}
+
+// Codes of one vector (kVec elements starting at element `start` of in[0, n)) from its block's absmax
+// pattern, packed two per byte into a kVec/2-byte word (element 2j in the high nibble of byte j).
+template <typename T, QuantType kType, bool kFull>
+__device__ __forceinline__ UInt<kVecElems<T> / 2> pack_codes(float (&x)[kVecElems<T>], uint32_t bits, int64_t valid,
+                                                             const LaneBuckets<kType>& table, uint32_t lane) {
+  constexpr int kVec = kVecElems<T>;
+  constexpr int kBytes = kVec / 2;
+  constexpr uint32_t kZero = kZeroCode<kType>;
+  uint32_t codes[kVec];
+  if (bits > kFloatMaxBits) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) codes[i] = kZero;  // NaN/Inf block: codes of 0, absmax NaN
+  } else {
+    const BlockScale scale = block_scale(__uint_as_float(bits));
+    // (x * prescale) * inv_absmax as on the CPU; x * 1 is exact, so the common case skips that multiply.
+    if (scale.prescale != 1.0f) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) x[i] *= scale.prescale;
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) codes[i] = code_4bit_lane<kType>(x[i] * scale.inv_absmax, table, lane);
+  }
+  if (!kFull && valid < kVec) {
+    // The last element of an odd n leaves a low nibble holding the code of 0.0.
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) codes[i] = i < valid ? codes[i] : kZero;
+  }
+  UInt<kBytes> word = 0;
+#pragma unroll
+  for (int j = 0; j < kBytes; ++j) {
+    word |= static_cast<UInt<kBytes>>(codes[2 * j] << 4 | codes[2 * j + 1]) << (8 * j);
+  }
+  return word;
+}
+
+// One tile of kQuantUnroll * blockDim vectors: thread t holds vectors t and blockDim + t (both loaded before
+// any arithmetic), the 2^log2_group threads of each quantization block reduce both absmax patterns at once,
+// then code and store. kFull: the tile lies wholly inside in[0, n), so no load or store is masked; offsets
+// inside the tile are 32-bit (a tile is at most 2 * 1024 vectors).
+template <typename T, QuantType kType, bool kFull>
+__device__ __forceinline__ void quantize_4bit_tile(const T* __restrict__ in, int64_t n, int64_t tile, int log2_group,
+                                                   const LaneBuckets<kType>& table, BitsPair* scratch,
+                                                   uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+  constexpr int kVec = kVecElems<T>;
+  constexpr int kBytes = kVec / 2;
+  const T* tile_in = in + tile * kVec;
+  uint8_t* tile_packed = packed + tile * kBytes;
+  const uint32_t first = threadIdx.x;
+  const uint32_t second = blockDim.x + threadIdx.x;
+  float x[kQuantUnroll][kVec];
+  if constexpr (kFull) {
+    const auto* vectors = reinterpret_cast<const AlignedArray<T, kVec>*>(tile_in);
+    const AlignedArray<T, kVec> v0 = vectors[first];
+    const AlignedArray<T, kVec> v1 = vectors[second];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      x[0][i] = to_float(v0.v[i]);
+      x[1][i] = to_float(v1.v[i]);
+    }
+  } else {
+    load_floats<T, kVec>(in, (tile + first) * kVec, n, x[0]);
+    load_floats<T, kVec>(in, (tile + second) * kVec, n, x[1]);
+  }
+  BitsPair bits{max_magnitude_bits(x[0], kVec), max_magnitude_bits(x[1], kVec)};
+  bits = group_reduce(bits, 1 << log2_group, scratch, MaxBitsPair{});
+
+  const uint32_t lane = threadIdx.x % kWarpSize;
+  const uint32_t group_lane = threadIdx.x & ((1u << log2_group) - 1);
+  const int64_t blocks = ceil_div(ceil_div(n, kVec), int64_t{1} << log2_group);
+#pragma unroll
+  for (int u = 0; u < kQuantUnroll; ++u) {
+    const uint32_t local = u == 0 ? first : second;
+    const uint32_t block_bits = u == 0 ? bits.a : bits.b;
+    const int64_t block = (tile + local) >> log2_group;
+    if (group_lane == 0 && (kFull || block < blocks)) {
+      // NaN/Inf contract: the block's absmax is NaN, so all of it dequantizes to NaN.
+      absmax[block] = block_bits > kFloatMaxBits ? __uint_as_float(kQuietNaNBits) : __uint_as_float(block_bits);
+    }
+    const int64_t valid = kFull ? kVec : n - (tile + local) * kVec;
+    if (!kFull && valid <= 0) continue;
+    const UInt<kBytes> word = pack_codes<T, kType, kFull>(x[u], block_bits, valid, table, lane);
+    if constexpr (kFull) {
+      reinterpret_cast<UInt<kBytes>*>(tile_packed)[local] = word;
+    } else {
+      store_word<kBytes>(packed, (tile + local) * kBytes, (valid + 1) / 2, word);
+    }
+  }
+}
+
 // in[n] -> packed[ceil(n/2)] (element 2j in the high nibble of byte j), absmax[ceil(n/blocksize)].
 // A block of blocksize elements is covered by 2^log2_group threads (blocksize / kVec, from 4 to 1024).
 template <typename T, QuantType kType>
@@ -155,58 +309,24 @@ __global__ void __launch_bounds__(kMaxThreads)
     quantize_4bit_kernel(const T* __restrict__ in, int64_t n, int log2_group, uint8_t* __restrict__ packed,
                          float* __restrict__ absmax) {
   constexpr int kVec = kVecElems<T>;
-  constexpr int kBytes = kVec / 2;
-  constexpr uint32_t kZero = kZeroCode<kType>;
-  __shared__ uint32_t scratch[2][kMaxWarps];
-  __shared__ CodeBucket buckets[kBuckets<kType>];
-  for (uint32_t b = threadIdx.x; b < kBuckets<kType>; b += blockDim.x) buckets[b] = make_code_bucket<kType>(b);
+  __shared__ BitsPair scratch[2][kMaxWarps];
+  __shared__ LaneBuckets<kType> table;
+  fill_lane_buckets<kType>(table);
   __syncthreads();
 
+  const int64_t full_vectors = n / kVec;
   const int64_t vectors = ceil_div(n, kVec);
-  const int64_t blocks = ceil_div(vectors, int64_t{1} << log2_group);
-  const int lane = threadIdx.x & ((1 << log2_group) - 1);
+  const int64_t tile_vectors = int64_t{kQuantUnroll} * blockDim.x;
   int parity = 0;
-  // The loop bound is the same for every thread of the block: all of them reach group_reduce's barrier.
-  for (int64_t tile = int64_t{blockIdx.x} * blockDim.x; tile < vectors;
-       tile += int64_t{gridDim.x} * blockDim.x, parity ^= 1) {
-    const int64_t vec = tile + threadIdx.x;
-    const int64_t start = vec * kVec;
-    float x[kVec];
-    const uint32_t bits = load_block_absmax_bits<T, kVec>(in, n, vec, log2_group, scratch[parity], x);
-    const bool nonfinite = bits > kFloatMaxBits;
-    const int64_t block = vec >> log2_group;
-    if (lane == 0 && block < blocks) {
-      // NaN/Inf contract: the block's absmax is NaN, so all of it dequantizes to NaN.
-      absmax[block] = nonfinite ? __uint_as_float(kQuietNaNBits) : __uint_as_float(bits);
-    }
-    if (start >= n) continue;
-
-    uint32_t codes[kVec];
-    if (nonfinite) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) codes[i] = kZero;
+  // The loop bound and the full/partial choice depend on the tile only: every thread of the block takes the
+  // same path and reaches group_reduce's barrier.
+  for (int64_t tile = int64_t{blockIdx.x} * tile_vectors; tile < vectors;
+       tile += int64_t{gridDim.x} * tile_vectors, parity ^= 1) {
+    if (tile + tile_vectors <= full_vectors) {
+      quantize_4bit_tile<T, kType, true>(in, n, tile, log2_group, table, scratch[parity], packed, absmax);
     } else {
-      const BlockScale scale = block_scale(__uint_as_float(bits));
-      // (x * prescale) * inv_absmax as on the CPU; x * 1 is exact, so the common case skips that multiply.
-      if (scale.prescale != 1.0f) {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) x[i] *= scale.prescale;
-      }
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) codes[i] = code_4bit<kType>(x[i] * scale.inv_absmax, buckets);
+      quantize_4bit_tile<T, kType, false>(in, n, tile, log2_group, table, scratch[parity], packed, absmax);
     }
-    const int64_t valid = n - start;
-    if (valid < kVec) {
-      // The last element of an odd n leaves a low nibble holding the code of 0.0.
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) codes[i] = i < valid ? codes[i] : kZero;
-    }
-    UInt<kBytes> word = 0;
-#pragma unroll
-    for (int j = 0; j < kBytes; ++j) {
-      word |= static_cast<UInt<kBytes>>(codes[2 * j] << 4 | codes[2 * j + 1]) << (8 * j);
-    }
-    store_word<kBytes>(packed, vec * kBytes, (valid + 1) / 2, word);
   }
 }
 
@@ -271,20 +391,53 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// --- host code ---------------------------------------------------------------------------------------------------
+// --- launchers (raw pointers, no torch: the emulation calls these too) ------------------------------------------
 
 template <typename T, QuantType kType>
-void launch_quantize_4bit(const at::Tensor& input, int64_t blocksize, at::Tensor& packed, at::Tensor& absmax) {
+void launch_quantize_4bit_as(const T* in, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax,
+                             cudaStream_t stream) {
   constexpr int kVec = kVecElems<T>;
-  const int64_t n = input.numel();
   const int group = static_cast<int>(blocksize / kVec);  // 4 .. 1024 threads per quantization block
   const int threads = std::max(group, kThreads);
-  const unsigned int grid = grid_size(ceil_div(ceil_div(n, kVec), threads), threads);
-  quantize_4bit_kernel<T, kType><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(input.const_data_ptr()), n, log2_exact(group), packed.mutable_data_ptr<uint8_t>(),
-      absmax.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto kernel = quantize_4bit_kernel<T, kType>;
+  const int64_t tiles = ceil_div(ceil_div(n, kVec), int64_t{kQuantUnroll} * threads);
+  launch_kernel(kernel, grid_size(kernel, tiles, threads), threads, stream, in, n, log2_exact(group), packed, absmax);
 }
+
+// in[n] (16-byte aligned) -> packed[ceil(n/2)], absmax[ceil(n/blocksize)]; n > 0, blocksize checked.
+template <typename T>
+void launch_quantize_4bit(const T* in, int64_t n, int64_t blocksize, QuantType type, uint8_t* packed, float* absmax,
+                          cudaStream_t stream) {
+  if (type == QuantType::kNF4) {
+    launch_quantize_4bit_as<T, QuantType::kNF4>(in, n, blocksize, packed, absmax, stream);
+  } else {
+    launch_quantize_4bit_as<T, QuantType::kFP4>(in, n, blocksize, packed, absmax, stream);
+  }
+}
+
+// packed[ceil(n/2)] (16-byte aligned), absmax -> out[n] (16-byte aligned); n > 0.
+template <typename T>
+void launch_dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize, QuantType type,
+                            T* out, cudaStream_t stream) {
+  CodeTable table;
+  fill_code_table(type, table.values);
+  const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
+  const auto kernel = dequantize_4bit_kernel<T>;
+  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, packed, absmax, n,
+                log2_exact(blocksize), table, out);
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+#if !defined(BNBX_CUDA_EMULATION)
+// --- torch host code ---------------------------------------------------------------------------------------------
+#include <torch/library.h>
+
+#include "cuda_host.h"
+
+namespace bnbx::cuda {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
                                                       c10::string_view quant_type, at::ScalarType quant_storage) {
@@ -297,11 +450,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   if (n > 0) {
     dispatch_float(input.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      if (type == QuantType::kNF4) {
-        launch_quantize_4bit<T, QuantType::kNF4>(input, blocksize, outputs.packed, outputs.absmax);
-      } else {
-        launch_quantize_4bit<T, QuantType::kFP4>(input, blocksize, outputs.packed, outputs.absmax);
-      }
+      launch_quantize_4bit<T>(static_cast<const T*>(input.const_data_ptr()), n, blocksize, type,
+                              outputs.packed.mutable_data_ptr<uint8_t>(), outputs.absmax.mutable_data_ptr<float>(),
+                              current_stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   return outputs.result();
@@ -315,14 +467,10 @@ void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t
   const at::Tensor stats = absmax.contiguous();
   // out may be a view at an odd offset; the kernel's 16-byte stores need an aligned buffer
   at::Tensor target = is_aligned(out.const_data_ptr(), 16) ? out : at::empty_like(out);
-  CodeTable table;
-  fill_code_table(type, table.values);
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
-    dequantize_4bit_kernel<T><<<grid_size(tiles, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const uint8_t*>(packed.const_data_ptr()), stats.const_data_ptr<float>(), n,
-        log2_exact(blocksize), table, static_cast<T*>(target.mutable_data_ptr()));
+    launch_dequantize_4bit<T>(static_cast<const uint8_t*>(packed.const_data_ptr()), stats.const_data_ptr<float>(),
+                              n, blocksize, type, static_cast<T*>(target.mutable_data_ptr()), current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!target.is_same(out)) out.copy_(target);
@@ -356,3 +504,4 @@ TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   m.impl("dequantize_4bit", &bnbx::cuda::dequantize_4bit_cuda);
   m.impl("dequantize_4bit.out", &bnbx::cuda::dequantize_4bit_out_cuda);
 }
+#endif  // !BNBX_CUDA_EMULATION

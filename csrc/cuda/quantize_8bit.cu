@@ -6,8 +6,6 @@
 // which the binary search relies on, is checked in Python for CUDA tensors (bnbx/functional.py). Each thread
 // block copies the code (dequantize) or its 255 midpoints (quantize) into shared memory once, then loops over
 // tiles; the block absmax uses the same integer-max reduction as the 4-bit kernel (cuda_utils.cuh).
-#include <torch/library.h>
-
 #include "cuda_utils.cuh"
 
 namespace bnbx::cuda {
@@ -125,7 +123,41 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// --- host code ---------------------------------------------------------------------------------------------------
+// --- launchers (raw pointers, no torch: the emulation calls these too) ------------------------------------------
+
+// in[n] (16-byte aligned), code[256] -> codes[n], absmax[ceil(n/blocksize)]; n > 0, blocksize checked.
+template <typename T>
+void launch_quantize_blockwise(const T* in, const float* code, int64_t n, int64_t blocksize, uint8_t* codes,
+                               float* absmax, cudaStream_t stream) {
+  constexpr int kVec = kVecElems<T>;
+  const int group = static_cast<int>(blocksize / kVec);  // 4 .. 1024 threads per quantization block
+  const int threads = std::max(group, kThreads);
+  const auto kernel = quantize_blockwise_kernel<T>;
+  launch_kernel(kernel, grid_size(kernel, ceil_div(ceil_div(n, kVec), threads), threads), threads, stream, in, code,
+                n, log2_exact(group), codes, absmax);
+}
+
+// codes[n] (16-byte aligned), absmax, code[256] -> out[n] (16-byte aligned); n > 0.
+template <typename T>
+void launch_dequantize_blockwise(const uint8_t* codes, const float* absmax, const float* code, int64_t n,
+                                 int64_t blocksize, T* out, cudaStream_t stream) {
+  const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
+  const auto kernel = dequantize_blockwise_kernel<T>;
+  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, codes, absmax, code, n,
+                log2_exact(blocksize), out);
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+#if !defined(BNBX_CUDA_EMULATION)
+// --- torch host code ---------------------------------------------------------------------------------------------
+#include <torch/library.h>
+
+#include "cuda_host.h"
+
+namespace bnbx::cuda {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
                                                            int64_t blocksize) {
@@ -143,13 +175,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, 
 
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = kVecElems<T>;
-    const int group = static_cast<int>(blocksize / kVec);  // 4 .. 1024 threads per quantization block
-    const int threads = std::max(group, kThreads);
-    const unsigned int grid = grid_size(ceil_div(ceil_div(n, kVec), threads), threads);
-    quantize_blockwise_kernel<T><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const T*>(input.const_data_ptr()), code_values.const_data_ptr<float>(), n, log2_exact(group),
-        out.mutable_data_ptr<uint8_t>(), absmax.mutable_data_ptr<float>());
+    launch_quantize_blockwise<T>(static_cast<const T*>(input.const_data_ptr()), code_values.const_data_ptr<float>(),
+                                 n, blocksize, out.mutable_data_ptr<uint8_t>(), absmax.mutable_data_ptr<float>(),
+                                 current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, absmax};
@@ -168,10 +196,9 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absm
 
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
-    dequantize_blockwise_kernel<T><<<grid_size(tiles, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        codes.const_data_ptr<uint8_t>(), stats.const_data_ptr<float>(), code_values.const_data_ptr<float>(), n,
-        log2_exact(blocksize), static_cast<T*>(out.mutable_data_ptr()));
+    launch_dequantize_blockwise<T>(codes.const_data_ptr<uint8_t>(), stats.const_data_ptr<float>(),
+                                   code_values.const_data_ptr<float>(), n, blocksize,
+                                   static_cast<T*>(out.mutable_data_ptr()), current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -184,3 +211,4 @@ TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   m.impl("quantize_blockwise", &bnbx::cuda::quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &bnbx::cuda::dequantize_blockwise_cuda);
 }
+#endif  // !BNBX_CUDA_EMULATION

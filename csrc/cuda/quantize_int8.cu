@@ -11,8 +11,6 @@
 //   quantize, split groups: a range per segment, then a reduction of those per group into scale and zero
 //     point, then quantization of every segment from the stored scale and zero point (three kernels).
 //   dequantize: one kernel over segments, no reduction.
-#include <torch/library.h>
-
 #include <type_traits>
 
 #include "cuda_utils.cuh"
@@ -33,6 +31,7 @@ struct Int8Layout {
   int64_t segments_per_group;  // 1, or ceil(min(group_size, n) / kSegment)
   int64_t segments;            // groups * segments_per_group
   int log2_team;               // threads per segment: 2^log2_team
+  bool vectorized;             // group_size (and so every segment start) is a multiple of the vector width
 };
 
 struct Segment {
@@ -73,28 +72,83 @@ __device__ __forceinline__ Int8Params int8_params_from_stored(float scale, int32
   return {scale, nonfinite || scale == 0.0f ? 0.0f : 1.0f / scale, zero_point, nonfinite};
 }
 
-// Quantizes in[i] for i = first, first + stride, ... < end, as quantize_int8_generic's loops do.
-template <typename T>
-__device__ __forceinline__ void quantize_elements(const T* __restrict__ in, int64_t first, int64_t end, int stride,
-                                                  const Int8Params& params, bool symmetric, int8_t* __restrict__ q) {
-  if (params.nonfinite) {
-    // NaN/Inf contract: scale NaN, zero point 0, q 0
-    for (int64_t i = first; i < end; i += stride) q[i] = 0;
-    return;
-  }
-  const float qmin = symmetric ? -127.0f : -128.0f;
-  const float zp = static_cast<float>(params.zero_point);
-  if (isinf(params.inv_scale)) {
-    // subnormal scale: 1/scale overflows, so divide instead (exact, slower, rare); a loop of its own so the
-    // common loop below never computes the division
-    for (int64_t i = first; i < end; i += stride) {
-      q[i] = int8_code(to_float(in[i]) / params.scale, zp, qmin);
+// One code of quantize_int8_generic; the branches are uniform over a team (one group's parameters).
+__device__ __forceinline__ int8_t int8_code_of(float x, const Int8Params& params, float zp, float qmin) {
+  if (params.nonfinite) return 0;  // NaN/Inf contract: scale NaN, zero point 0, q 0
+  // a subnormal scale overflows 1/scale: divide instead (exact, rare)
+  return int8_code(isinf(params.inv_scale) ? x / params.scale : x * params.inv_scale, zp, qmin);
+}
+
+// Reads of a segment [start, end) by one thread of its team (lane of team): with 16-byte vector loads, two in
+// flight per thread, when the layout is vectorized (start is then a multiple of kVec and `in` is 16-byte
+// aligned; elements at or past `end` read as 0, which no range and no code ever keeps); otherwise element
+// loads unrolled by four, four independent loads in flight. f(index, x[], count) sees kVec (or 4) values.
+constexpr int kInt8Unroll = 2;
+
+template <typename T, typename F>
+__device__ __forceinline__ void for_segment(const T* __restrict__ in, int64_t start, int64_t end, int lane, int team,
+                                            bool vectorized, const F& f) {
+  constexpr int kVec = kVecElems<T>;
+  if (vectorized) {
+    const int64_t stride = int64_t{team} * kVec;
+    for (int64_t i = start + int64_t{lane} * kVec; i < end; i += kInt8Unroll * stride) {
+      float x[kInt8Unroll][kVec];
+#pragma unroll
+      for (int u = 0; u < kInt8Unroll; ++u) load_floats<T, kVec>(in, i + u * stride, end, x[u]);
+#pragma unroll
+      for (int u = 0; u < kInt8Unroll; ++u) {
+        if (i + u * stride < end) f(i + u * stride, x[u], kVec);
+      }
     }
     return;
   }
-  for (int64_t i = first; i < end; i += stride) {
-    q[i] = int8_code(to_float(in[i]) * params.inv_scale, zp, qmin);
+  int64_t i = start + lane;
+  for (; i + 3 * int64_t{team} < end; i += 4 * int64_t{team}) {
+    float x[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) x[u] = to_float(in[i + u * int64_t{team}]);
+    f(i, x, -team);  // a negative count: 4 values `team` apart
   }
+  for (; i < end; i += team) {
+    float x[1] = {to_float(in[i])};
+    f(i, x, 1);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Range segment_range(const T* __restrict__ in, int64_t start, int64_t end, int lane,
+                                               int team, bool vectorized) {
+  Range range{0.0f, 0.0f};
+  for_segment(in, start, end, lane, team, vectorized, [&](int64_t, const float* x, int count) {
+    const int values = count < 0 ? 4 : count;
+    for (int k = 0; k < values; ++k) range = extend(range, x[k]);
+  });
+  return range;
+}
+
+// Quantizes a segment as quantize_int8_generic's loops do: codes of a vector leave as one kVec-byte store.
+template <typename T>
+__device__ __forceinline__ void quantize_segment(const T* __restrict__ in, int64_t start, int64_t end, int lane,
+                                                 int team, bool vectorized, const Int8Params& params, bool symmetric,
+                                                 int8_t* __restrict__ q) {
+  constexpr int kVec = kVecElems<T>;
+  const float qmin = symmetric ? -127.0f : -128.0f;
+  const float zp = static_cast<float>(params.zero_point);
+  uint8_t* bytes = reinterpret_cast<uint8_t*>(q);
+  for_segment(in, start, end, lane, team, vectorized, [&](int64_t i, const float* x, int count) {
+    if (count == kVec && vectorized) {
+      UInt<kVec> word = 0;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        word |= static_cast<UInt<kVec>>(static_cast<uint8_t>(int8_code_of(x[k], params, zp, qmin))) << (8 * k);
+      }
+      store_word<kVec>(bytes, i, end - i, word);
+    } else if (count < 0) {
+      for (int u = 0; u < 4; ++u) q[i + u * int64_t{-count}] = int8_code_of(x[u], params, zp, qmin);
+    } else {
+      q[i] = int8_code_of(x[0], params, zp, qmin);
+    }
+  });
 }
 
 // --- kernels -----------------------------------------------------------------------------------------------------
@@ -115,8 +169,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t segment = first + (threadIdx.x >> layout.log2_team);
     const bool valid = segment < layout.segments;
     const Segment seg = valid ? locate(layout, segment) : Segment{0, 0, 0};
-    Range range{0.0f, 0.0f};
-    for (int64_t i = seg.start + lane; i < seg.end; i += team) range = extend(range, to_float(in[i]));
+    Range range = segment_range(in, seg.start, seg.end, lane, team, layout.vectorized);
     range = group_reduce(range, team, scratch[parity], MergeRange{});
     if (!valid) continue;
     const Int8Params params = int8_params(range, symmetric);
@@ -124,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       scale[seg.group] = params.scale;
       zero_point[seg.group] = params.zero_point;
     }
-    quantize_elements(in, seg.start + lane, seg.end, team, params, symmetric, q);
+    quantize_segment(in, seg.start, seg.end, lane, team, layout.vectorized, params, symmetric, q);
   }
 }
 
@@ -143,8 +196,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t segment = first + (threadIdx.x >> layout.log2_team);
     const bool valid = segment < layout.segments;
     const Segment seg = valid ? locate(layout, segment) : Segment{0, 0, 0};
-    Range range{0.0f, 0.0f};
-    for (int64_t i = seg.start + lane; i < seg.end; i += team) range = extend(range, to_float(in[i]));
+    Range range = segment_range(in, seg.start, seg.end, lane, team, layout.vectorized);
     range = group_reduce(range, team, scratch[parity], MergeRange{});
     if (valid && lane == 0) ranges[segment] = range;
   }
@@ -184,7 +236,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (segment >= layout.segments) continue;
     const Segment seg = locate(layout, segment);
     const Int8Params params = int8_params_from_stored(scale[seg.group], zero_point[seg.group]);
-    quantize_elements(in, seg.start + lane, seg.end, team, params, symmetric, q);
+    quantize_segment(in, seg.start, seg.end, lane, team, layout.vectorized, params, symmetric, q);
   }
 }
 
@@ -194,27 +246,64 @@ template <typename T>
 constexpr float kDequantizeLimit = std::is_same_v<T, __half> ? 65504.0f : FLT_MAX;
 
 // out[i] = (q[i] - zero_point) * scale in fp32, clamped to kDequantizeLimit (NaN stays NaN), one rounding to T.
+// Elementwise, independent of the segments: each thread reads 16 codes with one 16-byte load (kInt8Unroll
+// loads in flight) and writes them with 16-byte stores. The group of the first code costs one division; the
+// others step across group boundaries (group_size may be 1, so several can fall inside one vector).
+constexpr int kCodesPerVector = 16;
+
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kThreads)
     dequantize_int8_kernel(const int8_t* __restrict__ q, const float* __restrict__ scale,
-                           const int32_t* __restrict__ zero_point, Int8Layout layout, T* __restrict__ out) {
-  const int team = 1 << layout.log2_team;
-  const int lane = threadIdx.x & (team - 1);
-  const int teams = blockDim.x >> layout.log2_team;
-  for (int64_t first = int64_t{blockIdx.x} * teams; first < layout.segments; first += int64_t{gridDim.x} * teams) {
-    const int64_t segment = first + (threadIdx.x >> layout.log2_team);
-    if (segment >= layout.segments) continue;
-    const Segment seg = locate(layout, segment);
-    const float group_scale = scale[seg.group];
-    const float zp = static_cast<float>(zero_point[seg.group]);
-    for (int64_t i = seg.start + lane; i < seg.end; i += team) {
-      const float value = mul_like_cpu(static_cast<float>(q[i]) - zp, group_scale);
-      out[i] = from_float<T>(std_max(std_min(value, kDequantizeLimit<T>), -kDequantizeLimit<T>));
+                           const int32_t* __restrict__ zero_point, int64_t n, int64_t group_size, T* __restrict__ out) {
+  constexpr int kVec = kVecElems<T>;
+  constexpr int64_t kTile = int64_t{kThreads} * kInt8Unroll;
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(q);
+  const int64_t vectors = ceil_div(n, kCodesPerVector);
+  for (int64_t tile = int64_t{blockIdx.x} * kTile; tile < vectors; tile += int64_t{gridDim.x} * kTile) {
+    AlignedArray<uint32_t, 4> words[kInt8Unroll];
+#pragma unroll
+    for (int u = 0; u < kInt8Unroll; ++u) {
+      const int64_t start = (tile + u * kThreads + threadIdx.x) * kCodesPerVector;
+      if (start + kCodesPerVector <= n) {
+        words[u] = *reinterpret_cast<const AlignedArray<uint32_t, 4>*>(bytes + start);
+      } else {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) words[u].v[w] = start < n ? load_word<4>(bytes, start + 4 * w, n) : 0u;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kInt8Unroll; ++u) {
+      const int64_t start = (tile + u * kThreads + threadIdx.x) * kCodesPerVector;
+      if (start >= n) continue;
+      int64_t group = start / group_size;
+      int64_t boundary = (group + 1) * group_size;  // first element of the next group
+      float group_scale = scale[group];
+      float zp = static_cast<float>(zero_point[group]);
+      float values[kCodesPerVector];
+#pragma unroll
+      for (int j = 0; j < kCodesPerVector; ++j) {
+        if (start + j == boundary && start + j < n) {
+          ++group;
+          boundary += group_size;
+          group_scale = scale[group];
+          zp = static_cast<float>(zero_point[group]);
+        }
+        const int8_t code = static_cast<int8_t>(words[u].v[j / 4] >> (8 * (j % 4)));
+        const float value = mul_like_cpu(static_cast<float>(code) - zp, group_scale);
+        values[j] = std_max(std_min(value, kDequantizeLimit<T>), -kDequantizeLimit<T>);
+      }
+#pragma unroll
+      for (int c = 0; c < kCodesPerVector / kVec; ++c) {
+        float chunk[kVec];
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) chunk[k] = values[c * kVec + k];
+        store_floats<T, kVec>(out, start + c * kVec, n, chunk);
+      }
     }
   }
 }
 
-// --- host code ---------------------------------------------------------------------------------------------------
+// --- launchers (raw pointers, no torch: the emulation calls these too) ------------------------------------------
 
 Int8Layout make_layout(int64_t n, int64_t group_size, bool split) {
   Int8Layout layout{};
@@ -229,27 +318,87 @@ Int8Layout make_layout(int64_t n, int64_t group_size, bool split) {
   return layout;
 }
 
+// Vector loads need every segment to start on a vector boundary of the 16-byte aligned input.
+template <typename T>
+Int8Layout make_layout_for(const T* in, int64_t n, int64_t group_size, bool split) {
+  Int8Layout layout = make_layout(n, group_size, split);
+  layout.vectorized = group_size % kVecElems<T> == 0 && kSegment % kVecElems<T> == 0 && is_aligned(in, 16);
+  return layout;
+}
+
 int threads_per_block(const Int8Layout& layout) { return std::max(1 << layout.log2_team, kThreads); }
 
-unsigned int segment_grid(const Int8Layout& layout) {
+template <typename Kernel>
+unsigned int segment_grid(Kernel kernel, const Int8Layout& layout) {
   const int threads = threads_per_block(layout);
-  return grid_size(ceil_div(layout.segments, threads >> layout.log2_team), threads);
+  return grid_size(kernel, ceil_div(layout.segments, threads >> layout.log2_team), threads);
 }
 
 // Whole groups leave SMs idle when there are fewer of them than thread blocks the GPU holds at once; split
 // them when they are big enough to be worth the extra pass (a per-tensor scale over a large tensor).
+template <typename T>
 bool split_groups(int64_t n, int64_t group_size) {
   if (std::min(group_size, n) <= 2 * kSegment) return false;
   const Int8Layout whole = make_layout(n, group_size, false);
   const int threads = threads_per_block(whole);
-  return ceil_div(whole.segments, threads >> whole.log2_team) < resident_blocks(threads);
+  return ceil_div(whole.segments, threads >> whole.log2_team) < resident_blocks(quantize_int8_kernel<T>, threads);
 }
+
+// Ranges (pairs of floats) the quantize launcher needs as workspace: one per segment when groups are split.
+template <typename T>
+int64_t quantize_int8_workspace(int64_t n, int64_t group_size) {
+  return split_groups<T>(n, group_size) ? make_layout(n, group_size, true).segments : 0;
+}
+
+// in[n] -> q[n], scale and zero_point [ceil(n/group_size)]; workspace holds quantize_int8_workspace ranges.
+template <typename T>
+void launch_quantize_int8(const T* in, int64_t n, int64_t group_size, bool symmetric, int8_t* q, float* scale,
+                          int32_t* zero_point, Range* workspace, cudaStream_t stream) {
+  const bool split = split_groups<T>(n, group_size);
+  const Int8Layout layout = make_layout_for(in, n, group_size, split);
+  const int threads = threads_per_block(layout);
+  if (!split) {
+    const auto kernel = quantize_int8_kernel<T>;
+    launch_kernel(kernel, segment_grid(kernel, layout), threads, stream, in, layout, symmetric, q, scale, zero_point);
+    return;
+  }
+  const auto ranges = int8_segment_range_kernel<T>;
+  launch_kernel(ranges, segment_grid(ranges, layout), threads, stream, in, layout, workspace);
+  const auto params = int8_group_params_kernel;
+  launch_kernel(params, grid_size(params, ceil_div(n, group_size), kThreads), kThreads, stream,
+                static_cast<const Range*>(workspace), layout, symmetric, scale, zero_point);
+  const auto codes = int8_quantize_segments_kernel<T>;
+  launch_kernel(codes, segment_grid(codes, layout), threads, stream, in, layout, symmetric,
+                static_cast<const float*>(scale), static_cast<const int32_t*>(zero_point), q);
+}
+
+// q[n] (16-byte aligned), scale, zero_point -> out[n] (16-byte aligned); n > 0.
+template <typename T>
+void launch_dequantize_int8(const int8_t* q, const float* scale, const int32_t* zero_point, int64_t n,
+                            int64_t group_size, T* out, cudaStream_t stream) {
+  const int64_t tiles = ceil_div(ceil_div(n, kCodesPerVector), int64_t{kThreads} * kInt8Unroll);
+  const auto kernel = dequantize_int8_kernel<T>;
+  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, q, scale, zero_point, n, group_size,
+                out);
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+#if !defined(BNBX_CUDA_EMULATION)
+// --- torch host code ---------------------------------------------------------------------------------------------
+#include <torch/library.h>
+
+#include "cuda_host.h"
+
+namespace bnbx::cuda {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tensor& A, int64_t group_size,
                                                                   bool symmetric) {
   check_quantize_int8_args(A, group_size);
   const c10::cuda::CUDAGuard guard(A.device());
-  const at::Tensor input = A.contiguous();
+  const at::Tensor input = contiguous_aligned(A);
   const int64_t n = input.numel();
   const int64_t groups = ceil_div(n, group_size);
   at::Tensor q = at::empty(input.sizes(), input.options().dtype(at::kChar));
@@ -257,31 +406,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cuda(const at::Tens
   at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
   if (n == 0) return {q, scale, zero_point};
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool split = split_groups(n, group_size);
-  const Int8Layout layout = make_layout(n, group_size, split);
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* in = static_cast<const T*>(input.const_data_ptr());
-    const int threads = threads_per_block(layout);
-    if (!split) {
-      quantize_int8_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(
-          in, layout, symmetric, q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
-          zero_point.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
     static_assert(sizeof(Range) == 2 * sizeof(float), "ranges are stored as float pairs");
-    at::Tensor ranges = at::empty({layout.segments, 2}, input.options().dtype(at::kFloat));
-    Range* ranges_ptr = reinterpret_cast<Range*>(ranges.mutable_data_ptr<float>());
-    int8_segment_range_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(in, layout, ranges_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    int8_group_params_kernel<<<grid_size(groups, kThreads), kThreads, 0, stream>>>(
-        ranges_ptr, layout, symmetric, scale.mutable_data_ptr<float>(), zero_point.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    int8_quantize_segments_kernel<T><<<segment_grid(layout), threads, 0, stream>>>(
-        in, layout, symmetric, scale.const_data_ptr<float>(), zero_point.const_data_ptr<int32_t>(),
-        q.mutable_data_ptr<int8_t>());
+    const int64_t ranges = quantize_int8_workspace<T>(n, group_size);
+    at::Tensor workspace = at::empty({std::max<int64_t>(ranges, 1), 2}, input.options().dtype(at::kFloat));
+    launch_quantize_int8<T>(static_cast<const T*>(input.const_data_ptr()), n, group_size, symmetric,
+                            q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
+                            zero_point.mutable_data_ptr<int32_t>(),
+                            reinterpret_cast<Range*>(workspace.mutable_data_ptr<float>()), current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {q, scale, zero_point};
@@ -291,20 +424,18 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& A, const at::Tensor& scale, co
                                 int64_t group_size, at::ScalarType dtype) {
   check_dequantize_int8_args(A, scale, zero_point, group_size, dtype);
   const c10::cuda::CUDAGuard guard(A.device());
-  const at::Tensor q = A.contiguous();
+  const at::Tensor q = contiguous_aligned(A);
   const at::Tensor scales = scale.contiguous();
   const at::Tensor zero_points = zero_point.contiguous();
   const int64_t n = q.numel();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
   if (n == 0) return out;
 
-  const Int8Layout layout = make_layout(n, group_size, split_groups(n, group_size));
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_int8_kernel<T><<<segment_grid(layout), threads_per_block(layout), 0,
-                                c10::cuda::getCurrentCUDAStream()>>>(
-        q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), zero_points.const_data_ptr<int32_t>(), layout,
-        static_cast<T*>(out.mutable_data_ptr()));
+    launch_dequantize_int8<T>(q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(),
+                              zero_points.const_data_ptr<int32_t>(), n, group_size,
+                              static_cast<T*>(out.mutable_data_ptr()), current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -317,3 +448,4 @@ TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   m.impl("quantize_int8", &bnbx::cuda::quantize_int8_cuda);
   m.impl("dequantize_int8", &bnbx::cuda::dequantize_int8_cuda);
 }
+#endif  // !BNBX_CUDA_EMULATION

@@ -1,0 +1,160 @@
+"""Builds and loads the host emulation of the CUDA kernels (csrc/cuda/emulation/): the ``.cu`` sources compiled
+as C++ by g++ over a shim of the CUDA built-ins, every thread of a block run as a fiber. Tests call the same
+launchers the CUDA ops call, with CPU tensors, and compare the bytes with the CPU kernels.
+
+``BNBX_EMU_SANITIZE=address`` (set by ``make sanitize``) builds it with ASan + UBSan instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+EMULATION = CSRC / "cuda" / "emulation"
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+QUANT_TYPE_CODES = {"nf4": 0, "fp4": 1}
+
+FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-DBNBX_CUDA_EMULATION", "-ffp-contract=off", "-Wall", "-Wextra",
+         "-Werror", "-Wno-unknown-pragmas", "-Wno-unused-parameter", f"-I{CSRC}"]
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _sources() -> list[Path]:
+    return sorted(EMULATION.glob("*.cpp"))
+
+
+def _inputs_hash(flags: list[str]) -> str:
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for path in sorted([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh"), *CSRC.rglob("*.cu"), *_sources()]):
+        digest.update(str(path.relative_to(CSRC)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build(sanitize: bool = False) -> Path:
+    """Compile the emulation library (cached by a hash of every csrc header and source) and return its path."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("the CUDA emulation needs a C++ compiler (g++, or set CXX)")
+    flags = FLAGS + (SANITIZE_FLAGS if sanitize else [])
+    out_dir = Path(tempfile.gettempdir()) / f"bnbx-cuda-emu-{_inputs_hash(flags)}"
+    library = out_dir / "libbnbx_cuda_emu.so"
+    if library.exists():
+        return library
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def compile_one(source: Path) -> Path:
+        obj = out_dir / (source.stem + ".o")
+        subprocess.run([cxx, *flags, "-c", str(source), "-o", str(obj)], check=True, capture_output=True, text=True)
+        return obj
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            objects = list(pool.map(compile_one, _sources()))
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(f"building the CUDA emulation failed:\n{error.stderr}") from error
+    partial = out_dir / f"libbnbx_cuda_emu.so.{os.getpid()}"
+    subprocess.run([cxx, *flags, "-shared", *map(str, objects), "-o", str(partial)], check=True)
+    partial.replace(library)  # atomic, so concurrent test runs never load a half-written library
+    return library
+
+
+class Emulator:
+    """The launchers of csrc/cuda/*.cu run on CPU tensors; each method fills preallocated outputs."""
+
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.bnbx_emu_error.restype = ctypes.c_char_p
+        i64 = ctypes.c_int64
+        for name in ("bnbx_emu_selftest", "bnbx_emu_quantize_4bit", "bnbx_emu_dequantize_4bit", "bnbx_emu_quantize_blockwise",
+                     "bnbx_emu_dequantize_blockwise", "bnbx_emu_quantize_int8", "bnbx_emu_dequantize_int8"):
+            getattr(self.lib, name).restype = ctypes.c_int
+        self.i64 = i64
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            raise RuntimeError(f"emulated kernel failed: {self.lib.bnbx_emu_error().decode()}")
+
+    @staticmethod
+    def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+        assert t.is_contiguous() and t.device.type == "cpu"
+        return ctypes.c_void_p(t.data_ptr())
+
+    def quantize_4bit(self, A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n = A.numel()
+        packed = torch.full(((n + 1) // 2,), 0xAA, dtype=torch.uint8)  # poisoned: every byte must be written
+        absmax = torch.full((-(-n // blocksize),), float("nan"), dtype=torch.float32)
+        if n:
+            self._check(self.lib.bnbx_emu_quantize_4bit(
+                DTYPE_CODES[A.dtype], QUANT_TYPE_CODES[quant_type], self._ptr(A), self.i64(n), self.i64(blocksize),
+                self._ptr(packed), self._ptr(absmax)))
+        return packed, absmax
+
+    def dequantize_4bit(self, packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int, quant_type: str,
+                        dtype: torch.dtype) -> torch.Tensor:
+        out = torch.full((n,), 12345.0, dtype=dtype)
+        if n:
+            self._check(self.lib.bnbx_emu_dequantize_4bit(
+                DTYPE_CODES[dtype], QUANT_TYPE_CODES[quant_type], self._ptr(packed), self._ptr(absmax), self.i64(n),
+                self.i64(blocksize), self._ptr(out)))
+        return out
+
+    def quantize_blockwise(self, A: torch.Tensor, code: torch.Tensor, blocksize: int):
+        n = A.numel()
+        codes = torch.full((n,), 0xAA, dtype=torch.uint8)
+        absmax = torch.full((-(-n // blocksize),), float("nan"), dtype=torch.float32)
+        if n:
+            self._check(self.lib.bnbx_emu_quantize_blockwise(
+                DTYPE_CODES[A.dtype], self._ptr(A), self._ptr(code), self.i64(n), self.i64(blocksize),
+                self._ptr(codes), self._ptr(absmax)))
+        return codes, absmax
+
+    def dequantize_blockwise(self, codes, absmax, code, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+        n = codes.numel()
+        out = torch.full((n,), 12345.0, dtype=dtype)
+        if n:
+            self._check(self.lib.bnbx_emu_dequantize_blockwise(
+                DTYPE_CODES[dtype], self._ptr(codes), self._ptr(absmax), self._ptr(code), self.i64(n),
+                self.i64(blocksize), self._ptr(out)))
+        return out
+
+    def quantize_int8(self, A: torch.Tensor, group_size: int, symmetric: bool):
+        n = A.numel()
+        groups = -(-n // group_size)
+        q = torch.full((n,), 0x55, dtype=torch.int8)
+        scale = torch.full((groups,), float("nan"), dtype=torch.float32)
+        zero_point = torch.full((groups,), -99, dtype=torch.int32)
+        if n:
+            self._check(self.lib.bnbx_emu_quantize_int8(
+                DTYPE_CODES[A.dtype], self._ptr(A), self.i64(n), self.i64(group_size), int(symmetric),
+                self._ptr(q), self._ptr(scale), self._ptr(zero_point)))
+        return q, scale, zero_point
+
+    def dequantize_int8(self, q, scale, zero_point, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+        n = q.numel()
+        out = torch.full((n,), 12345.0, dtype=dtype)
+        if n:
+            self._check(self.lib.bnbx_emu_dequantize_int8(
+                DTYPE_CODES[dtype], self._ptr(q), self._ptr(scale), self._ptr(zero_point), self.i64(n),
+                self.i64(group_size), self._ptr(out)))
+        return out
+
+
+@functools.cache
+def load() -> Emulator:
+    return Emulator(build(sanitize=os.environ.get("BNBX_EMU_SANITIZE", "") == "address"))
