@@ -24,6 +24,16 @@ TORCH_LIBRARY(bnbx, m) {
   // and zero_point int32 [ceil(n/group_size)]. symmetric: absmax/127 scale, zero_point 0, q in [-127, 127].
   m.def("quantize_int8(Tensor A, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_int8(Tensor A, Tensor scale, Tensor zero_point, int group_size, ScalarType dtype) -> Tensor");
+
+  // --- fake_quant (QAT) ---------------------------------------------------------------------------------
+  // Integer fake quantization with dynamic MinMax scales over contiguous groups of group_size elements of
+  // the flattened x (the last group may be partial): out shaped and typed like x, scale fp32 and zero_point
+  // int32 [ceil(n/group_size)]. Grid: bits 2..8, restricted +-(2^(b-1)-1) or full [-2^(b-1), 2^(b-1)-1];
+  // rules in common/rules.h (8 bits: exactly quantize_int8 + dequantize_int8). Differentiable (bnbx/_ops.py):
+  // straight-through, masked where the code was clamped (mask 'range'), where |x| >= clip ('absolute'), or
+  // not at all ('none').
+  m.def("fake_quantize(Tensor x, int group_size, int bits, bool symmetric, bool full_range, str mask, float clip)"
+        " -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef BNBX_WITH_CUDA
@@ -43,7 +53,8 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
-                           "dequantize_blockwise", "quantize_int8", "dequantize_int8"}) {
+                           "dequantize_blockwise", "quantize_int8", "dequantize_int8",
+                           "fake_quantize"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }
