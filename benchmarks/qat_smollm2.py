@@ -59,14 +59,17 @@ def cpu_time() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=16, help="generated sequences")
-    parser.add_argument("--gen-len", type=int, default=128, help="tokens per generated sequence")
-    parser.add_argument("--steps", type=int, default=24, help="distillation steps per setting")
+    parser.add_argument("--samples", type=int, default=8, help="generated sequences")
+    parser.add_argument("--gen-len", type=int, default=96, help="tokens per generated sequence")
+    parser.add_argument("--steps", type=int, default=16, help="distillation steps per setting")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training block")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=5e-5, help="weights")
+    parser.add_argument("--scale-lr", type=float, default=1e-3, help="LSQ weight scales")
+    parser.add_argument("--method", default="lsq", choices=["lsq", "minmax"], help="QAT weight quantizer")
+    parser.add_argument("--kv-granularity", default="head", choices=["head", "token"])
     parser.add_argument("--eval-len", type=int, default=256)
-    parser.add_argument("--eval-blocks", type=int, default=4)
+    parser.add_argument("--eval-blocks", type=int, default=2)
     parser.add_argument("--settings", default="4-8-4,4-8-8,8-8-8,4-16-16")
     parser.add_argument("--data", default="/tmp/bnbx_qat_smollm2_gen.jsonl", help="generated data (resumable)")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
@@ -97,13 +100,15 @@ def main() -> None:
         student = copy.deepcopy(teacher)
         for p in student.parameters():
             p.requires_grad_(True)
-        prepare(student, QATConfig(w_bits=w, a_bits=a, kv_bits=kv))
+        # LSQ starts from the MinMax scales, so the RTN row is the same model either way
+        prepare(student, QATConfig(w_bits=w, a_bits=a, kv_bits=kv, method=args.method,
+                                   kv_granularity=args.kv_granularity))
         t0 = cpu_time()
         rtn = perplexity(student, eval_ids, args.eval_len)
         rtn_time = cpu_time() - t0
         t0 = cpu_time()
         losses = distill(student, teacher, data, seq_len=args.seq_len, batch_size=args.batch, max_steps=args.steps,
-                         lr=args.lr, progress=False)
+                         lr=args.lr, scale_lr=args.scale_lr, progress=False)
         train_time = cpu_time() - t0
         qat = perplexity(student, eval_ids, args.eval_len)
         recovered = (rtn - qat) / (rtn - fp) * 100 if rtn > fp else float("nan")
@@ -116,7 +121,9 @@ def main() -> None:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append(f"\nfull precision ppl {fp:.3f}; data generation {gen_time:.0f} s CPU ({len(data)} x {args.gen_len} "
-                 f"tokens); {args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}")
+                 f"tokens); {args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, scale lr "
+                 f"{args.scale_lr}, weights {args.method} per channel, KV per {args.kv_granularity}; "
+                 f"eval {eval_ids.numel()} tokens")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -9,6 +9,7 @@ fake-quantized student learns the teacher's next-token distributions on it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -87,6 +88,8 @@ def generate_data(
     vocab_size = teacher.get_output_embeddings().weight.shape[0]
     candidates = _vocab_candidates(tokenizer, vocab_size)
     eos = getattr(tokenizer, "eos_token_id", None)
+    # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40)
+    cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
     was_training = teacher.training
     teacher.eval()
     bar = tqdm(total=n_samples, initial=len(samples), desc="generate_data", disable=not progress)
@@ -103,7 +106,7 @@ def generate_data(
             lengths = torch.full((count,), seq_len, dtype=torch.long)
             cache, step_input = None, ids
             for position in range(1, seq_len):
-                out = teacher(input_ids=step_input, past_key_values=cache, use_cache=True)
+                out = teacher(input_ids=step_input, use_cache=True, **{cache_arg: cache})
                 cache = out.past_key_values
                 logits = out.logits[:, -1, :].float()
                 greedy = logits.argmax(-1)
@@ -202,6 +205,7 @@ def distill(
     epochs: int = 1,
     max_steps: Optional[int] = None,
     lr: float = 2e-5,
+    scale_lr: Optional[float] = None,
     weight_decay: float = 0.0,
     warmup_steps: int = 0,
     temperature: float = 1.0,
@@ -214,7 +218,7 @@ def distill(
 
     ``data``: a jsonl path or a list of ``{"input_ids": ...}`` / token-id lists (what :func:`generate_data`
     returns); sequences are packed into blocks of ``seq_len``. AdamW with cosine decay (``warmup_steps`` linear
-    warm-up), gradient clipping at ``max_grad_norm``; loss :func:`kd_loss` (no ground-truth term). Both models
+    warm-up), gradient clipping at ``max_grad_norm``; LSQ scales (``*.weight_scale``) use ``scale_lr`` if given; loss :func:`kd_loss` (no ground-truth term). Both models
     must be Hugging Face causal LMs (``get_decoder()`` and ``get_output_embeddings()``). Returns the loss of
     every step.
     """
@@ -222,8 +226,15 @@ def distill(
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(blocks) / batch_size)
     total = steps_per_epoch * epochs if max_steps is None else max_steps
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # learned quantizer scales (LSQ's weight_scale) may take their own learning rate, without weight decay
+    scales = [p for n, p in named if n.endswith("weight_scale")]
+    others = [p for n, p in named if not n.endswith("weight_scale")]
+    groups = [{"params": others}]
+    if scales:
+        groups.append({"params": scales, "lr": lr if scale_lr is None else scale_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
     def schedule(step: int) -> float:
         if step < warmup_steps:

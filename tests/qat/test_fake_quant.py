@@ -212,12 +212,10 @@ def test_lsq_init():
 # --- opcheck ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mask", ["none", "range", "absolute"])
-def test_opcheck_fake_quantize(mask):
-    for dtype in DTYPES:
-        x = torch.randn(6, 20, dtype=dtype, requires_grad=True)
-        torch.library.opcheck(torch.ops.bnbx.fake_quantize.default, (x, 20, 4, True, False, mask, 1.0))
-        torch.library.opcheck(torch.ops.bnbx.fake_quantize.default, (x, 7, 8, False, True, mask, 1.0))
+@pytest.mark.parametrize("dtype,mask", [(torch.float32, "none"), (torch.bfloat16, "range"), (torch.float16, "absolute")])
+def test_opcheck_fake_quantize(dtype, mask):
+    x = torch.randn(6, 20, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.bnbx.fake_quantize.default, (x, 7, 4, False, True, mask, 1.0))
 
 
 def test_opcheck_lsq_and_4bit():
