@@ -80,19 +80,19 @@ def main() -> None:
             inputs = [torch.randn(shape, dtype=dtype) for _ in range(2)]
             nbytes = inputs[0].numel() * inputs[0].element_size()
             out = torch.empty_like(inputs[0])
-            copy_ms = median_ms(lambda x: out.copy_(x), inputs, args.repeat)
+            copy_ms = median_ms(out.copy_, inputs, args.repeat)
             copy_gbs = 2 * nbytes / copy_ms / 1e6
-            ours = lambda x: fake_quantize(x, 8, True, granularity)  # noqa: E731
+            ours = lambda x, g=granularity: fake_quantize(x, 8, True, g)
             for pass_name in ("fwd", "fwd+bwd"):
                 if pass_name == "fwd":
-                    run = lambda fn: (lambda x: fn(x))  # noqa: E731
+                    run = lambda fn: (lambda x: fn(x))
                     moved = 2 * nbytes
                     grad_inputs = inputs
                 else:
                     grad = torch.randn(shape, dtype=dtype)
                     grad_inputs = [t.clone().requires_grad_() for t in inputs]
 
-                    def run(fn):
+                    def run(fn, grad=grad):
                         def step(x):
                             x.grad = None
                             fn(x).backward(grad)

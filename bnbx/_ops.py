@@ -229,7 +229,8 @@ def _(x: torch.Tensor, group_size: int, bits: int, symmetric: bool, full_range: 
 
 
 def _fake_quantize_setup(ctx, inputs, output) -> None:
-    x, group_size, bits, symmetric, full_range, mask, clip = inputs
+    _, group_size, bits, _, full_range, mask, clip = inputs
+    x = inputs[0]
     ctx.mask, ctx.clip, ctx.group_size = mask, clip, group_size
     ctx.grid = fake_quant_grid(bits, full_range)
     _, scale, zero_point = output

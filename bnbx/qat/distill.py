@@ -14,12 +14,29 @@ import json
 import logging
 import math
 import os
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm is optional (pip install bnbx[qat]); without it there is no progress bar
+
+    class tqdm:  # noqa: N801
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def update(self, n: int = 1) -> None:
+            pass
+
+        def set_postfix(self, **kwargs) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def _make_attention(inner: str):
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, **kwargs)
 
     return attention
@@ -77,7 +77,7 @@ def attach_kv_fake_quant(model: nn.Module, attention_modules: dict[str, nn.Modul
     if config is None or not hasattr(config, "_attn_implementation"):
         raise ValueError("prepare: kv_bits < 16 needs a Hugging Face model (with a config) using Llama-style attention")
     current = config._attn_implementation or "sdpa"
-    inner = current[len(_PREFIX):] if current.startswith(_PREFIX) else current
+    inner = current.removeprefix(_PREFIX)
     if inner not in _INNER:
         raise ValueError(
             f"prepare: KV-cache fake quantization supports attn_implementation 'sdpa' or 'eager', got {current!r}"

@@ -57,7 +57,7 @@ class FakeQuantLinear(nn.Linear):
             )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, config: QATConfig) -> "FakeQuantLinear":
+    def from_linear(cls, linear: nn.Linear, config: QATConfig) -> FakeQuantLinear:
         """A FakeQuantLinear sharing ``linear``'s weight and bias tensors (no copy)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config,
                     device=linear.weight.device, dtype=linear.weight.dtype)
@@ -138,7 +138,7 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={w} {c.weight_granularity}"
 
     @classmethod
-    def from_fake_quant(cls, layer: FakeQuantLinear) -> "QuantizedLinear":
+    def from_fake_quant(cls, layer: FakeQuantLinear) -> QuantizedLinear:
         c = layer.config
         w = layer.weight.detach()
         if c.weight_dtype != "int":

@@ -7,12 +7,12 @@ import contextlib
 
 import pytest
 import torch
+from conftest import DEVICES, DTYPES, dtype_id
+from reference_fake_quant import fake_quantize_ref, grid, lsq_ref
 
 import bnbx
 from bnbx import _library
 from bnbx.qat import fake_quantize, fake_quantize_4bit, fake_quantize_lsq, lsq_init_scale
-from conftest import DEVICES, DTYPES, dtype_id
-from reference_fake_quant import fake_quantize_ref, grid, lsq_ref
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import dtype_id
 
 from bnbx.qat import (
     FakeQuantLinear,
@@ -23,7 +24,6 @@ from bnbx.qat import (
     kd_loss,
     prepare,
 )
-from conftest import dtype_id
 
 transformers = pytest.importorskip("transformers")
 
