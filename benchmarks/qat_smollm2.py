@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--kv-granularity", default="head", choices=["head", "token"])
     parser.add_argument("--eval-len", type=int, default=256)
     parser.add_argument("--eval-blocks", type=int, default=2)
-    parser.add_argument("--settings", default="4-8-4,4-8-8,8-8-8,4-16-16")
+    parser.add_argument("--settings", default="4-8-4,4-8-8,8-8-8,4-16-16", help="W-A-KV settings (RTN for each)")
+    parser.add_argument("--qat-settings", default=None, help="settings also trained (default: all of --settings)")
     parser.add_argument("--data", default="/tmp/bnbx_qat_smollm2_gen.jsonl", help="generated data (resumable)")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args()
@@ -106,6 +107,11 @@ def main() -> None:
         t0 = cpu_time()
         rtn = perplexity(student, eval_ids, args.eval_len)
         rtn_time = cpu_time() - t0
+        if args.qat_settings is not None and setting not in args.qat_settings.split(","):
+            rows.append((setting, f"{rtn:.3f}", "not run", "-", f"{rtn_time:.0f}", "-"))
+            print(rows[-1], flush=True)
+            del student
+            continue
         t0 = cpu_time()
         losses = distill(student, teacher, data, seq_len=args.seq_len, batch_size=args.batch, max_steps=args.steps,
                          lr=args.lr, scale_lr=args.scale_lr, progress=False)

@@ -57,7 +57,7 @@ __device__ __forceinline__ void fq_apply(const T* in, T* out, int64_t begin, int
                                          float qmin, float qmax, float limit) {
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const float value = affine_fake_quant(to_float(in[i]), p, qmin, qmax);
-    out[i] = from_float<T>(rule_max(rule_min(value, limit), -limit));
+    out[i] = from_float<T>(std_max(std_min(value, limit), -limit));
   }
 }
 

@@ -5,28 +5,15 @@
 //   expressions; the accumulators start at +0 and only take strictly smaller (larger) values, so the lane
 //   order cannot change the result (as in quantize_int8_impl.h).
 // - apply: the same fp32 product x * inv_scale, rounding in the current mode (as nearbyint), the clamp in
-//   rule_min/rule_max's operand order, one product by the scale, one rounding to the output type.
+//   std_min/std_max's operand order, one product by the scale, one rounding to the output type.
 // Non-finite groups, subnormal scales, FTZ/DAZ threads and tails use the plain loop.
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC PR 105593, as in kernels_impl.h
-#endif
-
+#include "isa_unit.h"
 #include "fake_quant.h"
 
 namespace bnbx::cpu {
 namespace BNBX_ISA {
 
-#include "float_convert.h"
+#include "simd.h"
 
 template <FloatType kType>
 static void range_generic(const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite) {
@@ -58,49 +45,29 @@ static void apply_generic(const void* in, void* out, int64_t begin, int64_t end,
   }
 }
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-static inline bool fq_denormals_flushed() { return (_mm_getcsr() & 0x8040u) != 0; }  // FTZ | DAZ
-#endif
-
 #if defined(__AVX512F__)
-template <FloatType kType>
-static inline __m512 fq_load16(const void* in, int64_t i) {
-  if constexpr (kType == FloatType::kFloat32) {
-    return _mm512_loadu_ps(static_cast<const float*>(in) + i);
-  } else {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(in) + i));
-    if constexpr (kType == FloatType::kFloat16) return _mm512_cvtph_ps(half);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-  }
-}
-
-// fp32 -> 16-bit patterns as float_to_bf16 / float_to_fp16 give them (round to nearest even, their NaNs);
-// the outputs here are never NaN (non-finite groups take the plain loop), so no NaN patching is needed.
+// fp32 -> the output type with simd_avx512.h's conversions (float_to_bf16 / float_to_fp16's bits)
 template <FloatType kType>
 static inline void fq_store16(void* out, int64_t i, __m512 value) {
   if constexpr (kType == FloatType::kFloat32) {
     _mm512_storeu_ps(static_cast<float*>(out) + i, value);
   } else if constexpr (kType == FloatType::kFloat16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
-                        _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), fp16_bits_16(value));
   } else {
-    const __m512i bits = _mm512_castps_si512(value);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded =
-        _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), _mm512_cvtepi32_epi16(rounded));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                        _mm512_cvtepi32_epi16(bf16_bits_16(value)));
   }
 }
 
 template <FloatType kType>
 static void range_simd(const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite) {
-  if (fq_denormals_flushed()) return range_generic<kType>(in, begin, end, low, high, nonfinite);
+  if (denormals_flushed()) return range_generic<kType>(in, begin, end, low, high, nonfinite);
   const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
   __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
   __m512i worst = _mm512_setzero_si512();
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
-    const __m512 x = fq_load16<kType>(in, i);
+    const __m512 x = load_16_as_float<kType>(in, i);
     lo = _mm512_min_ps(x, lo);
     hi = _mm512_max_ps(x, hi);
     worst = _mm512_max_epu32(worst, _mm512_and_si512(_mm512_castps_si512(x), magnitude));
@@ -124,15 +91,15 @@ template <FloatType kType>
 static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params, float qmin,
                        float qmax) {
   int64_t i = begin;
-  if (!fq_denormals_flushed() && !params.nonfinite && params.inv_scale <= FLT_MAX) {
+  if (!denormals_flushed() && !params.nonfinite && params.inv_scale <= FLT_MAX) {
     const __m512 inv = _mm512_set1_ps(params.inv_scale), scale = _mm512_set1_ps(params.scale);
     const __m512 zp = _mm512_set1_ps(params.zero_point);
     const __m512 lowest = _mm512_set1_ps(qmin), highest = _mm512_set1_ps(qmax);
     const __m512 limit = _mm512_set1_ps(fq_output_limit<kType>()), negative_limit = _mm512_set1_ps(-fq_output_limit<kType>());
     for (; i + 16 <= end; i += 16) {
-      const __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(fq_load16<kType>(in, i), inv),
+      const __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(load_16_as_float<kType>(in, i), inv),
                                                   _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
-      // rule_max(qmin, v) = qmin < v ? v : qmin = max_ps(v, qmin); rule_min(qmax, v) = v < qmax ? v : qmax
+      // std_max(qmin, v) = qmin < v ? v : qmin = max_ps(v, qmin); std_min(qmax, v) = v < qmax ? v : qmax
       const __m512 code = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(rounded, zp), lowest), highest);
       const __m512 value = _mm512_mul_ps(_mm512_sub_ps(code, zp), scale);
       // std::max(std::min(value, limit), -limit) of the loop
@@ -143,28 +110,13 @@ static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, co
 }
 #elif defined(__AVX2__)
 template <FloatType kType>
-static inline __m256 fq_load8(const void* in, int64_t i) {
-  if constexpr (kType == FloatType::kFloat32) {
-    return _mm256_loadu_ps(static_cast<const float*>(in) + i);
-  } else {
-    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(in) + i));
-    if constexpr (kType == FloatType::kFloat16) return _mm256_cvtph_ps(half);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-  }
-}
-
-template <FloatType kType>
 static inline void fq_store8(void* out, int64_t i, __m256 value) {
   if constexpr (kType == FloatType::kFloat32) {
     _mm256_storeu_ps(static_cast<float*>(out) + i, value);
   } else if constexpr (kType == FloatType::kFloat16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
-                     _mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), fp16_bits_8(value));
   } else {
-    const __m256i bits = _mm256_castps_si256(value);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i rounded =
-        _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i rounded = bf16_bits_8(value);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
                      _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
   }
@@ -172,13 +124,13 @@ static inline void fq_store8(void* out, int64_t i, __m256 value) {
 
 template <FloatType kType>
 static void range_simd(const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite) {
-  if (fq_denormals_flushed()) return range_generic<kType>(in, begin, end, low, high, nonfinite);
+  if (denormals_flushed()) return range_generic<kType>(in, begin, end, low, high, nonfinite);
   const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
   __m256i worst = _mm256_setzero_si256();
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
-    const __m256 x = fq_load8<kType>(in, i);
+    const __m256 x = load_8_as_float<kType>(in, i);
     lo = _mm256_min_ps(x, lo);
     hi = _mm256_max_ps(x, hi);
     worst = _mm256_max_epu32(worst, _mm256_and_si256(_mm256_castps_si256(x), magnitude));
@@ -205,13 +157,13 @@ template <FloatType kType>
 static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params, float qmin,
                        float qmax) {
   int64_t i = begin;
-  if (!fq_denormals_flushed() && !params.nonfinite && params.inv_scale <= FLT_MAX) {
+  if (!denormals_flushed() && !params.nonfinite && params.inv_scale <= FLT_MAX) {
     const __m256 inv = _mm256_set1_ps(params.inv_scale), scale = _mm256_set1_ps(params.scale);
     const __m256 zp = _mm256_set1_ps(params.zero_point);
     const __m256 lowest = _mm256_set1_ps(qmin), highest = _mm256_set1_ps(qmax);
     const __m256 limit = _mm256_set1_ps(fq_output_limit<kType>()), negative_limit = _mm256_set1_ps(-fq_output_limit<kType>());
     for (; i + 8 <= end; i += 8) {
-      const __m256 rounded = _mm256_round_ps(_mm256_mul_ps(fq_load8<kType>(in, i), inv),
+      const __m256 rounded = _mm256_round_ps(_mm256_mul_ps(load_8_as_float<kType>(in, i), inv),
                                              _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
       const __m256 code = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(rounded, zp), lowest), highest);
       const __m256 value = _mm256_mul_ps(_mm256_sub_ps(code, zp), scale);
@@ -250,15 +202,6 @@ static void apply(FloatType type, const void* in, void* out, int64_t begin, int6
 
 }  // namespace BNBX_ISA
 
-#define BNBX_FQ_STRINGIFY_(x) #x
-#define BNBX_FQ_STRINGIFY(x) BNBX_FQ_STRINGIFY_(x)
-#define BNBX_FQ_TABLE_(isa) fake_quant_##isa
-#define BNBX_FQ_TABLE(isa) BNBX_FQ_TABLE_(isa)
-
-const FakeQuantKernels BNBX_FQ_TABLE(BNBX_ISA) = {
-    BNBX_FQ_STRINGIFY(BNBX_ISA),
-    &BNBX_ISA::range,
-    &BNBX_ISA::apply,
-};
+const FakeQuantKernels BNBX_TABLE(fake_quant) = {BNBX_ISA_NAME, &BNBX_ISA::range, &BNBX_ISA::apply};
 
 }  // namespace bnbx::cpu
