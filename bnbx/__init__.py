@@ -24,6 +24,8 @@ from .functional import (  # noqa: E402
     quantize_nf4,
 )
 from .quant_state import QuantState  # noqa: E402
+from . import qat  # noqa: E402  (QAT: fake quantization, prepare/convert, data-free distillation)
+from .qat import fake_quantize  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -36,12 +38,14 @@ __all__ = [
     "dequantize_fp4",
     "dequantize_int8",
     "dequantize_nf4",
+    "fake_quantize",
     "functional",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_fp4",
     "quantize_int8",
     "quantize_nf4",
+    "qat",
 ]
 
 # LLM.int8(): functional ops (also in bnbx.functional), the differentiable matmul and the layer

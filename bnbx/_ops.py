@@ -294,3 +294,71 @@ def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias=None, threshold
     _check_bias(op, bias, CB.shape[0], A)
     check_threshold(op, threshold)
     return torch.empty((*A.shape[:-1], CB.shape[0]), dtype=A.dtype, device=A.device)
+# --- fake_quant (QAT) -------------------------------------------------------------------------------------
+# Fake kernel with the checks of csrc/common/checks_fake_quant.h, and the straight-through gradient: the one
+# differentiable bnbx op. Scales and zero points are statistics (no gradient); the learnable-scale path
+# (LSQ) is bnbx.qat's fake_quantize_lsq.
+FAKE_QUANT_MASKS = ("none", "range", "absolute")
+
+
+def check_fake_quantize_args(x: torch.Tensor, group_size: int, bits: int, mask: str, clip: float) -> None:
+    op = "fake_quantize"
+    check_float_dtype(op, "x", x.dtype)
+    torch._check_value(2 <= bits <= 8, lambda: f"{op}: bits must be from 2 to 8, got {bits}")
+    torch._check_value(group_size >= 1, lambda: f"{op}: group_size must be at least 1, got {group_size}")
+    torch._check_value(
+        mask in FAKE_QUANT_MASKS, lambda: f"{op}: mask must be 'none', 'range' or 'absolute', got '{mask}'"
+    )
+    torch._check_value(clip > 0.0, lambda: f"{op}: clip must be positive, got {clip}")
+
+
+def fake_quant_grid(bits: int, full_range: bool) -> tuple[float, float]:
+    """(qmin, qmax) of the integer grid, as csrc/common/checks_fake_quant.h defines it."""
+    qmax = float(2 ** (bits - 1) - 1)
+    return (-qmax - 1.0 if full_range else -qmax), qmax
+
+
+@torch.library.register_fake("bnbx::fake_quantize")
+def _(x: torch.Tensor, group_size: int, bits: int, symmetric: bool, full_range: bool, mask: str, clip: float):
+    check_fake_quantize_args(x, group_size, bits, mask, clip)
+    groups = -(-x.numel() // group_size)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    scale = torch.empty((groups,), dtype=torch.float32, device=x.device)
+    zero_point = torch.empty((groups,), dtype=torch.int32, device=x.device)
+    return out, scale, zero_point
+
+
+def _fake_quantize_setup(ctx, inputs, output) -> None:
+    _, group_size, bits, _, full_range, mask, clip = inputs
+    x = inputs[0]
+    ctx.mask, ctx.clip, ctx.group_size = mask, clip, group_size
+    ctx.grid = fake_quant_grid(bits, full_range)
+    _, scale, zero_point = output
+    if mask == "none":
+        ctx.save_for_backward()
+    else:
+        ctx.save_for_backward(x, scale, zero_point)
+
+
+def _fake_quantize_backward(ctx, grad_out, grad_scale, grad_zero_point):
+    if ctx.mask == "none" or grad_out is None:
+        return grad_out, None, None, None, None, None, None
+    x, scale, zero_point = ctx.saved_tensors
+    if ctx.mask == "absolute":
+        keep = x.abs() < ctx.clip  # LLM-QAT's clip_val: no gradient at |x| >= clip
+    else:
+        # the code before clamping, as the kernel computes it (x * (1 / scale), round half to even)
+        n, size = x.numel(), ctx.group_size
+        flat = x.reshape(-1).float()
+        pad = (-n) % size
+        groups = torch.nn.functional.pad(flat, (0, pad)).view(-1, size)
+        inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)[:, None]
+        # a subnormal scale, whose reciprocal overflows, divides (as the kernel does)
+        scaled = torch.where(inv.isinf(), groups / scale[:, None], groups * inv)
+        code = torch.round(scaled) + zero_point.float()[:, None]
+        qmin, qmax = ctx.grid
+        keep = ((code >= qmin) & (code <= qmax)).view(-1)[:n].view(x.shape)
+    return grad_out * keep, None, None, None, None, None, None
+
+
+torch.library.register_autograd("bnbx::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)

@@ -39,6 +39,15 @@ TORCH_LIBRARY(bnbx, m) {
   // The whole layer: A float [..., K], weight CB int8 [N, K] with row absmax SCB fp32 [N] -> A.dtype [..., N];
   // int8 product of the normal columns + fp32 product of the outlier columns, bias, one write.
   m.def("int8_mixed_linear(Tensor A, Tensor CB, Tensor SCB, Tensor? bias=None, float threshold=0.0) -> Tensor");
+  // --- fake_quant (QAT) ---------------------------------------------------------------------------------
+  // Integer fake quantization with dynamic MinMax scales over contiguous groups of group_size elements of
+  // the flattened x (the last group may be partial): out shaped and typed like x, scale fp32 and zero_point
+  // int32 [ceil(n/group_size)]. Grid: bits 2..8, restricted +-(2^(b-1)-1) or full [-2^(b-1), 2^(b-1)-1];
+  // rules in common/rules.h (8 bits: exactly quantize_int8 + dequantize_int8). Differentiable (bnbx/_ops.py):
+  // straight-through, masked where the code was clamped (mask 'range'), where |x| >= clip ('absolute'), or
+  // not at all ('none').
+  m.def("fake_quantize(Tensor x, int group_size, int bits, bool symmetric, bool full_range, str mask, float clip)"
+        " -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef BNBX_WITH_CUDA
@@ -60,7 +69,7 @@ TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
                            "dequantize_blockwise", "quantize_int8", "dequantize_int8",
                            "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant",
-                           "int8_mixed_linear"}) {
+                           "int8_mixed_linear", "fake_quantize"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }

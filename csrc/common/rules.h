@@ -90,3 +90,50 @@ BNBX_HOST_DEVICE static inline int64_t grain_in_blocks(int64_t blocksize) {
 }
 
 }  // namespace bnbx
+
+// --- integer fake quantization (QAT): one rule for the fake-quant kernels (CPU, CUDA) and the deployable
+// int8 format. A group with range [low, high] (both hold 0) on the integer grid [qmin, qmax]:
+//   symmetric:  scale = absmax / denominator, zero_point 0. denominator = qmax (restricted range,
+//               LLM-QAT's and bnbx int8's +-(2^(b-1)-1)) or (qmax - qmin) / 2 (full range, torchao's).
+//   asymmetric: scale = (high - low) / (qmax - qmin), zero_point = clamp(round(qmin - low / scale), qmin, qmax).
+//   code q = clamp(round(x * (1 / scale)) + zero_point, qmin, qmax), value (q - zero_point) * scale in fp32.
+// Rounding is half to even (the current mode); x / scale is x * (1 / scale), as torch's fake_quantize does;
+// a subnormal scale, whose reciprocal overflows, divides instead. With 8 bits these are exactly the rules of
+// int8_params_from_range / int8_code above (bnbx.quantize_int8), which tests/qat holds bit for bit.
+namespace bnbx {
+
+struct AffineParams {
+  float scale;
+  float inv_scale;  // 1 / scale; 0 for a zero-range or non-finite group
+  float zero_point;  // an integer in [qmin, qmax]
+  bool nonfinite;    // the group holds a NaN or an Inf: every value becomes NaN, as int8 dequantize gives
+};
+
+BNBX_HOST_DEVICE static inline AffineParams affine_params(float low, float high, bool nonfinite, bool symmetric,
+                                                          float qmin, float qmax, float sym_denominator) {
+  if (nonfinite) return {std::numeric_limits<float>::quiet_NaN(), 0.0f, 0.0f, true};
+  if (symmetric) {
+    const float absmax = std_max(-low, high);
+    const float scale = absmax / sym_denominator;
+    return {scale, scale == 0.0f ? 0.0f : 1.0f / scale, 0.0f, false};
+  }
+  const float scale = (high - low) / (qmax - qmin);
+  if (scale == 0.0f) return {0.0f, 0.0f, 0.0f, false};
+  const float zero_point = std_min(qmax, std_max(qmin, rintf(qmin - low / scale)));
+  return {scale, 1.0f / scale, zero_point, false};
+}
+
+// The integer code of x (as a float), clamped to [qmin, qmax].
+BNBX_HOST_DEVICE static inline float affine_code(float x, const AffineParams& p, float qmin, float qmax) {
+  const float scaled = p.inv_scale > 3.4028234663852886e38f ? x / p.scale : x * p.inv_scale;
+  return std_min(qmax, std_max(qmin, rintf(scaled) + p.zero_point));
+}
+
+// Fake-quantized x in fp32: the dequantized code. fp16 outputs are then clamped to +-65504 by the caller,
+// as int8 dequantize does.
+BNBX_HOST_DEVICE static inline float affine_fake_quant(float x, const AffineParams& p, float qmin, float qmax) {
+  if (p.nonfinite) return p.scale;  // NaN
+  return (affine_code(x, p, qmin, qmax) - p.zero_point) * p.scale;
+}
+
+}  // namespace bnbx

@@ -1,0 +1,207 @@
+// Integer fake quantization (QAT), compiled once per instruction set with BNBX_ISA set to scalar, avx2 or
+// avx512 (CMakeLists.txt: bnbx_add_cpu_family(fake_quant)). A plain loop, the C++ twin of
+// tests/reference_fake_quant.py, and AVX-512 / AVX2 paths that give the same bits:
+// - range: min_ps(x, low) is "x < low ? x : low" and max_ps(x, high) "x > high ? x : high", the loop's
+//   expressions; the accumulators start at +0 and only take strictly smaller (larger) values, so the lane
+//   order cannot change the result (as in quantize_int8_impl.h).
+// - apply: the same fp32 product x * inv_scale, rounding in the current mode (as nearbyint), the clamp in
+//   std_min/std_max's operand order, one product by the scale, one rounding to the output type.
+// Non-finite groups, subnormal scales, FTZ/DAZ threads and tails use the plain loop.
+#include "isa_unit.h"
+#include "fake_quant.h"
+
+namespace bnbx::cpu {
+namespace BNBX_ISA {
+
+#include "simd.h"
+
+template <FloatType kType>
+static void range_generic(const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite) {
+  float lo = *low, hi = *high;
+  bool bad = *nonfinite;
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = load_as_float<kType>(in, i);
+    bad |= !(std::fabs(x) <= FLT_MAX);
+    lo = x < lo ? x : lo;
+    hi = x > hi ? x : hi;
+  }
+  *low = lo;
+  *high = hi;
+  *nonfinite = bad;
+}
+
+template <FloatType kType>
+static inline float fq_output_limit() {
+  return kType == FloatType::kFloat16 ? 65504.0f : FLT_MAX;
+}
+
+template <FloatType kType>
+static void apply_generic(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params,
+                          float qmin, float qmax) {
+  const float limit = fq_output_limit<kType>();
+  for (int64_t i = begin; i < end; ++i) {
+    const float value = affine_fake_quant(load_as_float<kType>(in, i), params, qmin, qmax);
+    store_from_float<kType>(out, i, std::max(std::min(value, limit), -limit));
+  }
+}
+
+#if defined(__AVX512F__)
+// fp32 -> the output type with simd_avx512.h's conversions (float_to_bf16 / float_to_fp16's bits)
+template <FloatType kType>
+static inline void fq_store16(void* out, int64_t i, __m512 value) {
+  if constexpr (kType == FloatType::kFloat32) {
+    _mm512_storeu_ps(static_cast<float*>(out) + i, value);
+  } else if constexpr (kType == FloatType::kFloat16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), fp16_bits_16(value));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                        _mm512_cvtepi32_epi16(bf16_bits_16(value)));
+  }
+}
+
+template <FloatType kType>
+static void range_simd(const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite) {
+  if (denormals_flushed()) return range_generic<kType>(in, begin, end, low, high, nonfinite);
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  __m512i worst = _mm512_setzero_si512();
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const __m512 x = load_16_as_float<kType>(in, i);
+    lo = _mm512_min_ps(x, lo);
+    hi = _mm512_max_ps(x, hi);
+    worst = _mm512_max_epu32(worst, _mm512_and_si512(_mm512_castps_si512(x), magnitude));
+  }
+  // fold the lanes into the running range with the loop's expressions (order-free, see the header)
+  alignas(64) float lows[16], highs[16];
+  _mm512_store_ps(lows, lo);
+  _mm512_store_ps(highs, hi);
+  float l = *low, h = *high;
+  for (int lane = 0; lane < 16; ++lane) {
+    l = lows[lane] < l ? lows[lane] : l;
+    h = highs[lane] > h ? highs[lane] : h;
+  }
+  *low = l;
+  *high = h;
+  *nonfinite |= _mm512_reduce_max_epu32(worst) > 0x7f7fffffu;
+  range_generic<kType>(in, i, end, low, high, nonfinite);
+}
+
+template <FloatType kType>
+static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params, float qmin,
+                       float qmax) {
+  int64_t i = begin;
+  if (!denormals_flushed() && !params.nonfinite && params.inv_scale <= FLT_MAX) {
+    const __m512 inv = _mm512_set1_ps(params.inv_scale), scale = _mm512_set1_ps(params.scale);
+    const __m512 zp = _mm512_set1_ps(params.zero_point);
+    const __m512 lowest = _mm512_set1_ps(qmin), highest = _mm512_set1_ps(qmax);
+    const __m512 limit = _mm512_set1_ps(fq_output_limit<kType>()), negative_limit = _mm512_set1_ps(-fq_output_limit<kType>());
+    for (; i + 16 <= end; i += 16) {
+      const __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(load_16_as_float<kType>(in, i), inv),
+                                                  _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+      // std_max(qmin, v) = qmin < v ? v : qmin = max_ps(v, qmin); std_min(qmax, v) = v < qmax ? v : qmax
+      const __m512 code = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(rounded, zp), lowest), highest);
+      const __m512 value = _mm512_mul_ps(_mm512_sub_ps(code, zp), scale);
+      // std::max(std::min(value, limit), -limit) of the loop
+      fq_store16<kType>(out, i, _mm512_max_ps(negative_limit, _mm512_min_ps(limit, value)));
+    }
+  }
+  apply_generic<kType>(in, out, i, end, params, qmin, qmax);
+}
+#elif defined(__AVX2__)
+template <FloatType kType>
+static inline void fq_store8(void* out, int64_t i, __m256 value) {
+  if constexpr (kType == FloatType::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(out) + i, value);
+  } else if constexpr (kType == FloatType::kFloat16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), fp16_bits_8(value));
+  } else {
+    const __m256i rounded = bf16_bits_8(value);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                     _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
+  }
+}
+
+template <FloatType kType>
+static void range_simd(const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite) {
+  if (denormals_flushed()) return range_generic<kType>(in, begin, end, low, high, nonfinite);
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  __m256i worst = _mm256_setzero_si256();
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 x = load_8_as_float<kType>(in, i);
+    lo = _mm256_min_ps(x, lo);
+    hi = _mm256_max_ps(x, hi);
+    worst = _mm256_max_epu32(worst, _mm256_and_si256(_mm256_castps_si256(x), magnitude));
+  }
+  alignas(32) float lows[8], highs[8];
+  alignas(32) uint32_t worsts[8];
+  _mm256_store_ps(lows, lo);
+  _mm256_store_ps(highs, hi);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(worsts), worst);
+  float l = *low, h = *high;
+  bool bad = *nonfinite;
+  for (int lane = 0; lane < 8; ++lane) {
+    l = lows[lane] < l ? lows[lane] : l;
+    h = highs[lane] > h ? highs[lane] : h;
+    bad |= worsts[lane] > 0x7f7fffffu;
+  }
+  *low = l;
+  *high = h;
+  *nonfinite = bad;
+  range_generic<kType>(in, i, end, low, high, nonfinite);
+}
+
+template <FloatType kType>
+static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params, float qmin,
+                       float qmax) {
+  int64_t i = begin;
+  if (!denormals_flushed() && !params.nonfinite && params.inv_scale <= FLT_MAX) {
+    const __m256 inv = _mm256_set1_ps(params.inv_scale), scale = _mm256_set1_ps(params.scale);
+    const __m256 zp = _mm256_set1_ps(params.zero_point);
+    const __m256 lowest = _mm256_set1_ps(qmin), highest = _mm256_set1_ps(qmax);
+    const __m256 limit = _mm256_set1_ps(fq_output_limit<kType>()), negative_limit = _mm256_set1_ps(-fq_output_limit<kType>());
+    for (; i + 8 <= end; i += 8) {
+      const __m256 rounded = _mm256_round_ps(_mm256_mul_ps(load_8_as_float<kType>(in, i), inv),
+                                             _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+      const __m256 code = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(rounded, zp), lowest), highest);
+      const __m256 value = _mm256_mul_ps(_mm256_sub_ps(code, zp), scale);
+      fq_store8<kType>(out, i, _mm256_max_ps(negative_limit, _mm256_min_ps(limit, value)));
+    }
+  }
+  apply_generic<kType>(in, out, i, end, params, qmin, qmax);
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define BNBX_FQ_KERNEL(name) name##_simd
+#else
+#define BNBX_FQ_KERNEL(name) name##_generic
+#endif
+
+static void range(FloatType type, const void* in, int64_t begin, int64_t end, float* low, float* high,
+                  bool* nonfinite) {
+  switch (type) {
+    case FloatType::kFloat32: return BNBX_FQ_KERNEL(range)<FloatType::kFloat32>(in, begin, end, low, high, nonfinite);
+    case FloatType::kFloat16: return BNBX_FQ_KERNEL(range)<FloatType::kFloat16>(in, begin, end, low, high, nonfinite);
+    case FloatType::kBFloat16: return BNBX_FQ_KERNEL(range)<FloatType::kBFloat16>(in, begin, end, low, high, nonfinite);
+  }
+}
+
+static void apply(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params,
+                  float qmin, float qmax) {
+  switch (type) {
+    case FloatType::kFloat32: return BNBX_FQ_KERNEL(apply)<FloatType::kFloat32>(in, out, begin, end, params, qmin, qmax);
+    case FloatType::kFloat16: return BNBX_FQ_KERNEL(apply)<FloatType::kFloat16>(in, out, begin, end, params, qmin, qmax);
+    case FloatType::kBFloat16: return BNBX_FQ_KERNEL(apply)<FloatType::kBFloat16>(in, out, begin, end, params, qmin, qmax);
+  }
+}
+
+#undef BNBX_FQ_KERNEL
+
+}  // namespace BNBX_ISA
+
+const FakeQuantKernels BNBX_TABLE(fake_quant) = {BNBX_ISA_NAME, &BNBX_ISA::range, &BNBX_ISA::apply};
+
+}  // namespace bnbx::cpu
