@@ -25,9 +25,32 @@ from .functional import (  # noqa: E402
 )
 from .quant_state import QuantState  # noqa: E402
 
+from . import nn  # noqa: E402
+from .integrations.config import BnbxConfig  # noqa: E402
+from .integrations.quantize import dequantize_model, quantize_model_, replace_linear  # noqa: E402
+
 __version__ = "0.1.0"
 
+
+def _register_with_transformers() -> None:
+    """``quant_method="bnbx"`` for transformers' from_pretrained, when transformers is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from .integrations import transformers as _hf
+
+    _hf.register()
+
+
+_register_with_transformers()
+
 __all__ = [
+    "BnbxConfig",
+    "dequantize_model",
+    "nn",
+    "quantize_model_",
+    "replace_linear",
     "QuantState",
     "cpu_capability",
     "cuda_built",
