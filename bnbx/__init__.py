@@ -34,19 +34,6 @@ from .integrations.quantize import dequantize_model, quantize_model_, replace_li
 __version__ = "0.1.0"
 
 
-def _register_with_transformers() -> None:
-    """``quant_method="bnbx"`` for transformers' from_pretrained, when transformers is installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("transformers") is None:
-        return
-    from .integrations import transformers as _hf
-
-    _hf.register()
-
-
-_register_with_transformers()
-
 __all__ = [
     "BnbxConfig",
     "dequantize_model",
@@ -70,3 +57,38 @@ __all__ = [
     "quantize_int8",
     "quantize_nf4",
 ]
+
+# LLM.int8(): functional ops (also in bnbx.functional), the differentiable matmul and the layer
+from . import matmul_int8  # noqa: E402  (registers the autograd of bnbx::int8_mixed_linear)
+from . import nn  # noqa: E402
+from .functional_int8 import (  # noqa: E402
+    int8_linear_matmul,
+    int8_mixed_linear,
+    int8_mm_dequant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+)
+from .matmul_int8 import matmul_8bit  # noqa: E402
+
+__all__ += [
+    "int8_linear_matmul",
+    "int8_mixed_linear",
+    "int8_mm_dequant",
+    "int8_vectorwise_dequant",
+    "int8_vectorwise_quant",
+    "matmul_8bit",
+]
+
+
+def _register_with_transformers() -> None:
+    """``quant_method="bnbx"`` for transformers' from_pretrained, when transformers is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from .integrations import transformers as _hf
+
+    _hf.register()
+
+
+_register_with_transformers()

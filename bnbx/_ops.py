@@ -288,3 +288,109 @@ def _gemm_4bit_backward(ctx, grad):
 
 
 torch.library.register_autograd("bnbx::gemm_4bit", _gemm_4bit_backward, setup_context=_gemm_4bit_setup_context)
+
+# ---- LLM.int8() (csrc/common/checks_int8_matmul.h holds the same checks and words) ----------------------------
+
+INT8_MAX_K = 2**17 - 1  # |sum of K int8 products| <= 128 * 128 * K stays inside int32
+
+
+def _int8_rows(A: torch.Tensor) -> int:
+    return math.prod(A.shape[:-1])
+
+
+def check_threshold(op: str, threshold: float) -> None:
+    torch._check_value(
+        not math.isnan(threshold) and threshold >= 0.0,
+        lambda: f"{op}: threshold must be >= 0 (0 disables outlier columns), got {threshold}",
+    )
+
+
+def _check_int8_rows(op: str, name: str, A: torch.Tensor, dtype: torch.dtype) -> None:
+    torch._check_type(
+        A.dtype == dtype, lambda: f"{op}: {name} must be {_dtype_name(dtype)}, got {_dtype_name(A.dtype)}"
+    )
+    torch._check_value(A.dim() >= 1, lambda: f"{op}: {name} must have at least one dimension, got a scalar")
+
+
+def _check_stats(op: str, name: str, stats: torch.Tensor, expected: int, A: torch.Tensor) -> None:
+    torch._check_type(
+        stats.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {_dtype_name(stats.dtype)}"
+    )
+    torch._check_value(
+        stats.numel() == expected, lambda: f"{op}: {name} must hold {expected} values, got {stats.numel()}"
+    )
+    check_same_device(op, A, "A", stats, name)
+
+
+def _check_int8_weight(op: str, name: str, B: torch.Tensor, K: int, A: torch.Tensor) -> None:
+    torch._check_type(B.dtype == torch.int8, lambda: f"{op}: {name} must be int8, got {_dtype_name(B.dtype)}")
+    torch._check_value(B.dim() == 2, lambda: f"{op}: {name} must be 2-D [N, K], got {B.dim()} dimensions")
+    torch._check_value(
+        B.shape[1] == K, lambda: f"{op}: {name} must be [N, K] with K = A.shape[-1] = {K}, got {list(B.shape)}"
+    )
+    torch._check_value(
+        K <= INT8_MAX_K, lambda: f"{op}: K must be at most {INT8_MAX_K} so int32 sums cannot overflow, got {K}"
+    )
+    check_same_device(op, A, "A", B, name)
+
+
+def _check_bias(op: str, bias, N: int, A: torch.Tensor) -> None:
+    if bias is None:
+        return
+    check_float_dtype(op, "bias", bias.dtype)
+    torch._check_value(bias.numel() == N, lambda: f"{op}: bias must hold N = {N} values, got {bias.numel()}")
+    check_same_device(op, A, "A", bias, "bias")
+
+
+@torch.library.register_fake("bnbx::int8_vectorwise_quant")
+def _(A: torch.Tensor, threshold: float = 0.0):
+    op = "int8_vectorwise_quant"
+    check_float_dtype(op, "A", A.dtype)
+    torch._check_value(A.dim() >= 1, lambda: f"{op}: A must have at least one dimension, got a scalar")
+    check_threshold(op, threshold)
+    q = torch.empty(A.shape, dtype=torch.int8, device=A.device)
+    stats = torch.empty((_int8_rows(A),), dtype=torch.float32, device=A.device)
+    # how many columns hold outliers depends on the data: a dynamic size keeps fullgraph tracing possible
+    n_out = torch.library.get_ctx().new_dynamic_size() if threshold > 0.0 and A.shape[-1] > 0 else 0
+    cols = torch.empty((n_out,), dtype=torch.int64, device=A.device)
+    return q, stats, cols
+
+
+@torch.library.register_fake("bnbx::int8_vectorwise_dequant")
+def _(A: torch.Tensor, stats: torch.Tensor):
+    op = "int8_vectorwise_dequant"
+    _check_int8_rows(op, "A", A, torch.int8)
+    _check_stats(op, "stats", stats, _int8_rows(A), A)
+    return torch.empty(A.shape, dtype=torch.float32, device=A.device)
+
+
+@torch.library.register_fake("bnbx::int8_linear_matmul")
+def _(A: torch.Tensor, B: torch.Tensor):
+    op = "int8_linear_matmul"
+    _check_int8_rows(op, "A", A, torch.int8)
+    _check_int8_weight(op, "B", B, A.shape[-1], A)
+    return torch.empty((*A.shape[:-1], B.shape[0]), dtype=torch.int32, device=A.device)
+
+
+@torch.library.register_fake("bnbx::int8_mm_dequant")
+def _(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, dtype=None, bias=None):
+    op = "int8_mm_dequant"
+    out_dtype = torch.float16 if dtype is None else dtype
+    _check_int8_rows(op, "A", A, torch.int32)
+    _check_stats(op, "row_stats", row_stats, _int8_rows(A), A)
+    _check_stats(op, "col_stats", col_stats, A.shape[-1], A)
+    check_float_dtype(op, "dtype", out_dtype)
+    _check_bias(op, bias, A.shape[-1], A)
+    return torch.empty(A.shape, dtype=out_dtype, device=A.device)
+
+
+@torch.library.register_fake("bnbx::int8_mixed_linear")
+def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias=None, threshold: float = 0.0):
+    op = "int8_mixed_linear"
+    check_float_dtype(op, "A", A.dtype)
+    torch._check_value(A.dim() >= 1, lambda: f"{op}: A must have at least one dimension, got a scalar")
+    _check_int8_weight(op, "CB", CB, A.shape[-1], A)
+    _check_stats(op, "SCB", SCB, CB.shape[0], A)
+    _check_bias(op, bias, CB.shape[0], A)
+    check_threshold(op, threshold)
+    return torch.empty((*A.shape[:-1], CB.shape[0]), dtype=A.dtype, device=A.device)

@@ -350,3 +350,21 @@ def dequantize_int8(q: torch.Tensor, state: Int8QuantState, dtype: Optional[torc
     return out
 
 
+
+
+# LLM.int8() ops live in functional_int8.py; bitsandbytes users find them here under the same names.
+from .functional_int8 import (  # noqa: E402
+    int8_linear_matmul,
+    int8_mixed_linear,
+    int8_mm_dequant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+)
+
+__all__ += [
+    "int8_linear_matmul",
+    "int8_mixed_linear",
+    "int8_mm_dequant",
+    "int8_vectorwise_dequant",
+    "int8_vectorwise_quant",
+]

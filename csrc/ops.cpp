@@ -33,6 +33,21 @@ TORCH_LIBRARY(bnbx, m) {
   m.def("gemm_4bit(Tensor A, Tensor B, Tensor absmax, int blocksize, str quant_type, int[] shape, "
         "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
         "int nested_blocksize=256) -> Tensor");
+
+  // ---- LLM.int8() (bitsandbytes' names and semantics) ----
+  // A float [..., K] -> q int8 like A, row_stats fp32 [rows] (absmax over |x| < threshold), outlier_cols
+  // int64 [n_out]: columns with any |x| >= threshold (threshold > 0), zero in q. q = round(x * 127 / stat).
+  m.def("int8_vectorwise_quant(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor)");
+  // float(A) * stats[row] / 127 -> fp32 like A
+  m.def("int8_vectorwise_dequant(Tensor A, Tensor stats) -> Tensor");
+  // A int8 [..., K], B int8 [N, K] -> int32 [..., N] = A @ B^T, exact
+  m.def("int8_linear_matmul(Tensor A, Tensor B) -> Tensor");
+  // A int32 [..., N] -> A * row_stats * col_stats / 127^2 + bias, in dtype (None: float16, as bitsandbytes)
+  m.def("int8_mm_dequant(Tensor A, Tensor row_stats, Tensor col_stats, ScalarType? dtype=None, Tensor? bias=None)"
+        " -> Tensor");
+  // The whole layer: A float [..., K], weight CB int8 [N, K] with row absmax SCB fp32 [N] -> A.dtype [..., N];
+  // int8 product of the normal columns + fp32 product of the outlier columns, bias, one write.
+  m.def("int8_mixed_linear(Tensor A, Tensor CB, Tensor SCB, Tensor? bias=None, float threshold=0.0) -> Tensor");
 }
 
 #ifndef BNBX_WITH_CUDA
@@ -53,7 +68,8 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
                            "dequantize_blockwise", "quantize_int8", "dequantize_int8",
-                           "gemm_4bit"}) {
+                           "gemm_4bit", "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul",
+                           "int8_mm_dequant", "int8_mixed_linear"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }

@@ -1,0 +1,251 @@
+"""LLM.int8() linear layer: ``Linear8bitLt`` and its weight ``Int8Params``, bitsandbytes-compatible.
+
+Same constructor, defaults and state_dict keys as bitsandbytes 0.50 (``weight`` int8 ``[N, K]``, ``SCB`` fp32
+``[N]`` row absmax, ``weight_format`` uint8 0 = row-major), so a checkpoint saved by either library loads
+into the other. Differences, each deliberate:
+
+- the weight is quantized from its own dtype (bitsandbytes casts it to fp16 first, which overflows above
+  65504 and rounds bf16/fp32 weights once more); fp16 weights give bitsandbytes' bytes exactly;
+- inputs run in their own dtype (bitsandbytes casts activations to fp16), outliers are added in fp32;
+- loading a quantized checkpoint into a module that was never moved works (bitsandbytes raises), and loading
+  a 16-bit checkpoint into a quantized module quantizes it (bitsandbytes would copy floats into int8);
+- the bias is cast per call, never in place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import functional_int8 as F8
+from ..matmul_int8 import matmul_8bit
+
+__all__ = ["Int8Params", "Linear8bitLt"]
+
+# bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING: only "row" (0) is stored since 0.45
+_WEIGHT_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
+
+
+class Int8Params(nn.Parameter):
+    """A weight that becomes int8 row-wise (``CB`` = data, ``SCB`` = row absmax) the first time it moves to a
+    (non-meta) device, unless ``has_fp16_weights``; bitsandbytes' ``Int8Params`` signature. Never quantized
+    twice: an int8 weight only moves."""
+
+    def __new__(
+        cls,
+        data: Optional[torch.Tensor] = None,
+        requires_grad: bool = True,
+        has_fp16_weights: bool = False,
+        CB: Optional[torch.Tensor] = None,
+        SCB: Optional[torch.Tensor] = None,
+        **kwargs,
+    ):
+        if data is None:
+            data = torch.empty(0)
+        obj = torch.Tensor._make_subclass(cls, data, requires_grad)
+        obj.CB = CB
+        obj.SCB = SCB
+        obj.has_fp16_weights = has_fp16_weights
+        return obj
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.data.dtype == torch.int8
+
+    def _quantize(self, device: Optional[torch.device] = None) -> "Int8Params":
+        if self.has_fp16_weights:
+            return super().to(device)
+        weight = self.data.contiguous().to(device)
+        if weight.dim() != 2:
+            raise ValueError(f"Int8Params: the weight must be 2-D [out_features, in_features], got {weight.dim()}-D")
+        CB, SCB, _ = F8.int8_vectorwise_quant(weight)
+        self.requires_grad = False
+        self.data = CB
+        self.CB = CB
+        self.SCB = SCB
+        return self
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return type(self)(
+            copy.deepcopy(self.data, memo),
+            requires_grad=self.requires_grad,
+            has_fp16_weights=self.has_fp16_weights,
+            CB=None if self.CB is None else copy.deepcopy(self.CB, memo),
+            SCB=None if self.SCB is None else copy.deepcopy(self.SCB, memo),
+        )
+
+    def cpu(self):
+        return self.to(device="cpu")
+
+    def cuda(self, device=None, non_blocking: bool = False):
+        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
+
+    def to(self, *args, **kwargs):
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if not self.is_quantized and device is not None and device.type != "meta" and not self.has_fp16_weights:
+            return self._quantize(device)
+        if self.is_quantized:
+            dtype = None  # the codes stay int8 whatever dtype the module is cast to
+        moved = super().to(device=device, dtype=dtype, non_blocking=non_blocking)
+        new = Int8Params(moved, requires_grad=self.requires_grad, has_fp16_weights=self.has_fp16_weights)
+        if self.is_quantized:
+            new.CB = new.data
+            new.SCB = None if self.SCB is None else self.SCB.to(device if device is not None else self.SCB.device)
+        return new
+
+
+def _check_weight_format(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    fmt = state_dict.pop(f"{prefix}weight_format", "row")
+    if isinstance(fmt, torch.Tensor):
+        fmt = fmt.item()
+    if isinstance(fmt, int):
+        if fmt not in _WEIGHT_FORMATS:
+            raise ValueError(f"Linear8bitLt: unknown weight_format {fmt} in the state_dict")
+        fmt = _WEIGHT_FORMATS[fmt]
+    if fmt != "row":
+        raise ValueError(f"Linear8bitLt: only the 'row' weight_format is supported, got {fmt!r}")
+
+
+class Linear8bitLt(nn.Linear):
+    """``nn.Linear`` through LLM.int8(): ``y = x @ W.T + b`` with an int8 weight and per-row int8 activations.
+
+    Args (bitsandbytes' signature and defaults):
+        input_features, output_features, bias: as ``nn.Linear``.
+        has_fp16_weights: keep and train the 16-bit weight (quantized on the fly each forward); False stores
+            int8 (what transformers passes for inference and adapters).
+        threshold: activation outlier threshold; input columns holding any ``|x| >= threshold`` run in fp32
+            against the dequantized weight columns. 0 disables the decomposition (transformers uses 6.0).
+        index: kept for bitsandbytes compatibility; unused.
+        device: where to create the weight; a non-meta device other than where it was built quantizes it
+            when the module is moved (``.to()``, ``.cpu()``, ``.cuda()``), or at the first forward.
+    """
+
+    def __init__(
+        self,
+        input_features: int,
+        output_features: int,
+        bias: bool = True,
+        has_fp16_weights: bool = True,
+        threshold: float = 0.0,
+        index=None,
+        device=None,
+    ):
+        super().__init__(input_features, output_features, bias, device)
+        self.threshold = F8._check_threshold("Linear8bitLt", threshold)
+        self.has_fp16_weights = bool(has_fp16_weights)
+        self.index = index
+        self.weight = Int8Params(self.weight.data, has_fp16_weights=has_fp16_weights, requires_grad=has_fp16_weights)
+        self._register_load_state_dict_pre_hook(_check_weight_format, with_module=False)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, threshold: float = 0.0, has_fp16_weights: bool = False
+    ) -> "Linear8bitLt":
+        """A ``Linear8bitLt`` holding ``linear``'s weight (quantized unless ``has_fp16_weights``) and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Linear8bitLt.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        device = linear.weight.device
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            has_fp16_weights=has_fp16_weights,
+            threshold=threshold,
+            device="meta",
+        )
+        module.weight = Int8Params(
+            linear.weight.detach().clone(), requires_grad=has_fp16_weights, has_fp16_weights=has_fp16_weights
+        )
+        if not has_fp16_weights:
+            module.weight._quantize(device)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return module
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"threshold={self.threshold}, has_fp16_weights={self.has_fp16_weights}, "
+            f"quantized={self.weight.is_quantized}"
+        )
+
+    def _ensure_quantized(self) -> None:
+        if not self.has_fp16_weights and not self.weight.is_quantized and self.weight.device.type != "meta":
+            self.weight._quantize(self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Linear8bitLt: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"Linear8bitLt: input must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear8bitLt: input must be [..., {self.in_features}], got shape {list(x.shape)}"
+            )
+        self._ensure_quantized()
+        if self.has_fp16_weights:
+            return matmul_8bit(x, self.weight, None, self.bias, self.threshold)
+        if self.weight.SCB is None:
+            raise RuntimeError("Linear8bitLt: the int8 weight has no SCB row statistics; load them with the weight")
+        return matmul_8bit(x, self.weight.data, self.weight.SCB, self.bias, self.threshold)
+
+    # ---- state_dict: bitsandbytes' keys ----------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.has_fp16_weights and self.weight.is_quantized and self.weight.SCB is not None:
+            destination[prefix + "SCB"] = self.weight.SCB if keep_vars else self.weight.SCB.detach()
+            destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        weight = state_dict.get(prefix + "weight")
+        scb = state_dict.get(prefix + "SCB")
+        shape = (self.out_features, self.in_features)
+        handled = False  # weight installed here; the generic copy below must not touch it
+        if scb is not None:
+            if weight is None or weight.dtype != torch.int8 or tuple(weight.shape) != shape:
+                raise ValueError(
+                    f"Linear8bitLt: {prefix}SCB needs an int8 {prefix}weight of shape {list(shape)}, got "
+                    f"{None if weight is None else (weight.dtype, list(weight.shape))}"
+                )
+            if scb.dtype != torch.float32 or scb.numel() != self.out_features:
+                raise ValueError(
+                    f"Linear8bitLt: {prefix}SCB must be float32 with {self.out_features} values (one per weight "
+                    f"row), got {scb.dtype} with {scb.numel()}"
+                )
+            if self.has_fp16_weights:
+                raise ValueError("Linear8bitLt: an int8 checkpoint (weight + SCB) needs has_fp16_weights=False")
+            device = self.weight.device if self.weight.device.type != "meta" else weight.device
+            self.weight = Int8Params(
+                weight.detach().to(device).clone(),
+                requires_grad=False,
+                has_fp16_weights=False,
+                CB=None,
+                SCB=scb.detach().to(device).clone(),
+            )
+            self.weight.CB = self.weight.data
+            handled = True
+        elif weight is not None and weight.dtype == torch.int8:
+            raise ValueError(f"Linear8bitLt: the int8 {prefix}weight comes without its {prefix}SCB row statistics")
+        elif weight is not None and self.weight.is_quantized:
+            # a 16-bit checkpoint into a quantized module: quantize it rather than copy floats into int8
+            if tuple(weight.shape) != shape:
+                raise ValueError(f"Linear8bitLt: {prefix}weight must have shape {list(shape)}, got {list(weight.shape)}")
+            device = self.weight.device
+            self.weight = Int8Params(weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+            self.weight._quantize(device)
+            handled = True
+        if handled:
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for key in (prefix + "SCB",):
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+        if handled and prefix + "weight" in missing_keys:
+            missing_keys.remove(prefix + "weight")

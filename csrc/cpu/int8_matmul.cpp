@@ -1,0 +1,273 @@
+// CPU host code of the LLM.int8() ops: checks, allocation, the GEMM route (AMX-INT8 > AVX512-VNNI > AVX2 /
+// scalar, chosen at run time) and at::parallel_for over rows or output columns.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../common/checks_int8_matmul.h"
+#include "cpu_features.h"
+#include "kernels/int8_matmul.h"
+
+namespace bnbx {
+namespace {
+
+// Forces one GEMM route for tests and benchmarks (bnbx_set_int8_gemm below); kAuto picks the best present.
+enum class GemmRoute : int { kAuto = 0, kAmx = 1, kVnni = 2, kBase = 3 };
+std::atomic<int> g_forced_route{static_cast<int>(GemmRoute::kAuto)};
+
+const cpu::Int8MatmulKernels& int8_kernels() {
+  return cpu::select_kernels(cpu::int8_matmul_scalar, cpu::int8_matmul_avx2, cpu::int8_matmul_avx512);
+}
+
+// Below this many rows of A, packing B for AMX costs more than it saves: the VNNI kernel reads B in place.
+constexpr int64_t kAmxMinRows = 32;
+
+GemmRoute gemm_route(const cpu::Int8MatmulKernels& kt, int64_t M) {
+  const bool amx = kt.gemm_amx != nullptr && cpu::cpu_has_amx();
+  const bool vnni = kt.gemm_vnni != nullptr && cpu::cpu_has_avx512_vnni();
+  switch (static_cast<GemmRoute>(g_forced_route.load())) {
+    case GemmRoute::kAmx: return amx ? GemmRoute::kAmx : GemmRoute::kBase;
+    case GemmRoute::kVnni: return vnni ? GemmRoute::kVnni : GemmRoute::kBase;
+    case GemmRoute::kBase: return GemmRoute::kBase;
+    default:
+      return amx && (M >= kAmxMinRows || !vnni) ? GemmRoute::kAmx : vnni ? GemmRoute::kVnni : GemmRoute::kBase;
+  }
+}
+
+const char* route_name(GemmRoute route, const cpu::Int8MatmulKernels& kt) {
+  switch (route) {
+    case GemmRoute::kAmx: return "amx";
+    case GemmRoute::kVnni: return "avx512_vnni";
+    default: return kt.name;
+  }
+}
+
+// C[M, N] = A[M, K] . B[N, K]^T, exact int32; A, B contiguous.
+void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    std::memset(C, 0, sizeof(int32_t) * M * N);
+    return;
+  }
+  const cpu::Int8MatmulKernels& kt = int8_kernels();
+  const GemmRoute route = gemm_route(kt, M);
+  if (route == GemmRoute::kAmx) {
+    const int64_t blocks = ceil_div(N, 16);
+    std::vector<uint8_t> packed(kt.amx_packed_bytes(N, K));
+    at::parallel_for(0, blocks, 4, [&](int64_t b, int64_t e) { kt.amx_pack(B, N, K, packed.data(), b, e); });
+    // output columns in panels of 32 (two packed B blocks)
+    const int64_t panels = ceil_div(N, 32);
+    at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
+      kt.gemm_amx(A, packed.data(), C, M, N, K, b * 32, std::min(N, e * 32));
+    });
+    return;
+  }
+  const auto fn = route == GemmRoute::kVnni ? kt.gemm_vnni : kt.gemm;
+  const int64_t panels = ceil_div(N, 4);
+  at::parallel_for(0, panels, std::max<int64_t>(1, 8192 / (K * std::max<int64_t>(M, 1))),
+                   [&](int64_t b, int64_t e) { fn(A, B, C, M, N, K, b * 4, std::min(N, e * 4)); });
+}
+
+// Product of all but the last dimension (1 for a 1-D tensor): the rows of the matrix view, also when K = 0.
+int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)); }
+
+int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
+
+// Row-wise quantization of the contiguous A[rows, K]; fills q, stats and (threshold > 0) the outlier columns.
+std::vector<int64_t> vectorwise_quant_into(const at::Tensor& input, int64_t rows, int64_t K, float threshold,
+                                           int8_t* q, float* stats) {
+  const cpu::Int8MatmulKernels& kt = int8_kernels();
+  const FloatType in_type = to_float_type(input.scalar_type());
+  const void* in = input.const_data_ptr();
+  std::vector<int64_t> cols;
+  std::vector<uint8_t> mask;
+  if (threshold > 0.0f && rows > 0) {
+    // one mask per task, ORed afterwards, so no two threads write the same byte
+    const int64_t tasks = std::min<int64_t>(rows, std::max(1, at::get_num_threads()));
+    std::vector<uint8_t> masks(tasks * K, 0);
+    at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        kt.outlier_columns(in_type, in, K, threshold, masks.data() + t * K, rows * t / tasks, rows * (t + 1) / tasks);
+      }
+    });
+    mask.assign(K, 0);
+    for (int64_t t = 0; t < tasks; ++t) {
+      for (int64_t k = 0; k < K; ++k) mask[k] |= masks[t * K + k];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      if (mask[k]) cols.push_back(k);
+    }
+  }
+  const uint8_t* mask_ptr = cols.empty() ? nullptr : mask.data();
+  at::parallel_for(0, rows, grain_rows(K), [&](int64_t b, int64_t e) {
+    kt.vectorwise_quant(in_type, in, K, threshold, mask_ptr, q, stats, b, e);
+  });
+  return cols;
+}
+
+at::Tensor cols_tensor(const std::vector<int64_t>& cols, const at::Tensor& like) {
+  at::Tensor out = at::empty({static_cast<int64_t>(cols.size())}, like.options().dtype(at::kLong));
+  if (!cols.empty()) std::memcpy(out.mutable_data_ptr<int64_t>(), cols.data(), cols.size() * sizeof(int64_t));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cpu(const at::Tensor& A, double threshold) {
+  check_int8_vectorwise_quant_args(A, threshold);
+  const at::Tensor input = A.contiguous();
+  const int64_t K = input.size(-1);
+  const int64_t rows = leading_rows(input);
+  at::Tensor q = at::empty(input.sizes(), input.options().dtype(at::kChar));
+  at::Tensor stats = at::empty({rows}, input.options().dtype(at::kFloat));
+  if (K == 0) {
+    stats.zero_();
+    return {q, stats, cols_tensor({}, input)};
+  }
+  const std::vector<int64_t> cols =
+      vectorwise_quant_into(input, rows, K, threshold_in_dtype(threshold, input.scalar_type()),
+                            q.mutable_data_ptr<int8_t>(), stats.mutable_data_ptr<float>());
+  return {q, stats, cols_tensor(cols, input)};
+}
+
+at::Tensor int8_vectorwise_dequant_cpu(const at::Tensor& A, const at::Tensor& stats) {
+  check_int8_vectorwise_dequant_args(A, stats);
+  const at::Tensor q = A.contiguous();
+  const at::Tensor s = stats.contiguous();
+  const int64_t K = q.size(-1);
+  const int64_t rows = leading_rows(q);
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  const cpu::Int8MatmulKernels& kt = int8_kernels();
+  at::parallel_for(0, rows, grain_rows(K), [&](int64_t b, int64_t e) {
+    kt.vectorwise_dequant(q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), K, out.mutable_data_ptr<float>(),
+                          b, e);
+  });
+  return out;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& A, int64_t N) {
+  std::vector<int64_t> shape(A.sizes().begin(), A.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+at::Tensor int8_linear_matmul_cpu(const at::Tensor& A, const at::Tensor& B) {
+  check_int8_linear_matmul_args(A, B);
+  const at::Tensor a = A.contiguous();
+  const at::Tensor b = B.contiguous();
+  const int64_t K = a.size(-1), N = b.size(0);
+  const int64_t rows = leading_rows(a);
+  at::Tensor C = at::empty(out_shape(a, N), a.options().dtype(at::kInt));
+  int8_gemm(a.const_data_ptr<int8_t>(), b.const_data_ptr<int8_t>(), C.mutable_data_ptr<int32_t>(), rows, N, K);
+  return C;
+}
+
+void mm_dequant_into(const int32_t* C, const float* row_stats, const float* col_stats,
+                     const c10::optional<at::Tensor>& bias, const float* a_out, const float* b_out, int64_t n_out,
+                     at::ScalarType dtype, void* out, int64_t rows, int64_t N) {
+  const cpu::Int8MatmulKernels& kt = int8_kernels();
+  at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const void* bias_ptr = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
+  const FloatType bias_type = bias_c.defined() ? to_float_type(bias_c.scalar_type()) : FloatType::kFloat32;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
+    kt.mm_dequant(C, row_stats, col_stats, bias_type, bias_ptr, a_out, b_out, n_out, to_float_type(dtype), out, N,
+                  b, e);
+  });
+}
+
+at::Tensor int8_mm_dequant_cpu(const at::Tensor& A, const at::Tensor& row_stats, const at::Tensor& col_stats,
+                               c10::optional<at::ScalarType> dtype, const c10::optional<at::Tensor>& bias) {
+  const at::ScalarType out_dtype = dtype.value_or(at::kHalf);  // bitsandbytes' default
+  check_int8_mm_dequant_args(A, row_stats, col_stats, out_dtype, bias);
+  const at::Tensor C = A.contiguous();
+  const at::Tensor rs = row_stats.contiguous();
+  const at::Tensor cs = col_stats.contiguous();
+  const int64_t N = C.size(-1);
+  const int64_t rows = leading_rows(C);
+  at::Tensor out = at::empty(C.sizes(), C.options().dtype(out_dtype));
+  mm_dequant_into(C.const_data_ptr<int32_t>(), rs.const_data_ptr<float>(), cs.const_data_ptr<float>(), bias,
+                  nullptr, nullptr, 0, out_dtype, out.mutable_data_ptr(), rows, N);
+  return out;
+}
+
+// Outlier columns fused into the epilogue up to this many; beyond it one fp32 GEMM adds them instead.
+constexpr int64_t kFusedOutliers = 32;
+
+at::Tensor int8_mixed_linear_cpu(const at::Tensor& A, const at::Tensor& CB, const at::Tensor& SCB,
+                                 const c10::optional<at::Tensor>& bias, double threshold) {
+  check_int8_mixed_linear_args(A, CB, SCB, bias, threshold);
+  const at::Tensor input = A.contiguous();
+  const at::Tensor weight = CB.contiguous();
+  const at::Tensor scb = SCB.contiguous();
+  const int64_t K = input.size(-1), N = weight.size(0);
+  const int64_t rows = leading_rows(input);
+  at::Tensor out = at::empty(out_shape(input, N), input.options());
+  if (rows == 0 || N == 0) return out;
+
+  at::Tensor q = at::empty({rows, K}, input.options().dtype(at::kChar));
+  at::Tensor stats = at::empty({rows}, input.options().dtype(at::kFloat));
+  const std::vector<int64_t> cols =
+      K == 0 ? std::vector<int64_t>{}
+             : vectorwise_quant_into(input, rows, K, threshold_in_dtype(threshold, input.scalar_type()),
+                                     q.mutable_data_ptr<int8_t>(), stats.mutable_data_ptr<float>());
+  if (K == 0) stats.zero_();
+  at::Tensor C = at::empty({rows, N}, input.options().dtype(at::kInt));
+  int8_gemm(q.const_data_ptr<int8_t>(), weight.const_data_ptr<int8_t>(), C.mutable_data_ptr<int32_t>(), rows, N, K);
+
+  // outlier part: A[:, cols] (input values) times the dequantized weight columns CB[:, cols] * SCB / 127
+  const int64_t n_out = static_cast<int64_t>(cols.size());
+  at::Tensor a_out, b_out;
+  if (n_out > 0) {
+    const at::Tensor idx = cols_tensor(cols, input);
+    a_out = input.reshape({rows, K}).index_select(1, idx).to(at::kFloat).contiguous();
+    b_out = weight.index_select(1, idx).to(at::kFloat).mul(scb.reshape({N, 1})).mul_(7.874015718698502e-3)
+.t().contiguous();
+  }
+  if (n_out > kFusedOutliers) {
+    at::Tensor out32 = at::empty({rows, N}, input.options().dtype(at::kFloat));
+    mm_dequant_into(C.const_data_ptr<int32_t>(), stats.const_data_ptr<float>(), scb.const_data_ptr<float>(), bias,
+                    nullptr, nullptr, 0, at::kFloat, out32.mutable_data_ptr(), rows, N);
+    out32.addmm_(a_out, b_out);
+    out.copy_(out32.view(out.sizes()));
+    return out;
+  }
+  mm_dequant_into(C.const_data_ptr<int32_t>(), stats.const_data_ptr<float>(), scb.const_data_ptr<float>(), bias,
+                  n_out ? a_out.const_data_ptr<float>() : nullptr, n_out ? b_out.const_data_ptr<float>() : nullptr,
+                  n_out, input.scalar_type(), out.mutable_data_ptr(), rows, N);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnbx, CPU, m) {
+  m.impl("int8_vectorwise_quant", &int8_vectorwise_quant_cpu);
+  m.impl("int8_vectorwise_dequant", &int8_vectorwise_dequant_cpu);
+  m.impl("int8_linear_matmul", &int8_linear_matmul_cpu);
+  m.impl("int8_mm_dequant", &int8_mm_dequant_cpu);
+  m.impl("int8_mixed_linear", &int8_mixed_linear_cpu);
+}
+
+}  // namespace bnbx
+
+// ctypes interface (tests, benchmarks): which int8 GEMM route runs, and forcing one.
+extern "C" {
+
+const char* bnbx_int8_gemm_route() {
+  const auto& kt = bnbx::int8_kernels();
+  return bnbx::route_name(bnbx::gemm_route(kt, 2048), kt);
+}
+
+// "auto", "amx", "avx512_vnni" or "base" (the active instruction set's plain kernel); 0 for an unknown name.
+int bnbx_set_int8_gemm(const char* name) {
+  const std::string s(name);
+  int route = s == "auto" ? 0 : s == "amx" ? 1 : s == "avx512_vnni" ? 2 : s == "base" ? 3 : -1;
+  if (route < 0) return 0;
+  bnbx::g_forced_route.store(route);
+  return 1;
+}
+}
