@@ -26,8 +26,6 @@ from .functional import (  # noqa: E402
 from .quant_state import QuantState  # noqa: E402
 from . import nn  # noqa: E402
 from .matmul import matmul_4bit  # noqa: E402
-
-from . import nn  # noqa: E402
 from .integrations.config import BnbxConfig  # noqa: E402
 from .integrations.quantize import dequantize_model, quantize_model_, replace_linear  # noqa: E402
 
@@ -37,7 +35,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BnbxConfig",
     "dequantize_model",
-    "nn",
     "quantize_model_",
     "replace_linear",
     "QuantState",
@@ -60,7 +57,6 @@ __all__ = [
 
 # LLM.int8(): functional ops (also in bnbx.functional), the differentiable matmul and the layer
 from . import matmul_int8  # noqa: E402  (registers the autograd of bnbx::int8_mixed_linear)
-from . import nn  # noqa: E402
 from .functional_int8 import (  # noqa: E402
     int8_linear_matmul,
     int8_mixed_linear,

@@ -176,6 +176,14 @@ def dequantize_layer(module: nn.Module, dtype: Optional[torch.dtype] = None) -> 
     """The dense weight of a bnbx quantized layer."""
     if hasattr(module, "dequantize"):
         return module.dequantize(dtype) if dtype is not None else module.dequantize()
+    linear8 = _layer_class("Linear8bitLt")
+    if linear8 is not None and isinstance(module, linear8):
+        weight = module.weight
+        if getattr(weight, "SCB", None) is None:  # 16-bit weights kept (has_fp16_weights=True)
+            return weight.data.to(dtype or weight.dtype)
+        from ..functional_int8 import int8_vectorwise_dequant
+
+        return int8_vectorwise_dequant(weight.data, weight.SCB).to(dtype or torch.float32)
     raise TypeError(f"dequantize_layer: {type(module).__name__} is not a bnbx quantized layer")
 
 
