@@ -44,6 +44,11 @@ _SERIALIZED = {
 }
 
 
+# A tensor every bnbx checkpoint carries, so that transformers without bnbx (no `import bnbx`) names the fix in
+# its load report; bnbx's loader ignores it.
+MARKER = "bnbx_quantized_checkpoint.run_import_bnbx_before_from_pretrained"
+
+
 def _serialized_names(config: BnbxConfig) -> list[str]:
     if config.weight_only:
         return _SERIALIZED[config.weight_only]
@@ -131,6 +136,11 @@ class _BnbxDeserialize(ConversionOps):
         if "weight" not in tensors:
             raise ValueError(f"bnbx: the checkpoint has quantization data but no weight for {full_layer_name}")
         layer_name = full_layer_name.rsplit(".", 1)[0]
+        weight = tensors["weight"]
+        if weight.dtype in (torch.int8, torch.uint8) and weight.dim() == 2 and weight.shape[1] == 1 \
+                and not self.hf_quantizer.quantization_config.load_in_4bit \
+                and weight.numel() == module.in_features * module.out_features:
+            tensors["weight"] = weight.reshape(module.out_features, module.in_features)  # stored as a column
         new = _built_layer(model, layer_name, tensors, self.hf_quantizer.quantization_config, False)
         _discard_companions(missing_keys, layer_name, new)
         return {"weight": new.weight}
@@ -179,6 +189,9 @@ class BnbxHfQuantizer(HfQuantizer):
             model, config.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None))
         if config.llm_int8_enable_fp32_cpu_offload and isinstance(device_map, dict):
             self.modules_to_not_convert += [key for key, value in device_map.items() if value in ("cpu", "disk")]
+        if self.pre_quantized:
+            model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+                MARKER.replace(".", r"\.")}
         dtype = getattr(model.config, "dtype", None)
         dtype = dtype if isinstance(dtype, torch.dtype) else None
         replaced = 0
@@ -211,6 +224,21 @@ class BnbxHfQuantizer(HfQuantizer):
             return []
         return [WeightConverter(_serialized_names(self.quantization_config), "weight",
                                 [_BnbxDeserialize(self)])]
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+        """The layers' own state_dict (bitsandbytes' keys), with every 8-bit weight stored as one column like
+        the 4-bit packed weights, and the marker: transformers without bnbx then fails on the shapes instead of
+        loading int8 codes as float weights."""
+        state = model.state_dict()
+        for name, module in model.named_modules():
+            if isinstance(module, _quantize.quantized_layer_types()):
+                key = f"{name}.weight"
+                weight = state.get(key)
+                if weight is not None and weight.dtype in (torch.int8, torch.uint8) and weight.dim() == 2 \
+                        and weight.shape[1] != 1:
+                    state[key] = weight.reshape(-1, 1)
+        state[MARKER] = torch.ones(1, dtype=torch.uint8)
+        return state, {}
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import bnbx  # noqa: E402
 from bnbx import eval as bnbx_eval  # noqa: E402
 from bnbx.integrations import smollm  # noqa: E402
 
@@ -109,3 +110,7 @@ def test_smollm2_real_model():
     result = bnbx_eval.perplexity(model, tokenizer, bnbx_eval.heldout_text(), window=129, stride=129, max_tokens=129)
     assert result["tokens"] == 128
     assert 5 < result["perplexity"] < 200  # a trained model; a random one would be near the vocabulary size 49152
+    bnbx.replace_linear(model, bnbx.BnbxConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    assert type(model.model.layers[0].mlp.down_proj) is bnbx.nn.Linear4bit and type(model.lm_head) is torch.nn.Linear
+    nf4 = bnbx_eval.perplexity(model, tokenizer, bnbx_eval.heldout_text(), window=129, stride=129, max_tokens=129)
+    assert result["perplexity"] < nf4["perplexity"] < 1.5 * result["perplexity"]
