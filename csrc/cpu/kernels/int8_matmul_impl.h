@@ -310,11 +310,18 @@ template <int T>
 BNBX_AMX inline void store_tile(int32_t* C, int64_t ldc, int64_t M, int64_t n_limit, int64_t m0, int64_t n0,
                                 int32_t* buffer) {
   if (m0 >= M || n0 >= n_limit) return;
+  // GCC's _tile_stored is a macro that pastes its tile number into the instruction text: it needs a literal
+  auto store = [](int32_t* base, int64_t stride_bytes) BNBX_AMX {
+    if constexpr (T == 0) _tile_stored(0, base, stride_bytes);
+    else if constexpr (T == 1) _tile_stored(1, base, stride_bytes);
+    else if constexpr (T == 2) _tile_stored(2, base, stride_bytes);
+    else _tile_stored(3, base, stride_bytes);
+  };
   if (m0 + 16 <= M && n0 + 16 <= n_limit) {
-    _tile_stored(T, C + m0 * ldc + n0, ldc * 4);
+    store(C + m0 * ldc + n0, ldc * 4);
     return;
   }
-  _tile_stored(T, buffer, 64);
+  store(buffer, 64);
   for (int64_t i = 0; i < 16 && m0 + i < M; ++i) {
     for (int64_t j = 0; j < 16 && n0 + j < n_limit; ++j) C[(m0 + i) * ldc + n0 + j] = buffer[i * 16 + j];
   }
