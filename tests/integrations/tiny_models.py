@@ -24,10 +24,10 @@ def tiny_tokenizer():
     )
 
 
-def tiny_llama(vocab_size: int = 64, tie: bool = False, seed: int = 0, hidden: int = 64):
+def tiny_llama(vocab_size: int = 64, tie: bool = False, seed: int = 0, hidden: int = 64, intermediate: int = 160):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )  # fmt: skip
