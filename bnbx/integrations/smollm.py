@@ -90,8 +90,9 @@ def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype | None = None, **
         kwargs["dtype"] = dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **extra, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise ValueError(f"cannot load the checkpoint at {path} (corrupt or incomplete?): {error}") from error
+    except Exception as error:  # safetensors, torch and transformers raise many kinds for a damaged checkpoint
+        raise ValueError(f"cannot load the checkpoint at {path} (corrupt or incomplete?): "
+                         f"{type(error).__name__}: {error}") from error
     model.eval()
     return model
 
