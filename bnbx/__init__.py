@@ -82,8 +82,13 @@ def _register_with_transformers() -> None:
 
     if importlib.util.find_spec("transformers") is None:
         return
-    from .integrations import transformers as _hf
+    try:
+        from .integrations import transformers as _hf
+    except ImportError as error:  # transformers 4.x: no plugin loader (core_model_loading) to hook into
+        import warnings
 
+        warnings.warn(f"bnbx: transformers integration disabled (needs transformers >= 5.0): {error}", stacklevel=2)
+        return
     _hf.register()
 
 
