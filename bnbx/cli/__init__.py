@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="SmolLM2 quantized every way: size, perplexity, speed, samples, plots")
     demo.add_argument("--out", default="bnbx-demo", help="folder for the plots and report.json (default: bnbx-demo)")
-    demo.add_argument("--max-tokens", type=int, default=1024, help="tokens of held-out text to score (default 1024)")
+    demo.add_argument("--max-tokens", type=int, default=512, help="tokens of held-out text to score (default 512)")
     demo.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
     quantize = commands.add_parser("quantize", help="quantize a model (directory or .gguf file) and save it")
