@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 
 import bnbx.cli as cli  # noqa: E402
 from bnbx.cli import compare as cli_compare  # noqa: E402
+from tiny_models import tiny_model_dir  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "the quick brown fox jumps over the lazy dog . " * 20

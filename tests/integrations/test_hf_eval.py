@@ -15,7 +15,7 @@ import bnbx  # noqa: E402
 from bnbx import eval as bnbx_eval  # noqa: E402
 from bnbx.integrations import smollm  # noqa: E402
 
-from tiny_models import tiny_llama  # noqa: E402
+from tiny_models import tiny_llama, tiny_model_dir  # noqa: E402,F401
 
 
 def _reference_perplexity(model, ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:

@@ -3,6 +3,7 @@ a few sentences."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -32,3 +33,14 @@ def tiny_llama(vocab_size: int = 64, tie: bool = False, seed: int = 0, hidden: i
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny LLaMA + tokenizer directory (import this fixture into a test module to use it)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer))
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
