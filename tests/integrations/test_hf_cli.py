@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEXT = "the quick brown fox jumps over the lazy dog . " * 20
 
 
-def bnbx_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def bnbx_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "bnbx", *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=ROOT)
