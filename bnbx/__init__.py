@@ -26,10 +26,19 @@ from .functional import (  # noqa: E402
 from .quant_state import QuantState  # noqa: E402
 from . import qat  # noqa: E402  (QAT: fake quantization, prepare/convert, data-free distillation)
 from .qat import fake_quantize  # noqa: E402
+from . import nn  # noqa: E402
+from .matmul import matmul_4bit  # noqa: E402
+from .integrations.config import BnbxConfig  # noqa: E402
+from .integrations.quantize import dequantize_model, quantize_model_, replace_linear  # noqa: E402
 
 __version__ = "0.1.0"
 
+
 __all__ = [
+    "BnbxConfig",
+    "dequantize_model",
+    "quantize_model_",
+    "replace_linear",
     "QuantState",
     "cpu_capability",
     "cuda_built",
@@ -40,6 +49,8 @@ __all__ = [
     "dequantize_nf4",
     "fake_quantize",
     "functional",
+    "matmul_4bit",
+    "nn",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_fp4",
@@ -50,7 +61,6 @@ __all__ = [
 
 # LLM.int8(): functional ops (also in bnbx.functional), the differentiable matmul and the layer
 from . import matmul_int8  # noqa: E402  (registers the autograd of bnbx::int8_mixed_linear)
-from . import nn  # noqa: E402
 from .functional_int8 import (  # noqa: E402
     int8_linear_matmul,
     int8_mixed_linear,
@@ -67,5 +77,23 @@ __all__ += [
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
     "matmul_8bit",
-    "nn",
 ]
+
+
+def _register_with_transformers() -> None:
+    """``quant_method="bnbx"`` for transformers' from_pretrained, when transformers is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return
+    try:
+        from .integrations import transformers as _hf
+    except ImportError as error:  # transformers 4.x: no plugin loader (core_model_loading) to hook into
+        import warnings
+
+        warnings.warn(f"bnbx: transformers integration disabled (needs transformers >= 5.0): {error}", stacklevel=2)
+        return
+    _hf.register()
+
+
+_register_with_transformers()

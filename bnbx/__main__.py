@@ -1,9 +1,8 @@
-"""Command line: ``python -m bnbx env`` (build and machine facts) and ``python -m bnbx demo`` (a size and
-error table for every storage format on a small built-in model)."""
+"""``python -m bnbx``: the ``bnbx`` command (see :mod:`bnbx.cli`), and the ``env`` report and ``formats``
+table (size and error of every storage format on synthetic LLaMA-shaped weights) it uses."""
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -137,29 +136,26 @@ def format_table(rows: list[dict[str, float | str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bnbx", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("env", help="print build, CPU instruction set, CUDA and versions")
-    demo = commands.add_parser("demo", help="quantize the built-in model in every format: size and error table")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the built-in model's weights")
-    demo.add_argument("--plot", metavar="PNG", help="also save error against bits per parameter (needs matplotlib)")
-    args = parser.parse_args(argv)
-
-    if args.command == "env":
-        print(env_report())
-        return 0
-    weights = demo_model(args.seed)
+def formats(seed: int = 0, plot: str | None = None) -> int:
+    """``bnbx formats``: the size and error table of every storage format on the built-in synthetic block."""
+    weights = demo_model(seed)
     count = sum(w.numel() for w in weights.values())
-    print(f"bnbx {bnbx.__version__} demo: one LLaMA-shaped block, {len(weights)} bf16 weights, {count / 1e6:.2f}M "
+    print(f"bnbx {bnbx.__version__} formats: one LLaMA-shaped block, {len(weights)} bf16 weights, {count / 1e6:.2f}M "
           f"parameters; CPU kernels: {_library.cpu_capability()}, {torch.get_num_threads()} threads\n")
     rows = demo_table(weights)
     print(format_table(rows))
     print("\nSNR = 10 log10(|W|^2 / |W - dequantize(quantize(W))|^2); times summed over the weights (median of 5).")
-    if args.plot:
-        _plot(rows, args.plot)
-        print(f"plot written to {args.plot}")
+    if plot:
+        _plot(rows, plot)
+        print(f"plot written to {plot}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bnbx``: the same commands as the ``bnbx`` console script (see :mod:`bnbx.cli`)."""
+    from bnbx.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 def _plot(rows: list[dict[str, float | str]], path: str) -> None:

@@ -25,6 +25,15 @@ TORCH_LIBRARY(bnbx, m) {
   m.def("quantize_int8(Tensor A, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_int8(Tensor A, Tensor scale, Tensor zero_point, int group_size, ScalarType dtype) -> Tensor");
 
+  // --- gemm_4bit: products with a packed 4-bit weight ----------------------------------------------------------
+  // out [..., N] (A's dtype) = A [..., K] @ W^T + bias, W [N, K] = shape the packed 4-bit weight B (any
+  // quant_storage, bytes ceil(N*K/2)) with absmax fp32 [ceil(N*K/blocksize)], or with double quantization
+  // absmax uint8 decoded as nested_code[absmax] * nested_absmax[block / nested_blocksize] + nested_offset.
+  // Accumulates in fp32 (GEMV for small M) or in A's dtype's GEMM on dequantized tiles (larger M).
+  m.def("gemm_4bit(Tensor A, Tensor B, Tensor absmax, int blocksize, str quant_type, int[] shape, "
+        "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
+        "int nested_blocksize=256) -> Tensor");
+
   // ---- LLM.int8() (bitsandbytes' names and semantics) ----
   // A float [..., K] -> q int8 like A, row_stats fp32 [rows] (absmax over |x| < threshold), outlier_cols
   // int64 [n_out]: columns with any |x| >= threshold (threshold > 0), zero in q. q = round(x * 127 / stat).
@@ -68,8 +77,8 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
                            "dequantize_blockwise", "quantize_int8", "dequantize_int8",
-                           "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant",
-                           "int8_mixed_linear", "fake_quantize"}) {
+                           "gemm_4bit", "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul",
+                           "int8_mm_dequant", "int8_mixed_linear", "fake_quantize"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }
