@@ -107,7 +107,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     float* out_ptr = out32.mutable_data_ptr<float>();
     at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t begin, int64_t end) {
       std::vector<uint16_t> wbuf(static_cast<size_t>(32 * Kp));
-      std::vector<float> row_scales(static_cast<size_t>(Kp / 32 + 2));
+      std::vector<float> row_scales(static_cast<size_t>(32 * (K / blocksize + 2)));
       kernels.gemm_amx(x_ptr, M, Mp, K, Kp, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end,
                        wbuf.data(), row_scales.data());
     });
