@@ -121,7 +121,7 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
   // W is dequantized whole (32 x Kp, in L2) and reused for every 32 rows of x.
   constexpr int64_t kChunk = 256;
   const bool chunked = Mp <= 32;
-  const int64_t w_stride = chunked ? kChunk : Kp;
+  const int64_t w_stride = chunked ? std::min(kChunk, Kp) : Kp;  // wbuf holds 32 * Kp values
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t n0 = b * kAmxRows;
     decode_row_scales(absmax, K, shift, n0, N, row_scales, scale_stride);
@@ -140,7 +140,7 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
           const int64_t k = s * 32;
           if (k % kChunk == 0)
             dequantize_rows_bf16(packed, K, shift, table, n0, N, row_scales, scale_stride, k,
-                                 std::min(Kp, k + kChunk), wbuf, kChunk);
+                                 std::min(Kp, k + kChunk), wbuf, w_stride);
           w = wbuf + k % kChunk;
           // prefetch the packed bytes of the next chunk (the rows are 32 strided streams the hardware
           // prefetcher follows poorly); 2 cache lines of one row per step, 8 steps per chunk of 256
