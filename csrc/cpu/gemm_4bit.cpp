@@ -16,6 +16,7 @@
 #include "../common/checks_gemm_4bit.h"
 #include "cpu_features.h"
 #include "kernels/gemm_4bit.h"
+#include "kernels/quantize_4bit.h"
 
 namespace bnbx {
 namespace {
@@ -120,7 +121,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
   const int64_t row_step = blocksize / std::gcd(K, blocksize);
   const int64_t rows_per_tile = ceil_div(std::max(tile_rows(), row_step), row_step) * row_step;
   const int64_t tiles = ceil_div(N, rows_per_tile);
-  const cpu::CpuKernels& base = cpu::cpu_kernels();
+  const cpu::Quantize4bitKernels& base =
+      cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType tile_type = to_float_type(A.scalar_type());
   at::Tensor out = at::empty({M, N}, A.options());
   // One tile at a time: its dequantization split over the threads, then at::mm, which is multithreaded itself
@@ -134,9 +136,9 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     const int64_t first_block = n0 * K / blocksize;
     const int64_t blocks = ceil_div(elements, blocksize);
     const uint8_t* tile_packed = packed_ptr + n0 * K / 2;
-    at::parallel_for(0, blocks, cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
       kernels.decode_absmax(scales, first_block + begin, first_block + end, tile_scales.data() + begin);
-      base.dequantize_4bit(tile_type, tile_packed, tile_scales.data(), elements, blocksize, args.type,
+      base.dequantize(tile_type, tile_packed, tile_scales.data(), elements, blocksize, args.type,
                            tile.mutable_data_ptr(), begin, end);
     });
     at::Tensor dst = out.narrow(1, n0, rows);
