@@ -7,7 +7,6 @@ dense weight; they must be as close to the float64 product as dequantize-then-ma
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -96,7 +95,7 @@ def test_nested_statistics_decode_exactly(M):
     # Decoding inside the kernel gives the same fp32 absmax as QuantState.get_absmax, so the product is
     # bit-identical to the one with the decoded statistics passed as plain fp32.
     W = torch.randn(48, 256)
-    packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=True)
+    packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
     A = torch.randn(M, 256)
     nested = torch.ops.bnbx.gemm_4bit(A, packed, state.absmax, 64, "nf4", [48, 256], None, state.state2.absmax,
                                       state.state2.code, state.offset, state.state2.blocksize)
@@ -155,21 +154,17 @@ def test_multithreaded_equals_single_thread():
         assert torch.equal(many, one)  # rows of W are split between threads, each row summed by one
 
 
-def test_crossover_env_does_not_change_contract():
-    # the GEMV and the tiled GEMM agree within the same tolerance at the same M
-    W = torch.randn(64, 256)
-    packed, state = F.quantize_4bit(W)
-    A = torch.randn(8, 256, dtype=torch.bfloat16)
-    old = os.environ.get("BNBX_GEMM_4BIT_GEMV_MAX_M")
-    try:
-        for value in ("0", "64"):
-            os.environ["BNBX_GEMM_4BIT_GEMV_MAX_M"] = value
+@pytest.mark.parametrize("path", ["gemv", "amx", "tiles"])
+def test_every_path_at_the_same_m(path, monkeypatch):
+    # The crossovers (GEMV, AMX kernel for bf16, dequantized tiles into at::mm) are tuning knobs read from the
+    # environment; each path alone must meet the same contract at the same M.
+    monkeypatch.setenv("BNBX_GEMM_4BIT_GEMV_MAX_M", "64" if path == "gemv" else "0")
+    monkeypatch.setenv("BNBX_GEMM_4BIT_AMX_MAX_M", "64" if path == "amx" else "0")
+    for K, N in [(256, 64), (96, 50), (65, 7)]:
+        packed, state = F.quantize_4bit(torch.randn(N, K), compress_statistics=True)
+        for M in (8, 33):
+            A = torch.randn(M, K, dtype=torch.bfloat16)
             _close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
-    finally:
-        if old is None:
-            os.environ.pop("BNBX_GEMM_4BIT_GEMV_MAX_M", None)
-        else:
-            os.environ["BNBX_GEMM_4BIT_GEMV_MAX_M"] = old
 
 
 # --- autograd --------------------------------------------------------------------------------------------------
@@ -215,7 +210,7 @@ def test_weight_gets_no_gradient():
 def test_opcheck_gemm_4bit():
     for nested in (False, True):
         for M, K, N in [(1, 128, 9), (6, 65, 3)] if nested else [(0, 64, 4), (7, 128, 5)]:
-            packed, state = F.quantize_4bit(torch.randn(N, K), compress_statistics=nested)
+            packed, state = F.quantize_4bit(torch.randn(N, K), quant_type="nf4", compress_statistics=nested)
             A = torch.randn(M, K, requires_grad=True)
             bias = torch.randn(N, requires_grad=True)
             s2 = state.state2

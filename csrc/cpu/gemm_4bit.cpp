@@ -4,6 +4,7 @@
 //   at::mm (oneDNN; AMX for bf16 on CPUs that have it); threads over tiles. Double-quantized absmax is
 //   decoded per tile (per row in the GEMV) into a small fp32 buffer.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -23,8 +24,8 @@ namespace {
 // Crossover between the fused GEMV and the tiled 16-bit GEMM, measured with benchmarks/bench_linear4bit.py
 // (K=4096, N=11008, bf16, 2 threads).
 constexpr int64_t kGemvMaxRows = 4;
-// Rows of W per tile of the GEMM path (measured; a tile of 4096 columns in bf16 is 1 MiB, within L2).
-constexpr int64_t kTileRows = 128;
+// Rows of W per tile of the GEMM path: large enough that at::mm's per-call cost and blocking do not matter.
+constexpr int64_t kTileRows = 1024;
 
 int64_t gemv_max_rows() {
   // Tuning hook for the benchmark (the crossover moves with the CPU); not part of the API.
@@ -35,6 +36,14 @@ int64_t gemv_max_rows() {
 int64_t tile_rows() {
   if (const char* value = std::getenv("BNBX_GEMM_4BIT_TILE_ROWS")) return std::max<int64_t>(1, std::atoll(value));
   return kTileRows;
+}
+
+// Largest M for the AMX kernel (bf16 inputs); above it, tiles into at::mm, whose blocking over M is better.
+constexpr int64_t kAmxMaxRows = 512;  // measured: at M = 128-512 it matched or beat the tiles; at 2048 the tiles
+
+int64_t amx_max_rows() {
+  if (const char* value = std::getenv("BNBX_GEMM_4BIT_AMX_MAX_M")) return std::atoll(value);
+  return kAmxMaxRows;
 }
 
 const cpu::Gemm4bitKernels& gemm_kernels() {
@@ -89,6 +98,24 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     return out32.to(A.scalar_type()).view(out_shape);
   }
 
+  if (A.scalar_type() == at::kBFloat16 && kernels.gemm_amx != nullptr && M <= amx_max_rows() &&
+      cpu::cpu_has_amx() && cpu::cpu_has_avx512_bf16()) {
+    const int64_t Mp = ceil_div(M, 16) * 16, Kp = ceil_div(K, 32) * 32;
+    at::Tensor x = at::empty({Mp * Kp}, A.options());
+    uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());
+    kernels.pack_x_amx(reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>()), M, K, Mp, Kp, x_ptr);
+    at::Tensor out32 = at::empty({M, N}, A.options().dtype(at::kFloat));
+    float* out_ptr = out32.mutable_data_ptr<float>();
+    at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint16_t> wbuf(static_cast<size_t>(32 * Kp));
+      std::vector<float> row_scales(static_cast<size_t>(32 * (K / blocksize + 2)));
+      kernels.gemm_amx(x_ptr, M, Mp, K, Kp, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end,
+                       wbuf.data(), row_scales.data());
+    });
+    if (bias.has_value()) out32.add_(bias->to(at::kFloat));
+    return out32.to(A.scalar_type()).view(out_shape);
+  }
+
   // Tiles start on a block boundary so that each one is a self-contained run of blocks: a multiple of
   // blocksize / gcd(K, blocksize) rows (blocks may span rows when K is not a multiple of blocksize).
   const int64_t row_step = blocksize / std::gcd(K, blocksize);
@@ -98,22 +125,25 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
       cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType tile_type = to_float_type(A.scalar_type());
   at::Tensor out = at::empty({M, N}, A.options());
-  at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    at::Tensor tile = at::empty({rows_per_tile, K}, A.options());
-    std::vector<float> tile_scales(static_cast<size_t>(ceil_div(rows_per_tile * K, blocksize)));
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
-      const int64_t n0 = t * rows_per_tile;
-      const int64_t rows = std::min(rows_per_tile, N - n0);
-      const int64_t elements = rows * K;
-      const int64_t first_block = n0 * K / blocksize;
-      const int64_t blocks = ceil_div(elements, blocksize);
-      kernels.decode_absmax(scales, first_block, first_block + blocks, tile_scales.data());
-      base.dequantize(tile_type, packed_ptr + n0 * K / 2, tile_scales.data(), elements, blocksize, args.type,
-                           tile.mutable_data_ptr(), 0, blocks);
-      at::Tensor dst = out.narrow(1, n0, rows);
-      at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());
-    }
-  });
+  // One tile at a time: its dequantization split over the threads, then at::mm, which is multithreaded itself
+  // (oneDNN blocks a large product better than independent per-thread products would).
+  at::Tensor tile = at::empty({rows_per_tile, K}, A.options());
+  std::vector<float> tile_scales(static_cast<size_t>(ceil_div(rows_per_tile * K, blocksize)));
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * rows_per_tile;
+    const int64_t rows = std::min(rows_per_tile, N - n0);
+    const int64_t elements = rows * K;
+    const int64_t first_block = n0 * K / blocksize;
+    const int64_t blocks = ceil_div(elements, blocksize);
+    const uint8_t* tile_packed = packed_ptr + n0 * K / 2;
+    at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+      kernels.decode_absmax(scales, first_block + begin, first_block + end, tile_scales.data() + begin);
+      base.dequantize(tile_type, tile_packed, tile_scales.data(), elements, blocksize, args.type,
+                           tile.mutable_data_ptr(), begin, end);
+    });
+    at::Tensor dst = out.narrow(1, n0, rows);
+    at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());
+  }
   if (bias.has_value()) out.add_(*bias);
   return out.view(out_shape);
 }
