@@ -43,3 +43,9 @@ __all__ = [
     "quantize_int8",
     "quantize_nf4",
 ]
+
+# LoRA adapters, peft interop (registered with peft lazily, when peft is imported), kbit training prep
+from . import lora  # noqa: E402
+from .lora import prepare_model_for_kbit_training  # noqa: E402
+
+__all__ += ["lora", "prepare_model_for_kbit_training"]
