@@ -24,6 +24,8 @@ from .functional import (  # noqa: E402
     quantize_nf4,
 )
 from .quant_state import QuantState  # noqa: E402
+from . import nn  # noqa: E402
+from .matmul import matmul_4bit  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,8 @@ __all__ = [
     "dequantize_int8",
     "dequantize_nf4",
     "functional",
+    "matmul_4bit",
+    "nn",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_fp4",

@@ -4,8 +4,9 @@ The schemas live in ``csrc/ops.cpp``. Each fake repeats the C++ checks of ``csrc
 same words (``tests/test_errors.py`` holds both to it), computes output shapes and dtypes with
 ``torch.empty`` on the input's device, and never reads data.
 
-None of these ops is differentiable (quantization has no useful gradient here; fake-quant ops with a
-straight-through estimator are separate), so none registers autograd.
+The quantize/dequantize ops are not differentiable (quantization has no useful gradient here; fake-quant ops
+with a straight-through estimator are separate). ``gemm_4bit`` registers autograd for A and bias (the 4-bit
+weight is frozen).
 """
 
 from __future__ import annotations
@@ -192,3 +193,98 @@ def _(A: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size
     check_block_stats(op, "scale", scale, groups)
     check_block_stats(op, "zero_point", zero_point, groups, torch.int32)
     return torch.empty(A.shape, dtype=dtype, device=A.device)
+
+
+# --- gemm_4bit: products with a packed 4-bit weight ------------------------------------------------------------
+
+
+def _check_gemm_4bit(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset,
+                     nested_blocksize) -> tuple[int, int]:
+    op = "gemm_4bit"
+    check_float_dtype(op, "A", A.dtype)
+    check_blocksize(op, blocksize)
+    check_quant_type(op, quant_type)
+    torch._check_value(len(shape) == 2, lambda: f"{op}: shape must be [out_features, in_features], got {list(shape)}")
+    n = checked_numel(op, shape)
+    N, K = shape
+    torch._check_value(
+        A.dim() >= 1 and A.shape[-1] == K,
+        lambda: f"{op}: A's last dimension must equal in_features ({K}), got A of shape {list(A.shape)}",
+    )
+    check_quant_storage(op, B.dtype)
+    check_same_device(op, A, "A", B, "B")
+    check_same_device(op, A, "A", absmax, "absmax")
+    stored = B.numel() * B.element_size()
+    needed = -(-n // 2)
+    torch._check_value(
+        needed <= stored < needed + B.element_size(),
+        lambda: f"{op}: B holds {stored} bytes of packed codes but shape {list(shape)} needs {needed}",
+    )
+    blocks = -(-n // blocksize)
+    nested = nested_absmax is not None
+    torch._check_value(
+        nested == (nested_code is not None) == (nested_offset is not None),
+        lambda: f"{op}: nested_absmax, nested_code and nested_offset must be given together",
+    )
+    if nested:
+        check_blocksize(op, nested_blocksize)
+        check_block_stats(op, "absmax", absmax, blocks, torch.uint8)
+        check_block_stats(op, "nested_absmax", nested_absmax, -(-blocks // nested_blocksize))
+        _check_code(op, nested_code)
+        torch._check_type(
+            nested_offset.dtype == torch.float32,
+            lambda: f"{op}: nested_offset must be float32, got {_dtype_name(nested_offset.dtype)}",
+        )
+        torch._check_value(
+            nested_offset.numel() == 1, lambda: f"{op}: nested_offset must hold one value, got {nested_offset.numel()}"
+        )
+        check_same_device(op, A, "A", nested_absmax, "nested_absmax")
+        check_same_device(op, A, "A", nested_code, "nested_code")
+        check_same_device(op, A, "A", nested_offset, "nested_offset")
+    else:
+        check_block_stats(op, "absmax", absmax, blocks)
+    if bias is not None:
+        torch._check_type(
+            bias.dtype == A.dtype,
+            lambda: f"{op}: bias must have A's dtype {_dtype_name(A.dtype)}, got {_dtype_name(bias.dtype)}",
+        )
+        torch._check_value(
+            bias.dim() == 1 and bias.shape[0] == N,
+            lambda: f"{op}: bias must have shape [{N}], got {list(bias.shape)}",
+        )
+        check_same_device(op, A, "A", bias, "bias")
+    return N, K
+
+
+@torch.library.register_fake("bnbx::gemm_4bit")
+def _(A, B, absmax, blocksize: int, quant_type: str, shape: Sequence[int], bias=None, nested_absmax=None,
+      nested_code=None, nested_offset=None, nested_blocksize: int = 256):
+    N, _ = _check_gemm_4bit(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code,
+                            nested_offset, nested_blocksize)
+    return A.new_empty((*A.shape[:-1], N))
+
+
+def _gemm_4bit_setup_context(ctx, inputs, output) -> None:
+    A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = inputs
+    ctx.save_for_backward(B, absmax, nested_absmax, nested_code, nested_offset)
+    ctx.args = (blocksize, quant_type, tuple(shape), nested_blocksize, A.dtype, bias is not None)
+
+
+def _gemm_4bit_backward(ctx, grad):
+    # dL/dA = grad @ W with W dequantized in A's dtype (the forward's weight); dL/dbias = grad summed over rows.
+    # The 4-bit weight and its statistics are frozen: no gradient.
+    B, absmax, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+    blocksize, quant_type, shape, nested_blocksize, dtype, has_bias = ctx.args
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        if nested_absmax is not None:
+            absmax = torch.ops.bnbx.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize,
+                                                         torch.float32) + nested_offset.reshape(())
+        weight = torch.ops.bnbx.dequantize_4bit(B, absmax, blocksize, quant_type, list(shape), dtype)
+        grad_A = torch.matmul(grad.to(dtype), weight)
+    if has_bias and ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, shape[0]).sum(0).to(dtype)
+    return grad_A, None, None, None, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("bnbx::gemm_4bit", _gemm_4bit_backward, setup_context=_gemm_4bit_setup_context)

@@ -24,6 +24,15 @@ TORCH_LIBRARY(bnbx, m) {
   // and zero_point int32 [ceil(n/group_size)]. symmetric: absmax/127 scale, zero_point 0, q in [-127, 127].
   m.def("quantize_int8(Tensor A, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_int8(Tensor A, Tensor scale, Tensor zero_point, int group_size, ScalarType dtype) -> Tensor");
+
+  // --- gemm_4bit: products with a packed 4-bit weight ----------------------------------------------------------
+  // out [..., N] (A's dtype) = A [..., K] @ W^T + bias, W [N, K] = shape the packed 4-bit weight B (any
+  // quant_storage, bytes ceil(N*K/2)) with absmax fp32 [ceil(N*K/blocksize)], or with double quantization
+  // absmax uint8 decoded as nested_code[absmax] * nested_absmax[block / nested_blocksize] + nested_offset.
+  // Accumulates in fp32 (GEMV for small M) or in A's dtype's GEMM on dequantized tiles (larger M).
+  m.def("gemm_4bit(Tensor A, Tensor B, Tensor absmax, int blocksize, str quant_type, int[] shape, "
+        "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
+        "int nested_blocksize=256) -> Tensor");
 }
 
 #ifndef BNBX_WITH_CUDA
@@ -43,7 +52,8 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
-                           "dequantize_blockwise", "quantize_int8", "dequantize_int8"}) {
+                           "dequantize_blockwise", "quantize_int8", "dequantize_int8",
+                           "gemm_4bit"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }

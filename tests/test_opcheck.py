@@ -33,6 +33,13 @@ def samples(device: str, dtype: torch.dtype):
             yield torch.ops.bnbx.quantize_int8.default, (A, 32, symmetric), {}
             q, scale, zero_point = torch.ops.bnbx.quantize_int8(A, 32, symmetric)
             yield torch.ops.bnbx.dequantize_int8.default, (q, scale, zero_point, 32, dtype), {}
+    # gemm_4bit: A [..., K] against a packed [N, K] weight (GEMV rows, odd K, nested statistics)
+    for M, K, nested in [(1, 128, True), (5, 65, False)]:
+        packed, state = F.quantize_4bit(torch.randn(9, K, device=device), compress_statistics=nested)
+        A = torch.randn(M, K, dtype=dtype, device=device)
+        s2 = state.state2
+        extra = (s2.absmax, s2.code, state.offset, s2.blocksize) if nested else ()
+        yield torch.ops.bnbx.gemm_4bit.default, (A, packed, state.absmax, 64, "nf4", [9, K], None, *extra), {}
 
 
 def sample_id(sample) -> str:

@@ -1,0 +1,123 @@
+// CPU host code of gemm_4bit: out = A @ W^T (+ bias) with W the packed 4-bit weight, never dequantized whole.
+// - M <= kGemvMaxRows: the fused GEMV (kernels/gemm_4bit_impl.h), fp32 accumulation, threads over rows of W.
+// - larger M: tiles of W's rows dequantized into a per-thread scratch buffer in A's dtype, each multiplied by
+//   at::mm (oneDNN; AMX for bf16 on CPUs that have it); threads over tiles. Double-quantized absmax is
+//   decoded per tile (per row in the GEMV) into a small fp32 buffer.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <numeric>
+
+#include "../common/checks_gemm_4bit.h"
+#include "cpu_features.h"
+#include "kernels/gemm_4bit.h"
+
+namespace bnbx {
+namespace {
+
+// Crossover between the fused GEMV and the tiled 16-bit GEMM, measured with benchmarks/bench_linear4bit.py
+// (K=4096, N=11008, bf16, 2 threads).
+constexpr int64_t kGemvMaxRows = 4;
+// Rows of W per tile of the GEMM path (measured; a tile of 4096 columns in bf16 is 1 MiB, within L2).
+constexpr int64_t kTileRows = 128;
+
+int64_t gemv_max_rows() {
+  // Tuning hook for the benchmark (the crossover moves with the CPU); not part of the API.
+  if (const char* value = std::getenv("BNBX_GEMM_4BIT_GEMV_MAX_M")) return std::atoll(value);
+  return kGemvMaxRows;
+}
+
+int64_t tile_rows() {
+  if (const char* value = std::getenv("BNBX_GEMM_4BIT_TILE_ROWS")) return std::max<int64_t>(1, std::atoll(value));
+  return kTileRows;
+}
+
+const cpu::Gemm4bitKernels& gemm_kernels() {
+  return cpu::select_kernels(cpu::gemm_4bit_scalar, cpu::gemm_4bit_avx2, cpu::gemm_4bit_avx512);
+}
+
+at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor& absmax, int64_t blocksize,
+                         c10::string_view quant_type, at::IntArrayRef shape, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                         const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
+  const Gemm4bitArgs args = check_gemm_4bit_args(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax,
+                                                 nested_code, nested_offset, nested_blocksize);
+  const int64_t N = args.N, K = args.K;
+  const std::vector<int64_t> out_shape = gemm_4bit_out_shape(A, N);
+  const int64_t M = c10::multiply_integers(A.sizes().begin(), A.sizes().end() - 1);
+  if (M == 0 || N == 0) return at::empty(out_shape, A.options());
+  if (K == 0) {
+    at::Tensor out = at::zeros({M, N}, A.options());
+    if (bias.has_value()) out.add_(*bias);
+    return out.view(out_shape);
+  }
+  const at::Tensor a2 = A.reshape({M, K}).contiguous();
+
+  const at::Tensor packed = B.contiguous();
+  const uint8_t* packed_ptr = static_cast<const uint8_t*>(packed.const_data_ptr());
+  const at::Tensor stats = absmax.contiguous();
+  at::Tensor nested_stats, nested_table;
+  cpu::Absmax4bit scales;
+  if (args.nested) {
+    nested_stats = nested_absmax->contiguous();
+    nested_table = nested_code->contiguous();
+    scales.absmax_q = stats.const_data_ptr<uint8_t>();
+    scales.nested_absmax = nested_stats.const_data_ptr<float>();
+    scales.nested_code = nested_table.const_data_ptr<float>();
+    scales.offset = nested_offset->item<float>();
+    scales.nested_blocksize = nested_blocksize;
+  } else {
+    scales.absmax = stats.const_data_ptr<float>();
+  }
+  const cpu::Gemm4bitKernels& kernels = gemm_kernels();
+
+  if (M <= gemv_max_rows()) {
+    at::Tensor a32 = at::empty({M, K}, A.options().dtype(at::kFloat));
+    kernels.pack_a(to_float_type(A.scalar_type()), a2.const_data_ptr(), M, K, a32.mutable_data_ptr<float>());
+    at::Tensor out32 = at::empty({M, N}, A.options().dtype(at::kFloat));
+    const float* a_ptr = a32.const_data_ptr<float>();
+    float* out_ptr = out32.mutable_data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      kernels.gemv(a_ptr, M, K, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end);
+    });
+    if (bias.has_value()) out32.add_(bias->to(at::kFloat));
+    return out32.to(A.scalar_type()).view(out_shape);
+  }
+
+  // Tiles start on a block boundary so that each one is a self-contained run of blocks: a multiple of
+  // blocksize / gcd(K, blocksize) rows (blocks may span rows when K is not a multiple of blocksize).
+  const int64_t row_step = blocksize / std::gcd(K, blocksize);
+  const int64_t rows_per_tile = ceil_div(std::max(tile_rows(), row_step), row_step) * row_step;
+  const int64_t tiles = ceil_div(N, rows_per_tile);
+  const cpu::CpuKernels& base = cpu::cpu_kernels();
+  const FloatType tile_type = to_float_type(A.scalar_type());
+  at::Tensor out = at::empty({M, N}, A.options());
+  at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    at::Tensor tile = at::empty({rows_per_tile, K}, A.options());
+    std::vector<float> tile_scales(static_cast<size_t>(ceil_div(rows_per_tile * K, blocksize)));
+    for (int64_t t = tile_begin; t < tile_end; ++t) {
+      const int64_t n0 = t * rows_per_tile;
+      const int64_t rows = std::min(rows_per_tile, N - n0);
+      const int64_t elements = rows * K;
+      const int64_t first_block = n0 * K / blocksize;
+      const int64_t blocks = ceil_div(elements, blocksize);
+      kernels.decode_absmax(scales, first_block, first_block + blocks, tile_scales.data());
+      base.dequantize_4bit(tile_type, packed_ptr + n0 * K / 2, tile_scales.data(), elements, blocksize, args.type,
+                           tile.mutable_data_ptr(), 0, blocks);
+      at::Tensor dst = out.narrow(1, n0, rows);
+      at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());
+    }
+  });
+  if (bias.has_value()) out.add_(*bias);
+  return out.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnbx, CPU, m) { m.impl("gemm_4bit", &gemm_4bit_cpu); }
+
+}  // namespace bnbx

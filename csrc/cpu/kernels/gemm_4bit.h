@@ -1,0 +1,47 @@
+// CPU kernel family gemm_4bit: products with a packed 4-bit (NF4/FP4) weight that read the packed bytes
+// directly. The weight W [N, K] is stored as bitsandbytes lays it out: the row-major flattening quantized in
+// blocks of `blocksize` elements (a block may span rows when K is not a multiple of it), element e in the high
+// nibble of byte e/2 when e is even, in the low nibble when odd.
+//
+// Compiled once per instruction set (bnbx_add_cpu_family(gemm_4bit)); no torch headers here.
+#pragma once
+
+#include <cstdint>
+
+#include "../../common/formats.h"
+
+namespace bnbx::cpu {
+
+// Block scales of a packed weight: fp32 per block, or with double quantization uint8 codes decoded as
+// nested_code[q] * nested_absmax[block / nested_blocksize] + offset, in fp32 (QuantState.get_absmax's
+// arithmetic, so the decoded value is bit-identical to bnbx.dequantize_4bit's).
+struct Absmax4bit {
+  const float* absmax = nullptr;          // fp32 [blocks]; nullptr when nested
+  const uint8_t* absmax_q = nullptr;      // uint8 [blocks] when nested
+  const float* nested_absmax = nullptr;   // fp32 [ceil(blocks / nested_blocksize)]
+  const float* nested_code = nullptr;     // fp32 [256]
+  float offset = 0.0f;
+  int64_t nested_blocksize = 256;
+};
+
+struct Gemm4bitKernels {
+  const char* name;  // "scalar", "avx2" or "avx512"
+
+  // A [M, K] (fp32/fp16/bf16, contiguous) -> fp32 [M, K] in the order `gemv` reads it (this instruction set's
+  // layout; a permutation within groups of K, or the natural order).
+  void (*pack_a)(FloatType a_type, const void* A, int64_t M, int64_t K, float* out);
+
+  // out[m * N + n] = sum_k A[m, k] * W[n, k] for n in [n_begin, n_end), every m < M, accumulated in fp32;
+  // A as pack_a wrote it. Each block's partial sum is scaled by its absmax once.
+  void (*gemv)(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
+               int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end);
+
+  // out[b - block_begin] = the fp32 absmax of block b, for b in [block_begin, block_end).
+  void (*decode_absmax)(const Absmax4bit& absmax, int64_t block_begin, int64_t block_end, float* out);
+};
+
+extern const Gemm4bitKernels gemm_4bit_scalar;
+extern const Gemm4bitKernels gemm_4bit_avx2;
+extern const Gemm4bitKernels gemm_4bit_avx512;
+
+}  // namespace bnbx::cpu

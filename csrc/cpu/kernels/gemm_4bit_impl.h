@@ -1,0 +1,252 @@
+// gemm_4bit family (see gemm_4bit.h), compiled once per instruction set with BNBX_ISA set by CMake.
+//
+// The generic loop is the C++ twin of tests/reference_gemm_4bit.py: per row of W and per block segment,
+// sum code[q] * a in fp32, then scale the segment's sum by the block's absmax once. The SIMD paths keep that
+// order of operations per lane (sums of products within a block, one absmax product per block) and differ
+// from it only by the summation order inside the sums.
+//
+// SIMD layout (AVX-512; AVX2 is the same with 8 lanes): one load of 64 packed bytes = 16 dwords, dword d
+// holding elements 8d .. 8d+7 of a group of 128. Shifting every dword right by 4s puts nibble s in the low
+// bits, and vpermps reads only the low 4 bits of its index, so one shift and one permute of the 16-value
+// code table give lane d the weight of element 8d + (s ^ 1) (the high nibble of a byte is the even
+// element). pack_a stores A in that order, so no shuffles of the weights are needed.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 PR 105593, see kernels_impl.h
+#endif
+
+#include "gemm_4bit.h"
+
+namespace bnbx::cpu {
+namespace BNBX_ISA {
+
+#include "float_convert.h"
+
+static inline float block_scale(const Absmax4bit& s, int64_t block) {
+  if (s.absmax != nullptr) return s.absmax[block];
+  const float scaled = s.nested_code[s.absmax_q[block]] * s.nested_absmax[block / s.nested_blocksize];
+  return scaled + s.offset;
+}
+
+static void decode_absmax(const Absmax4bit& absmax, int64_t block_begin, int64_t block_end, float* out) {
+  for (int64_t b = block_begin; b < block_end; ++b) out[b - block_begin] = block_scale(absmax, b);
+}
+
+template <FloatType kType>
+static void convert_a(const void* A, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = load_as_float<kType>(A, i);
+}
+
+static void convert_a_any(FloatType a_type, const void* A, int64_t count, float* out) {
+  switch (a_type) {
+    case FloatType::kFloat32: convert_a<FloatType::kFloat32>(A, count, out); break;
+    case FloatType::kFloat16: convert_a<FloatType::kFloat16>(A, count, out); break;
+    default: convert_a<FloatType::kBFloat16>(A, count, out); break;
+  }
+}
+
+// Any K, any blocksize: blocks may span rows and rows may start on an odd nibble.
+static void gemv_generic(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
+                         int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin,
+                         int64_t n_end) {
+  float table[16];
+  fill_code_table(quant_type, table);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* a = A + m * K;
+      float acc = 0.0f;
+      int64_t k = 0;
+      while (k < K) {
+        const int64_t e0 = n * K + k;
+        const int64_t block = e0 / blocksize;
+        const int64_t seg_end = std::min(K, (block + 1) * blocksize - n * K);
+        float sum = 0.0f;
+        for (; k < seg_end; ++k) {
+          const int64_t e = n * K + k;
+          const uint8_t byte = packed[e >> 1];
+          const int q = (e & 1) ? (byte & 0x0f) : (byte >> 4);
+          sum += table[q] * a[k];
+        }
+        acc += sum * block_scale(absmax, block);
+      }
+      out[m * N + n] = acc;
+    }
+  }
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
+// Elements per SIMD group: one vector of packed bytes (kLanes dwords of 8 nibbles each).
+constexpr int64_t kGroup = 8 * kLanes;
+
+static inline bool simd_layout(int64_t K) { return K > 0 && K % kGroup == 0; }
+
+// A's group g, lane d of step s holds element 8d + (s ^ 1) (see the header comment).
+static void pack_a(FloatType a_type, const void* A, int64_t M, int64_t K, float* out) {
+  convert_a_any(a_type, A, M * K, out);
+  if (!simd_layout(K)) return;
+  float tmp[kGroup];
+  for (int64_t base = 0; base < M * K; base += kGroup) {
+    float* g = out + base;
+    for (int64_t s = 0; s < 8; ++s)
+      for (int64_t d = 0; d < kLanes; ++d) tmp[s * kLanes + d] = g[8 * d + (s ^ 1)];
+    std::memcpy(g, tmp, sizeof(tmp));
+  }
+}
+#else
+static void pack_a(FloatType a_type, const void* A, int64_t M, int64_t K, float* out) {
+  convert_a_any(a_type, A, M * K, out);
+}
+#endif
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+using VecI = __m512i;
+static inline VecI load_bytes(const uint8_t* p) { return _mm512_loadu_si512(p); }
+static inline Vec lookup(VecI codes, Vec lo, Vec) { return _mm512_permutexvar_ps(codes, lo); }
+static inline VecI shift_right(VecI v, int bits) { return _mm512_srli_epi32(v, bits); }
+static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline Vec vzero() { return _mm512_setzero_ps(); }
+static inline Vec vset1(float x) { return _mm512_set1_ps(x); }
+static inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__)
+using Vec = __m256;
+using VecI = __m256i;
+static inline VecI load_bytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+// vpermps reads 3 index bits; the 4th bit (moved to the sign) picks the high half of the table.
+static inline Vec lookup(VecI codes, Vec lo, Vec hi) {
+  const Vec from_lo = _mm256_permutevar8x32_ps(lo, codes);
+  const Vec from_hi = _mm256_permutevar8x32_ps(hi, codes);
+  return _mm256_blendv_ps(from_lo, from_hi, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+}
+static inline VecI shift_right(VecI v, int bits) { return _mm256_srli_epi32(v, bits); }
+static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline Vec vzero() { return _mm256_setzero_ps(); }
+static inline Vec vset1(float x) { return _mm256_set1_ps(x); }
+static inline float hsum(Vec v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// kRows rows of A against rows [n_begin, n_end) of W; K % kGroup == 0 so every row starts on a group, and a
+// group holds whole blocks (blocksize < kGroup) or lies inside one block (blocksize >= kGroup).
+#if defined(__AVX512F__)
+// Lane d's scale from the block it lies in: scales[d / lanes_per_block] (count values readable at scales).
+static inline Vec lane_scales(const float* scales, int64_t count, VecI lane_block) {
+  const Vec loaded = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), scales);
+  return _mm512_permutexvar_ps(lane_block, loaded);
+}
+static inline VecI lane_blocks(int64_t lanes_per_block) {
+  return _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                           __builtin_ctzll(static_cast<uint64_t>(lanes_per_block)));
+}
+#else
+static inline Vec lane_scales(const float* scales, int64_t count, VecI lane_block) {
+  const VecI mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_permutevar8x32_ps(_mm256_maskload_ps(scales, mask), lane_block);
+}
+static inline VecI lane_blocks(int64_t lanes_per_block) {
+  return _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                           __builtin_ctzll(static_cast<uint64_t>(lanes_per_block)));
+}
+#endif
+
+// kRows rows of A against rows [n_begin, n_end) of W; K % kGroup == 0 so every row starts on a group, and a
+// group holds whole blocks (blocksize < kGroup) or lies inside one block (blocksize >= kGroup). Each row's
+// block scales are decoded first into row_scales (double quantization decoded here, never stored whole).
+template <int kRows>
+static void gemv_rows(const float* A, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
+                      int64_t blocksize, const float table[16], float* row_scales, float* out, int64_t N,
+                      int64_t n_begin, int64_t n_end) {
+  const Vec table_lo = vload(table);
+  const Vec table_hi = vload(table + 8);
+  const int64_t groups = K / kGroup;
+  const int64_t blocks_per_group = blocksize < kGroup ? kGroup / blocksize : 1;
+  const VecI lane_block = lane_blocks(blocksize < kGroup ? blocksize / 8 : kLanes);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int64_t row_first_block = n * K / blocksize;
+    decode_absmax(absmax, row_first_block, (n * K + K - 1) / blocksize + 1, row_scales);
+    Vec total[kRows];
+    for (int r = 0; r < kRows; ++r) total[r] = vzero();
+    const uint8_t* row = packed + n * (K / 2);
+    for (int64_t g = 0; g < groups; ++g) {
+      const VecI bytes = load_bytes(row + g * (kGroup / 2));
+      Vec part[kRows];
+      for (int r = 0; r < kRows; ++r) part[r] = vzero();
+      const float* a = A + g * kGroup;
+      for (int s = 0; s < 8; ++s) {
+        const Vec w = lookup(shift_right(bytes, 4 * s), table_lo, table_hi);
+        for (int r = 0; r < kRows; ++r) part[r] = fmadd(w, vload(a + r * K + s * kLanes), part[r]);
+      }
+      const float* scales = row_scales + ((n * K + g * kGroup) / blocksize - row_first_block);
+      const Vec scale = blocks_per_group == 1 ? vset1(scales[0]) : lane_scales(scales, blocks_per_group, lane_block);
+      for (int r = 0; r < kRows; ++r) total[r] = fmadd(part[r], scale, total[r]);
+    }
+    for (int r = 0; r < kRows; ++r) out[r * N + n] = hsum(total[r]);
+  }
+}
+
+static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
+                 int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+  if (!simd_layout(K)) {
+    gemv_generic(A, M, K, packed, absmax, blocksize, quant_type, out, N, n_begin, n_end);
+    return;
+  }
+  alignas(64) float table[16];
+  fill_code_table(quant_type, table);
+  std::vector<float> row_scales(static_cast<size_t>(K / blocksize + 2));
+  // Rows of W in chunks that stay in L1 while up to 4 rows of A pass over them.
+  constexpr int64_t kChunk = 16;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
+    const int64_t n1 = std::min(n_end, n0 + kChunk);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+    switch (M - m) {
+      case 3: gemv_rows<3>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1); break;
+      case 2: gemv_rows<2>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1); break;
+      case 1: gemv_rows<1>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1); break;
+      default: break;
+    }
+  }
+}
+#else
+static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
+                 int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+  gemv_generic(A, M, K, packed, absmax, blocksize, quant_type, out, N, n_begin, n_end);
+}
+#endif
+
+}  // namespace BNBX_ISA
+
+#define BNBX_STRINGIFY_(x) #x
+#define BNBX_STRINGIFY(x) BNBX_STRINGIFY_(x)
+#define BNBX_GEMM_4BIT_TABLE_(isa) gemm_4bit_##isa
+#define BNBX_GEMM_4BIT_TABLE(isa) BNBX_GEMM_4BIT_TABLE_(isa)
+
+const Gemm4bitKernels BNBX_GEMM_4BIT_TABLE(BNBX_ISA) = {
+    BNBX_STRINGIFY(BNBX_ISA),
+    &BNBX_ISA::pack_a,
+    &BNBX_ISA::gemv,
+    &BNBX_ISA::decode_absmax,
+};
+
+}  // namespace bnbx::cpu

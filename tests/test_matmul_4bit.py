@@ -1,0 +1,236 @@
+"""bnbx.matmul_4bit / torch.ops.bnbx.gemm_4bit against the plain-torch reference (tests/reference_gemm_4bit.py).
+
+The fused kernels (4-bit GEMV for few rows, dequantized tiles into a 16-bit GEMM for many) never compute the
+dense weight; they must be as close to the float64 product as dequantize-then-matmul in the input's dtype is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+import bnbx
+from bnbx import _library
+from bnbx import functional as F
+from conftest import BLOCKSIZES, DTYPES, dtype_id
+from reference_gemm_4bit import dequantize_then_matmul, gemm_4bit_ref
+
+# Rows of A on each side of the GEMV / GEMM crossover; K values that do and do not fill SIMD groups (128 lanes
+# of AVX-512, 64 of AVX2) or whole blocks, odd K (rows start mid-byte) and N.
+M_VALUES = [1, 3, 17]
+KN_VALUES = [(128, 33), (256, 7), (65, 5), (1, 3), (384, 19)]
+
+
+def _cpu_supports(name: str) -> bool:
+    previous = _library.cpu_capability()
+    try:
+        _library.set_cpu_capability(name)
+    except ValueError:
+        return False
+    _library.set_cpu_capability(previous)
+    return True
+
+
+ISAS = [
+    pytest.param(name, marks=pytest.mark.skipif(not _cpu_supports(name), reason=f"this CPU lacks {name}"))
+    for name in ("scalar", "avx2", "avx512")
+]
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    previous = _library.cpu_capability()
+    _library.set_cpu_capability(name)
+    try:
+        yield
+    finally:
+        _library.set_cpu_capability(previous)
+
+
+def _close_to_reference(ours: torch.Tensor, A, packed, state, bias=None) -> None:
+    absmax = state.get_absmax()
+    ref = gemm_4bit_ref(A, packed, absmax, state.blocksize, state.quant_type, tuple(state.shape), bias)
+    base = dequantize_then_matmul(A, packed, absmax, state.blocksize, state.quant_type, tuple(state.shape), bias)
+    assert ours.shape == base.shape and ours.dtype == A.dtype
+    if ref.numel() == 0:
+        return
+    scale = ref.abs().max().item() + 1.0
+    ours_err = (ours.double() - ref).abs().max().item()
+    base_err = (base.double() - ref).abs().max().item()
+    # no worse than dequantize-then-matmul (up to summation order), plus a few units in the last place
+    ulp = {torch.float32: 2**-22, torch.float16: 2**-9, torch.bfloat16: 2**-7}[A.dtype]
+    assert ours_err <= 2 * base_err + 4 * ulp * scale, (ours_err, base_err, scale)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_fused_kernels_match_dequantize_then_matmul(isa, dtype, nested):
+    with cpu_isa(isa):
+        for quant_type in ("nf4", "fp4"):
+            for K, N in KN_VALUES:
+                W = torch.randn(N, K, dtype=dtype)
+                packed, state = F.quantize_4bit(W, blocksize=64, quant_type=quant_type, compress_statistics=nested)
+                bias = torch.randn(N, dtype=dtype)
+                for M in M_VALUES:
+                    A = torch.randn(M, K, dtype=dtype)
+                    _close_to_reference(bnbx.matmul_4bit(A, packed.t(), state, bias=bias), A, packed, state, bias)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("M", [1, 2, 6, 40])
+def test_every_blocksize(blocksize, M):
+    # K = 128 and 256: blocks of 256..4096 span several rows; K = 4 * 96 = 384 is not a multiple of most
+    for K, N in [(128, 67), (256, 9), (384, 21)]:
+        W = torch.randn(N, K)
+        packed, state = F.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        A = torch.randn(M, K, dtype=torch.bfloat16)
+        _close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
+
+
+@pytest.mark.parametrize("M", [1, 4, 9])
+def test_nested_statistics_decode_exactly(M):
+    # Decoding inside the kernel gives the same fp32 absmax as QuantState.get_absmax, so the product is
+    # bit-identical to the one with the decoded statistics passed as plain fp32.
+    W = torch.randn(48, 256)
+    packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=True)
+    A = torch.randn(M, 256)
+    nested = torch.ops.bnbx.gemm_4bit(A, packed, state.absmax, 64, "nf4", [48, 256], None, state.state2.absmax,
+                                      state.state2.code, state.offset, state.state2.blocksize)
+    plain = torch.ops.bnbx.gemm_4bit(A, packed, state.get_absmax(), 64, "nf4", [48, 256])
+    assert torch.equal(nested, plain)
+
+
+def test_any_leading_shape_and_out():
+    W = torch.randn(24, 128)
+    packed, state = F.quantize_4bit(W, compress_statistics=False)
+    A = torch.randn(2, 3, 5, 128)
+    ours = bnbx.matmul_4bit(A, packed, state)
+    assert ours.shape == (2, 3, 5, 24)
+    flat = bnbx.matmul_4bit(A.reshape(-1, 128), packed, state)
+    assert torch.equal(ours.reshape(-1, 24), flat)
+    out = torch.empty(2, 3, 5, 24)
+    assert bnbx.matmul_4bit(A, packed, state, out=out) is out and torch.equal(out, ours)
+    # a non-contiguous input gives the same result
+    At = torch.randn(128, 7).t()
+    assert torch.equal(bnbx.matmul_4bit(At, packed, state), bnbx.matmul_4bit(At.contiguous(), packed, state))
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (3, 0)], ids=["no-rows", "no-features"])
+def test_empty(shape):
+    M, K = shape
+    packed, state = F.quantize_4bit(torch.randn(5, K), compress_statistics=False)
+    bias = torch.randn(5)
+    out = bnbx.matmul_4bit(torch.randn(M, K), packed, state, bias=bias)
+    assert out.shape == (M, 5)
+    if M:
+        assert torch.equal(out, bias.expand(M, 5))  # K = 0: the empty sum is 0, plus the bias
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_quant_storage_views(rows):
+    W = torch.randn(40, 128)
+    A = torch.randn(rows, 128, dtype=torch.bfloat16)
+    packed_u8, state = F.quantize_4bit(W)
+    expected = bnbx.matmul_4bit(A, packed_u8, state)
+    packed_bf16, state_bf16 = F.quantize_4bit(W, quant_storage=torch.bfloat16)
+    assert torch.equal(bnbx.matmul_4bit(A, packed_bf16, state_bf16), expected)
+
+
+def test_multithreaded_equals_single_thread():
+    W = torch.randn(301, 256)
+    packed, state = F.quantize_4bit(W, compress_statistics=True)
+    threads = torch.get_num_threads()
+    for M in (1, 33):
+        A = torch.randn(M, 256, dtype=torch.bfloat16)
+        many = bnbx.matmul_4bit(A, packed, state)
+        torch.set_num_threads(1)
+        try:
+            one = bnbx.matmul_4bit(A, packed, state)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(many, one)  # rows of W are split between threads, each row summed by one
+
+
+def test_crossover_env_does_not_change_contract():
+    # the GEMV and the tiled GEMM agree within the same tolerance at the same M
+    W = torch.randn(64, 256)
+    packed, state = F.quantize_4bit(W)
+    A = torch.randn(8, 256, dtype=torch.bfloat16)
+    old = os.environ.get("BNBX_GEMM_4BIT_GEMV_MAX_M")
+    try:
+        for value in ("0", "64"):
+            os.environ["BNBX_GEMM_4BIT_GEMV_MAX_M"] = value
+            _close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
+    finally:
+        if old is None:
+            os.environ.pop("BNBX_GEMM_4BIT_GEMV_MAX_M", None)
+        else:
+            os.environ["BNBX_GEMM_4BIT_GEMV_MAX_M"] = old
+
+
+# --- autograd --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_input_gradient_is_through_the_dequantized_weight(dtype):
+    W = torch.randn(20, 128)
+    packed, state = F.quantize_4bit(W, compress_statistics=True)
+    dense = F.dequantize_4bit(packed, state).to(dtype)
+    for M in (1, 12):
+        A = torch.randn(3, M, 128, dtype=dtype, requires_grad=True)
+        bias = torch.randn(20, dtype=dtype, requires_grad=True)
+        grad = torch.randn(3, M, 20, dtype=dtype)
+        bnbx.matmul_4bit(A, packed, state, bias=bias).backward(grad)
+        assert torch.equal(A.grad, grad @ dense)  # exactly what the backward computes: grad @ W in A's dtype
+        assert torch.equal(bias.grad, grad.reshape(-1, 20).sum(0))
+
+
+@pytest.mark.parametrize("M", [2, 20], ids=["gemv", "tiled"])
+def test_gradcheck(M):
+    # The kernels compute in fp32 at most, so gradcheck runs in fp32 with a wide step: the product is linear in
+    # A and bias, so central differences are exact up to fp32 rounding (~1e-7 / eps relative).
+    packed, state = F.quantize_4bit(torch.randn(6, 128), compress_statistics=True)
+    A = torch.randn(M, 128, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+
+    def f(A, bias):
+        return bnbx.matmul_4bit(A, packed, state, bias=bias)
+
+    with pytest.warns(UserWarning, match="double precision"):
+        assert torch.autograd.gradcheck(f, (A, bias), eps=1e-2, atol=2e-3, rtol=2e-3)
+
+
+def test_weight_gets_no_gradient():
+    packed, state = F.quantize_4bit(torch.randn(8, 64), quant_storage=torch.bfloat16)
+    packed.requires_grad_(True)  # a float storage view could ask for one
+    A = torch.randn(2, 64, requires_grad=True)
+    bnbx.matmul_4bit(A, packed, state).sum().backward()
+    assert packed.grad is None and A.grad is not None
+
+
+def test_opcheck_gemm_4bit():
+    for nested in (False, True):
+        for M, K, N in [(1, 128, 9), (6, 65, 3)] if nested else [(0, 64, 4), (7, 128, 5)]:
+            packed, state = F.quantize_4bit(torch.randn(N, K), compress_statistics=nested)
+            A = torch.randn(M, K, requires_grad=True)
+            bias = torch.randn(N, requires_grad=True)
+            s2 = state.state2
+            args = (A, packed, state.absmax, 64, "nf4", [N, K], bias)
+            if nested:
+                args += (s2.absmax, s2.code, state.offset, s2.blocksize)
+            torch.library.opcheck(torch.ops.bnbx.gemm_4bit.default, args)
+
+
+def test_compile_fullgraph_forward():
+    packed, state = F.quantize_4bit(torch.randn(32, 128), compress_statistics=True)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return bnbx.matmul_4bit(x, packed, state) * 2
+
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), f(x))
