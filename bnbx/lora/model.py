@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._base import base_compute_dtype, dense_weight, is_quantized_layer
+from ._base import _quant_state, base_compute_dtype, dense_weight, is_quantized_layer
 from .layer import AdapterConfig, LoraLinear
 
 __all__ = [
@@ -219,9 +219,10 @@ def _requantize_like(base: nn.Module, weight: torch.Tensor, bias: Optional[torch
         if value is not None:
             settings[key] = value
     layer = from_linear(source, **settings)
-    state = getattr(layer.weight, "quant_state", None)
+    state, old_state = _quant_state(layer), _quant_state(base)
     if state is not None:
-        state.dtype = dtype  # decode to the compute dtype, as the base did (the codes came from fp32)
+        # decode to the dtype the base decoded to (its codes came from fp32 here, quantized once)
+        state.dtype = old_state.dtype if old_state is not None else dtype
     if layer.bias is not None and bias is not None:
         with torch.no_grad():
             layer.bias.data = bias.to(getattr(base.bias, "dtype", dtype)).clone()
@@ -332,8 +333,6 @@ def _peft_active(module: nn.Module) -> list[str]:
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts, counting each packed 4-bit byte as two parameters."""
-    from ._base import _quant_state
-
     logical = {}
     for module in model.modules():
         state = _quant_state(module)
