@@ -7,7 +7,6 @@ dense weight; they must be as close to the float64 product as dequantize-then-ma
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
@@ -155,21 +154,17 @@ def test_multithreaded_equals_single_thread():
         assert torch.equal(many, one)  # rows of W are split between threads, each row summed by one
 
 
-def test_crossover_env_does_not_change_contract():
-    # the GEMV and the tiled GEMM agree within the same tolerance at the same M
-    W = torch.randn(64, 256)
-    packed, state = F.quantize_4bit(W)
-    A = torch.randn(8, 256, dtype=torch.bfloat16)
-    old = os.environ.get("BNBX_GEMM_4BIT_GEMV_MAX_M")
-    try:
-        for value in ("0", "64"):
-            os.environ["BNBX_GEMM_4BIT_GEMV_MAX_M"] = value
+@pytest.mark.parametrize("path", ["gemv", "amx", "tiles"])
+def test_every_path_at_the_same_m(path, monkeypatch):
+    # The crossovers (GEMV, AMX kernel for bf16, dequantized tiles into at::mm) are tuning knobs read from the
+    # environment; each path alone must meet the same contract at the same M.
+    monkeypatch.setenv("BNBX_GEMM_4BIT_GEMV_MAX_M", "64" if path == "gemv" else "0")
+    monkeypatch.setenv("BNBX_GEMM_4BIT_AMX_MAX_M", "64" if path == "amx" else "0")
+    for K, N in [(256, 64), (96, 50), (65, 7)]:
+        packed, state = F.quantize_4bit(torch.randn(N, K), compress_statistics=True)
+        for M in (8, 33):
+            A = torch.randn(M, K, dtype=torch.bfloat16)
             _close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
-    finally:
-        if old is None:
-            os.environ.pop("BNBX_GEMM_4BIT_GEMV_MAX_M", None)
-        else:
-            os.environ["BNBX_GEMM_4BIT_GEMV_MAX_M"] = old
 
 
 # --- autograd --------------------------------------------------------------------------------------------------

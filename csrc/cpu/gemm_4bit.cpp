@@ -4,6 +4,7 @@
 //   at::mm (oneDNN; AMX for bf16 on CPUs that have it); threads over tiles. Double-quantized absmax is
 //   decoded per tile (per row in the GEMV) into a small fp32 buffer.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -34,6 +35,14 @@ int64_t gemv_max_rows() {
 int64_t tile_rows() {
   if (const char* value = std::getenv("BNBX_GEMM_4BIT_TILE_ROWS")) return std::max<int64_t>(1, std::atoll(value));
   return kTileRows;
+}
+
+// Largest M for the AMX kernel (bf16 inputs); above it, tiles into at::mm, whose blocking over M is better.
+constexpr int64_t kAmxMaxRows = 512;
+
+int64_t amx_max_rows() {
+  if (const char* value = std::getenv("BNBX_GEMM_4BIT_AMX_MAX_M")) return std::atoll(value);
+  return kAmxMaxRows;
 }
 
 const cpu::Gemm4bitKernels& gemm_kernels() {
@@ -88,6 +97,24 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     return out32.to(A.scalar_type()).view(out_shape);
   }
 
+  if (A.scalar_type() == at::kBFloat16 && kernels.gemm_amx != nullptr && M <= amx_max_rows() &&
+      cpu::cpu_has_amx() && cpu::cpu_has_avx512_bf16()) {
+    const int64_t Mp = ceil_div(M, 16) * 16, Kp = ceil_div(K, 32) * 32;
+    at::Tensor x = at::empty({Mp * Kp}, A.options());
+    uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());
+    kernels.pack_x_amx(reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>()), M, K, Mp, Kp, x_ptr);
+    at::Tensor out32 = at::empty({M, N}, A.options().dtype(at::kFloat));
+    float* out_ptr = out32.mutable_data_ptr<float>();
+    at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint16_t> wbuf(static_cast<size_t>(32 * Kp));
+      std::vector<float> row_scales(static_cast<size_t>(Kp / 32 + 2));
+      kernels.gemm_amx(x_ptr, M, Mp, K, Kp, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end,
+                       wbuf.data(), row_scales.data());
+    });
+    if (bias.has_value()) out32.add_(bias->to(at::kFloat));
+    return out32.to(A.scalar_type()).view(out_shape);
+  }
+
   // Tiles start on a block boundary so that each one is a self-contained run of blocks: a multiple of
   // blocksize / gcd(K, blocksize) rows (blocks may span rows when K is not a multiple of blocksize).
   const int64_t row_step = blocksize / std::gcd(K, blocksize);
@@ -96,7 +123,10 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
   const cpu::CpuKernels& base = cpu::cpu_kernels();
   const FloatType tile_type = to_float_type(A.scalar_type());
   at::Tensor out = at::empty({M, N}, A.options());
+  // Workers call ATen (at::mm_out); they need the caller's thread-local state (inference mode, dispatch keys).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor tile = at::empty({rows_per_tile, K}, A.options());
     std::vector<float> tile_scales(static_cast<size_t>(ceil_div(rows_per_tile * K, blocksize)));
     for (int64_t t = tile_begin; t < tile_end; ++t) {

@@ -24,6 +24,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 PR 105593, see kernels_impl.h
 #endif
 
+#include "../../common/rules.h"
 #include "gemm_4bit.h"
 
 namespace bnbx::cpu {
@@ -37,8 +38,19 @@ static inline float block_scale(const Absmax4bit& s, int64_t block) {
   return scaled + s.offset;
 }
 
+static inline int log2_of(int64_t power_of_two) { return __builtin_ctzll(static_cast<uint64_t>(power_of_two)); }
+
+// Blocksizes are powers of two: shifts, not 64-bit divisions (tens of cycles each, per block).
 static void decode_absmax(const Absmax4bit& absmax, int64_t block_begin, int64_t block_end, float* out) {
-  for (int64_t b = block_begin; b < block_end; ++b) out[b - block_begin] = block_scale(absmax, b);
+  if (absmax.absmax != nullptr) {
+    std::memcpy(out, absmax.absmax + block_begin, static_cast<size_t>(block_end - block_begin) * sizeof(float));
+    return;
+  }
+  const int shift = log2_of(absmax.nested_blocksize);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const float scaled = absmax.nested_code[absmax.absmax_q[b]] * absmax.nested_absmax[b >> shift];
+    out[b - block_begin] = scaled + absmax.offset;
+  }
 }
 
 template <FloatType kType>
@@ -182,9 +194,10 @@ static void gemv_rows(const float* A, int64_t K, const uint8_t* packed, const Ab
   const int64_t groups = K / kGroup;
   const int64_t blocks_per_group = blocksize < kGroup ? kGroup / blocksize : 1;
   const VecI lane_block = lane_blocks(blocksize < kGroup ? blocksize / 8 : kLanes);
+  const int shift = log2_of(blocksize);
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const int64_t row_first_block = n * K / blocksize;
-    decode_absmax(absmax, row_first_block, (n * K + K - 1) / blocksize + 1, row_scales);
+    const int64_t row_first_block = (n * K) >> shift;
+    decode_absmax(absmax, row_first_block, ((n * K + K - 1) >> shift) + 1, row_scales);
     Vec total[kRows];
     for (int r = 0; r < kRows; ++r) total[r] = vzero();
     const uint8_t* row = packed + n * (K / 2);
@@ -197,7 +210,7 @@ static void gemv_rows(const float* A, int64_t K, const uint8_t* packed, const Ab
         const Vec w = lookup(shift_right(bytes, 4 * s), table_lo, table_hi);
         for (int r = 0; r < kRows; ++r) part[r] = fmadd(w, vload(a + r * K + s * kLanes), part[r]);
       }
-      const float* scales = row_scales + ((n * K + g * kGroup) / blocksize - row_first_block);
+      const float* scales = row_scales + (((n * K + g * kGroup) >> shift) - row_first_block);
       const Vec scale = blocks_per_group == 1 ? vset1(scales[0]) : lane_scales(scales, blocks_per_group, lane_block);
       for (int r = 0; r < kRows; ++r) total[r] = fmadd(part[r], scale, total[r]);
     }
@@ -235,6 +248,10 @@ static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, co
 }
 #endif
 
+#if defined(__AVX512F__)
+#include "gemm_4bit_amx.h"
+#endif
+
 }  // namespace BNBX_ISA
 
 #define BNBX_STRINGIFY_(x) #x
@@ -247,6 +264,13 @@ const Gemm4bitKernels BNBX_GEMM_4BIT_TABLE(BNBX_ISA) = {
     &BNBX_ISA::pack_a,
     &BNBX_ISA::gemv,
     &BNBX_ISA::decode_absmax,
+#if defined(__AVX512F__)
+    &BNBX_ISA::pack_x_amx,
+    &BNBX_ISA::gemm_amx,
+#else
+    nullptr,
+    nullptr,
+#endif
 };
 
 }  // namespace bnbx::cpu
