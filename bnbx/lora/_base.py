@@ -15,7 +15,7 @@ from torch import nn
 
 from ..quant_state import QuantState
 
-__all__ = ["base_compute_dtype", "dense_weight", "is_quantized_layer", "packed_parameters"]
+__all__ = ["base_compute_dtype", "base_weight_dtype", "dense_weight", "is_quantized_layer", "packed_parameters"]
 
 
 def _quant_state(layer: nn.Module) -> Optional[QuantState]:
@@ -58,6 +58,17 @@ def base_compute_dtype(layer: nn.Module) -> torch.dtype:
     if state is not None:
         return state.dtype
     return torch.float32
+
+
+def base_weight_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype the layer's weight had before it was quantized (what a dense copy should use)."""
+    state = _quant_state(layer)
+    if state is not None:
+        return state.dtype
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and not is_quantized_layer(layer):
+        return weight.dtype
+    return base_compute_dtype(layer)
 
 
 def dense_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -25,7 +25,7 @@ from peft.tuners.lora.layer import Linear as _PeftLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ._base import base_compute_dtype, dense_weight, is_quantized_layer
+from ._base import base_compute_dtype, base_weight_dtype, dense_weight, is_quantized_layer
 
 __all__ = ["PeftLoraLinear", "peft_delta_weight", "quantized_layer_classes", "register"]
 
@@ -124,14 +124,14 @@ class PeftLoraLinear(_PeftLinear):
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
                                            adapter_names: Optional[list[str]]) -> nn.Module:
-        """peft's ``merge_and_unload``/``unload`` hook: a dense ``nn.Linear`` (compute dtype, rounded once)
-        when merging; the untouched quantized base otherwise."""
+        """peft's ``merge_and_unload``/``unload`` hook: when merging, a dense ``nn.Linear`` in the dtype the
+        weight had before quantization (rounded once); otherwise the untouched quantized base."""
         base = self.get_base_layer()
         if not merge:
             return base
         pending = check_adapters_to_merge(self, adapter_names)
         adapters = list(self.merged_adapters) + [a for a in pending if a in self.lora_A]
-        dtype = base_compute_dtype(base)
+        dtype = base_weight_dtype(base)
         with torch.no_grad():
             weight, bias = self._merged_tensors(adapters)
         if safe_merge and not bool(torch.isfinite(weight).all()):
@@ -168,9 +168,7 @@ def peft_delta_weight(layer: nn.Module) -> torch.Tensor:
         adapters = [a for a in active if a not in layer.merged_adapters]
         if is_quantized_layer(layer.get_base_layer()) and layer.merged_adapters:
             raise ValueError("merge_and_unload: a peft layer merged adapters into a quantized base; unmerge first")
-    base = layer.get_base_layer()
-    delta = torch.zeros(base.out_features, base.in_features, dtype=torch.float32, device=layer.lora_A[adapters[0]].weight.device) \
-        if adapters else torch.zeros((), dtype=torch.float32)
+    delta = torch.zeros((), dtype=torch.float32)  # broadcasts: no pending adapter adds nothing
     for adapter in adapters:
         delta = delta + _delta(layer, adapter)
     return delta
