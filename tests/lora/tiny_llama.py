@@ -20,14 +20,14 @@ TEXT = (
 )
 
 
-def tiny_llama(hidden=128, layers=4, intermediate=352, seed=0, dtype=torch.float32):
+def tiny_llama(hidden=128, layers=4, intermediate=352, seed=0, dtype=torch.float32, init=0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-        use_cache=False,
+        use_cache=False, initializer_range=init,
     )
     return LlamaForCausalLM(config).to(dtype)
 
