@@ -302,3 +302,12 @@ def test_remove_lora_restores_base():
     lora.add_lora(model, "all-linear")
     lora.remove_lora(model)
     assert model.q_proj is q and not list(lora.lora_layers(model))
+
+
+def test_import_bnbx_does_not_import_peft():
+    import subprocess
+    import sys
+
+    code = "import sys, bnbx, bnbx.lora; assert 'peft' not in sys.modules, 'peft imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
