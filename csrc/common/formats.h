@@ -2,7 +2,7 @@
 // map size. Written once here and used by the CPU kernels (all instruction sets) and the CUDA kernels.
 //
 // Functions here are `static inline`: the CPU kernels include this header in units compiled with different
-// instruction sets, and a shared inline definition could be merged across them (see cpu/kernels/kernels.h).
+// instruction sets, and a shared inline definition could be merged across them (see cpu/kernels/quantize_4bit.h).
 //
 // The values are bitsandbytes' (so bnbx reads and writes its checkpoints byte for byte); the tests compare
 // them with tests/reference.py, which derives them independently.
@@ -23,16 +23,18 @@ namespace bnbx {
 enum class QuantType : int32_t { kNF4 = 0, kFP4 = 1 };
 
 // Float types the kernels read and write. The CPU instruction-set units use this instead of
-// at::ScalarType so that they include no torch headers (see csrc/cpu/kernels/kernels.h).
+// at::ScalarType so that they include no torch headers (see csrc/cpu/kernels/quantize_4bit.h).
 enum class FloatType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Packing: byte j of a packed 4-bit tensor holds element 2j in the high nibble and element 2j+1 in the
 // low nibble. A missing last element (odd numel) is stored as the code of 0.0.
 constexpr int kCodesPerByte = 2;
 
-// Blocksizes accepted by the 4-bit and 8-bit blockwise ops: powers of two in [32, 4096].
+// Blocksizes: powers of two in [32, 4096] for 4-bit (as bitsandbytes), [32, 16384] for 8-bit blockwise
+// (bitsandbytes' CPU path takes large blocks too). bnbx/_formats.py holds the same sets.
 constexpr int64_t kMinBlocksize = 32;
 constexpr int64_t kMaxBlocksize = 4096;
+constexpr int64_t kMaxBlocksize8bit = 16384;
 
 // Double quantization quantizes the fp32 absmax values with the 8-bit dynamic map in blocks of 256.
 constexpr int64_t kNestedBlocksize = 256;

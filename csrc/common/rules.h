@@ -1,9 +1,16 @@
 // Per-element and per-block rules shared by every backend: the CPU kernels (each instruction set), the CUDA
 // kernels and their host emulation, and fused epilogues of the matmul families. One definition each, so a
 // rule can never drift between backends. `static inline` for the reason given in formats.h.
+//
+// Exactness: every function here is plain fp32 arithmetic with one rounding per operation. The CPU units
+// compile with -ffp-contract=off and CUDA with -fmad=false, so no a * b + c is ever fused, and neither
+// side uses fast-math: both give the same bits.
 #pragma once
 
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "formats.h"
 
@@ -11,5 +18,75 @@ namespace bnbx {
 
 // ceil(a / b) for a >= 0, b > 0, without the overflow of (a + b - 1) / b near INT64_MAX.
 BNBX_HOST_DEVICE static inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
+
+// std::max / std::min as the C++ library defines them: (a < b) ? b : a and (b < a) ? b : a. Written out
+// because fmaxf/fminf order -0.0 and +0.0 and treat NaN differently, and the stored bits must match.
+BNBX_HOST_DEVICE static inline float std_max(float a, float b) { return a < b ? b : a; }
+BNBX_HOST_DEVICE static inline float std_min(float a, float b) { return b < a ? b : a; }
+
+// --- 4-bit and 8-bit blockwise: the block scale -------------------------------------------------------------
+
+// Values are scaled as (x * prescale) * inv_absmax, a reciprocal as bitsandbytes' CUDA kernels do. A block
+// whose absmax is subnormal would overflow the reciprocal, so both sides are first multiplied by 2^64 (exact:
+// |x| <= absmax < FLT_MIN, and 2^64 is a power of two). absmax == 0 gives a factor of 0, so an all-zero block
+// stores the code of 0.
+struct BlockScale {
+  float prescale;    // 1, or 2^64 for a subnormal absmax
+  float inv_absmax;  // 1 / (absmax * prescale), 0 when absmax == 0
+};
+
+constexpr float kSubnormalPrescale = 18446744073709551616.0f;  // 2^64
+
+BNBX_HOST_DEVICE static inline BlockScale block_scale(float absmax) {
+  if (absmax == 0.0f) return {1.0f, 0.0f};
+  if (absmax < FLT_MIN) return {kSubnormalPrescale, 1.0f / (absmax * kSubnormalPrescale)};
+  return {1.0f, 1.0f / absmax};
+}
+
+// --- int8 groups: scale, zero point, one element --------------------------------------------------------------
+
+// torch's affine convention: x ~ (q - zero_point) * scale.
+//   symmetric:  scale = absmax / 127, zero_point = 0, q in [-127, 127]
+//   asymmetric: range [min(x, 0), max(x, 0)], scale = range / 255, zero_point = round(-128 - low / scale)
+//               clamped to [-128, 127], q in [-128, 127]
+// One element: q = clamp(round_half_even(x * inv_scale) + zero_point) with inv_scale = 1 / scale, an fp32
+// reciprocal (the rule of torch.fake_quantize_per_tensor_affine and quantize_per_tensor on the CPU), not
+// x * (127 / absmax), which differs in the last bit for about a quarter of fp32 absmax values. bitsandbytes'
+// LLM.int8() rule, x * (127 / absmax), is a separate op.
+struct Int8Params {
+  float scale;
+  float inv_scale;  // 1 / scale; 0 for an all-zero group and for a non-finite one
+  int32_t zero_point;
+  bool nonfinite;
+};
+
+// Scale and zero point from a group's range [low, high] (both hold 0) and its non-finite flag.
+BNBX_HOST_DEVICE static inline Int8Params int8_params_from_range(float low, float high, bool nonfinite,
+                                                                 bool symmetric) {
+  // NaN/Inf contract: a group holding a NaN or an Inf gets a NaN scale, zero point 0 and codes 0.
+  if (nonfinite) return {std::numeric_limits<float>::quiet_NaN(), 0.0f, 0, true};
+  if (symmetric) {
+    const float absmax = std_max(-low, high);  // -0.0 for an all-zero group
+    const float scale = absmax / 127.0f;
+    return {scale, scale == 0.0f ? 0.0f : 1.0f / scale, 0, false};
+  }
+  const float scale = (high - low) / 255.0f;
+  if (scale == 0.0f) return {0.0f, 0.0f, 0, false};
+  const float zero_point = rintf(-128.0f - low / scale);
+  return {scale, 1.0f / scale, static_cast<int32_t>(std_min(127.0f, std_max(-128.0f, zero_point))), false};
+}
+
+// One code from x * inv_scale (or x / scale when 1/scale overflows, for a subnormal scale): round half to
+// even (the current rounding mode, which is the default), add the zero point, clamp to [qmin, 127].
+BNBX_HOST_DEVICE static inline int8_t int8_code(float scaled, float zero_point, float qmin) {
+  return static_cast<int8_t>(std_min(127.0f, std_max(qmin, rintf(scaled) + zero_point)));
+}
+
+// --- CPU work split ---------------------------------------------------------------------------------------------
+
+// at::parallel_for grain: about 32K elements per task, in whole blocks.
+BNBX_HOST_DEVICE static inline int64_t grain_in_blocks(int64_t blocksize) {
+  return blocksize >= 32768 ? 1 : 32768 / blocksize;
+}
 
 }  // namespace bnbx

@@ -93,8 +93,6 @@ bool cpu_has_amx() {
   return available;
 }
 
-const CpuKernels& cpu_kernels() { return select_kernels(kernels_scalar, kernels_avx2, kernels_avx512); }
-
 }  // namespace bnbx::cpu
 
 // A small C interface for Python (ctypes), outside the op registry: build and CPU facts for

@@ -10,8 +10,6 @@
 
 #include <cstdint>
 
-#include "kernels/kernels.h"
-
 namespace bnbx::cpu {
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -36,10 +34,5 @@ const Table& select_kernels(const Table& scalar, const Table& avx2, const Table&
 bool cpu_has_avx512_vnni();
 bool cpu_has_avx512_bf16();
 bool cpu_has_amx();  // AMX-TILE, AMX-INT8 and AMX-BF16, with the OS permission to use the tiles
-
-const CpuKernels& cpu_kernels();
-
-// Work split for at::parallel_for: about 32K elements per task, in whole blocks.
-inline int64_t grain_in_blocks(int64_t blocksize) { return blocksize >= 32768 ? 1 : 32768 / blocksize; }
 
 }  // namespace bnbx::cpu

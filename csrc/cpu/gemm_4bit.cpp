@@ -16,6 +16,7 @@
 #include "../common/checks_gemm_4bit.h"
 #include "cpu_features.h"
 #include "kernels/gemm_4bit.h"
+#include "kernels/quantize_4bit.h"
 
 namespace bnbx {
 namespace {
@@ -120,7 +121,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
   const int64_t row_step = blocksize / std::gcd(K, blocksize);
   const int64_t rows_per_tile = ceil_div(std::max(tile_rows(), row_step), row_step) * row_step;
   const int64_t tiles = ceil_div(N, rows_per_tile);
-  const cpu::CpuKernels& base = cpu::cpu_kernels();
+  const cpu::Quantize4bitKernels& base =
+      cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType tile_type = to_float_type(A.scalar_type());
   at::Tensor out = at::empty({M, N}, A.options());
   // Workers call ATen (at::mm_out); they need the caller's thread-local state (inference mode, dispatch keys).
@@ -136,7 +138,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
       const int64_t first_block = n0 * K / blocksize;
       const int64_t blocks = ceil_div(elements, blocksize);
       kernels.decode_absmax(scales, first_block, first_block + blocks, tile_scales.data());
-      base.dequantize_4bit(tile_type, packed_ptr + n0 * K / 2, tile_scales.data(), elements, blocksize, args.type,
+      base.dequantize(tile_type, packed_ptr + n0 * K / 2, tile_scales.data(), elements, blocksize, args.type,
                            tile.mutable_data_ptr(), 0, blocks);
       at::Tensor dst = out.narrow(1, n0, rows);
       at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());

@@ -6,6 +6,7 @@
 
 #include "../common/checks.h"
 #include "cpu_features.h"
+#include "kernels/quantize_4bit.h"
 
 namespace bnbx {
 namespace {
@@ -18,13 +19,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   const int64_t blocks = ceil_div(n, blocksize);
   Quantize4bitOutputs outputs(input, blocksize, quant_storage);
 
-  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const cpu::Quantize4bitKernels& kernels = cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
   uint8_t* packed_ptr = outputs.packed.mutable_data_ptr<uint8_t>();
   float* absmax_ptr = outputs.absmax.mutable_data_ptr<float>();
-  at::parallel_for(0, blocks, cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    kernels.quantize_4bit(in_type, in, n, blocksize, type, packed_ptr, absmax_ptr, begin, end);
+  at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.quantize(in_type, in, n, blocksize, type, packed_ptr, absmax_ptr, begin, end);
   });
   return outputs.result();
 }
@@ -34,13 +35,13 @@ void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t
                           at::ScalarType dtype, at::Tensor& out) {
   const at::Tensor packed = A.contiguous();
   const at::Tensor stats = absmax.contiguous();
-  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const cpu::Quantize4bitKernels& kernels = cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType out_type = to_float_type(dtype);
   const uint8_t* packed_ptr = static_cast<const uint8_t*>(packed.const_data_ptr());
   const float* absmax_ptr = stats.const_data_ptr<float>();
   void* out_ptr = out.mutable_data_ptr();
-  at::parallel_for(0, ceil_div(n, blocksize), cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    kernels.dequantize_4bit(out_type, packed_ptr, absmax_ptr, n, blocksize, type, out_ptr, begin, end);
+  at::parallel_for(0, ceil_div(n, blocksize), grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.dequantize(out_type, packed_ptr, absmax_ptr, n, blocksize, type, out_ptr, begin, end);
   });
 }
 

@@ -5,6 +5,7 @@
 
 #include "../common/checks.h"
 #include "cpu_features.h"
+#include "kernels/quantize_8bit.h"
 
 namespace bnbx {
 namespace {
@@ -27,14 +28,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, c
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
 
-  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const cpu::Quantize8bitKernels& kernels = cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
   const float* code_ptr = code_values.const_data_ptr<float>();
   uint8_t* out_ptr = out.mutable_data_ptr<uint8_t>();
   float* absmax_ptr = absmax.mutable_data_ptr<float>();
-  at::parallel_for(0, blocks, cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    kernels.quantize_blockwise(in_type, in, n, blocksize, code_ptr, out_ptr, absmax_ptr, begin, end);
+  at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.quantize(in_type, in, n, blocksize, code_ptr, out_ptr, absmax_ptr, begin, end);
   });
   return {out, absmax};
 }
@@ -48,14 +49,14 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
   const int64_t n = codes.numel();
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
 
-  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const cpu::Quantize8bitKernels& kernels = cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);
   const FloatType out_type = to_float_type(dtype);
   const uint8_t* in = codes.const_data_ptr<uint8_t>();
   const float* absmax_ptr = stats.const_data_ptr<float>();
   const float* code_ptr = code_values.const_data_ptr<float>();
   void* out_ptr = out.mutable_data_ptr();
-  at::parallel_for(0, ceil_div(n, blocksize), cpu::grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
-    kernels.dequantize_blockwise(out_type, in, absmax_ptr, code_ptr, n, blocksize, out_ptr, begin, end);
+  at::parallel_for(0, ceil_div(n, blocksize), grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    kernels.dequantize(out_type, in, absmax_ptr, code_ptr, n, blocksize, out_ptr, begin, end);
   });
   return out;
 }

@@ -5,6 +5,7 @@
 
 #include "../common/checks.h"
 #include "cpu_features.h"
+#include "kernels/quantize_int8.h"
 
 namespace bnbx {
 namespace {
@@ -21,14 +22,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tenso
   at::Tensor scale = at::empty({groups}, input.options().dtype(at::kFloat));
   at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
 
-  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const cpu::QuantizeInt8Kernels& kernels = cpu::select_kernels(cpu::quantize_int8_scalar, cpu::quantize_int8_avx2, cpu::quantize_int8_avx512);
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
   int8_t* q_ptr = q.mutable_data_ptr<int8_t>();
   float* scale_ptr = scale.mutable_data_ptr<float>();
   int32_t* zero_point_ptr = zero_point.mutable_data_ptr<int32_t>();
   at::parallel_for(0, groups, grain_in_groups(group_size), [&](int64_t begin, int64_t end) {
-    kernels.quantize_int8(in_type, in, n, group_size, symmetric, q_ptr, scale_ptr, zero_point_ptr, begin, end);
+    kernels.quantize(in_type, in, n, group_size, symmetric, q_ptr, scale_ptr, zero_point_ptr, begin, end);
   });
   return {q, scale, zero_point};
 }
@@ -42,14 +43,14 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& A, const at::Tensor& scale, con
   const int64_t n = q.numel();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
 
-  const cpu::CpuKernels& kernels = cpu::cpu_kernels();
+  const cpu::QuantizeInt8Kernels& kernels = cpu::select_kernels(cpu::quantize_int8_scalar, cpu::quantize_int8_avx2, cpu::quantize_int8_avx512);
   const FloatType out_type = to_float_type(dtype);
   const int8_t* q_ptr = q.const_data_ptr<int8_t>();
   const float* scale_ptr = scales.const_data_ptr<float>();
   const int32_t* zero_point_ptr = zero_points.const_data_ptr<int32_t>();
   void* out_ptr = out.mutable_data_ptr();
   at::parallel_for(0, ceil_div(n, group_size), grain_in_groups(group_size), [&](int64_t begin, int64_t end) {
-    kernels.dequantize_int8(out_type, q_ptr, scale_ptr, zero_point_ptr, n, group_size, out_ptr, begin, end);
+    kernels.dequantize(out_type, q_ptr, scale_ptr, zero_point_ptr, n, group_size, out_ptr, begin, end);
   });
   return out;
 }

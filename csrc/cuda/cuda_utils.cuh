@@ -24,6 +24,7 @@
 
 #include "../common/checks.h"
 #include "../common/formats.h"
+#include "../common/rules.h"
 
 namespace bnbx::cuda {
 
@@ -36,8 +37,6 @@ constexpr uint32_t kQuietNaNBits = 0x7fc00000u;
 // For non-negative floats the bit patterns order like the values, and every NaN pattern lies above +Inf:
 // a block holds a NaN or an Inf exactly when its largest |x| pattern is above FLT_MAX's.
 constexpr uint32_t kFloatMaxBits = 0x7f7fffffu;
-
-__host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // --- float types ---------------------------------------------------------------------------------------------
 
@@ -229,24 +228,7 @@ __device__ __forceinline__ T group_reduce(T value, int group, T* scratch, Op op)
   return result;
 }
 
-// --- the per-block scale rule --------------------------------------------------------------------------------
-
-// Device twin of BlockScale / block_scale in csrc/cpu/kernels/quantize_4bit_impl.h (also used by the 8-bit
-// blockwise format): values are scaled as (x * prescale) * inv_absmax. A subnormal absmax would overflow the
-// reciprocal, so both sides are multiplied by 2^64 first (exact: |x| <= absmax < FLT_MIN, and 2^64 is a power
-// of two); absmax == 0 gives a factor of 0, so an all-zero block stores the code of 0.
-struct BlockScale {
-  float prescale;
-  float inv_absmax;
-};
-
-constexpr float kSubnormalPrescale = 18446744073709551616.0f;  // 2^64
-
-__host__ __device__ __forceinline__ BlockScale block_scale(float absmax) {
-  if (absmax == 0.0f) return {1.0f, 0.0f};
-  if (absmax < FLT_MIN) return {kSubnormalPrescale, 1.0f / (absmax * kSubnormalPrescale)};
-  return {1.0f, 1.0f / absmax};
-}
+// --- the per-block scale rule: BlockScale / block_scale in common/rules.h -------------------------------------
 
 // Loads this thread's kVec elements (vector `vec` of in[0, n)) into x and returns the largest |x| pattern of
 // its quantization block of 2^log2_group vectors (above kFloatMaxBits: the block is not finite). The groups

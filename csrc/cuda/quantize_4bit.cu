@@ -162,8 +162,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (uint32_t b = threadIdx.x; b < kBuckets<kType>; b += blockDim.x) buckets[b] = make_code_bucket<kType>(b);
   __syncthreads();
 
-  const int64_t vectors = ceil_div64(n, kVec);
-  const int64_t blocks = ceil_div64(vectors, int64_t{1} << log2_group);
+  const int64_t vectors = ceil_div(n, kVec);
+  const int64_t blocks = ceil_div(vectors, int64_t{1} << log2_group);
   const int lane = threadIdx.x & ((1 << log2_group) - 1);
   int parity = 0;
   // The loop bound is the same for every thread of the block: all of them reach group_reduce's barrier.
@@ -227,8 +227,8 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x < 16) lut[threadIdx.x] = table.values[threadIdx.x];
   __syncthreads();
 
-  const int64_t vectors = ceil_div64(n, kVec);
-  const int64_t packed_bytes = ceil_div64(n, 2);
+  const int64_t vectors = ceil_div(n, kVec);
+  const int64_t packed_bytes = ceil_div(n, 2);
   for (int64_t tile = int64_t{blockIdx.x} * kTile; tile < vectors; tile += int64_t{gridDim.x} * kTile) {
     // All loads of the tile first, then the math: kDequantUnroll independent loads in flight per thread.
     UInt<kBytes> words[kDequantUnroll];

@@ -47,8 +47,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   load_midpoints(code, midpoints);
   const uint32_t zero = nearest_code_index(midpoints, 0.0f);
 
-  const int64_t vectors = ceil_div64(n, kVec);
-  const int64_t blocks = ceil_div64(vectors, int64_t{1} << log2_group);
+  const int64_t vectors = ceil_div(n, kVec);
+  const int64_t blocks = ceil_div(vectors, int64_t{1} << log2_group);
   const int lane = threadIdx.x & ((1 << log2_group) - 1);
   int parity = 0;
   // The loop bound is the same for every thread of the block: all of them reach group_reduce's barrier.
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = threadIdx.x; i < kDynamicMapSize; i += blockDim.x) values[i] = code[i];
   __syncthreads();
 
-  const int64_t vectors = ceil_div64(n, kVec);
+  const int64_t vectors = ceil_div(n, kVec);
   for (int64_t tile = int64_t{blockIdx.x} * kTile; tile < vectors; tile += int64_t{gridDim.x} * kTile) {
     // All loads of the tile first, then the math: kDequantUnroll independent loads in flight per thread.
     UInt<kVec> words[kDequantUnroll];
@@ -130,6 +130,9 @@ __global__ void __launch_bounds__(kThreads)
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
                                                            int64_t blocksize) {
   check_quantize_blockwise_args(A, code, blocksize);
+  // one thread group covers a block (at most 1024 threads): larger blocks are CPU-only for now
+  TORCH_CHECK_VALUE(blocksize <= kMaxBlocksize, "quantize_blockwise: blocksize above ", kMaxBlocksize,
+                    " is supported on the CPU only, got ", blocksize);
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor input = contiguous_aligned(A);
   const at::Tensor code_values = code.contiguous();

@@ -53,11 +53,6 @@ __device__ __forceinline__ Segment locate(const Int8Layout& layout, int64_t segm
 
 // --- the arithmetic of quantize_int8_impl.h ----------------------------------------------------------------------
 
-// std::max / std::min as the CPU calls them: (a < b) ? b : a and (b < a) ? b : a. Written out because
-// fmaxf/fminf order -0.0 and +0.0 and treat NaN differently, and the stored bits must match.
-__device__ __forceinline__ float std_max(float a, float b) { return a < b ? b : a; }
-__device__ __forceinline__ float std_min(float a, float b) { return b < a ? b : a; }
-
 // The running range of int8_group_params, with `high` = +Inf marking a NaN or an Inf met (finite values
 // are at most FLT_MAX, so the mark cannot be mistaken for data).
 __device__ __forceinline__ Range extend(Range range, float x) {
@@ -66,26 +61,9 @@ __device__ __forceinline__ Range extend(Range range, float x) {
   return range;
 }
 
-// Int8Params of the CPU reference: x ~ (q - zero_point) * scale.
-struct Int8Params {
-  float scale;
-  float inv_scale;  // 1 / scale; 0 for an all-zero group and for a non-finite one
-  int32_t zero_point;
-  bool nonfinite;
-};
-
-// int8_group_params after its loop, from the group's range.
+// int8_group_params after its loop, from the group's range (the rule: int8_params_from_range, common/rules.h).
 __device__ __forceinline__ Int8Params int8_params(Range range, bool symmetric) {
-  if (range.high > FLT_MAX) return {__uint_as_float(kQuietNaNBits), 0.0f, 0, true};
-  if (symmetric) {
-    const float absmax = std_max(-range.low, range.high);  // -0.0 for an all-zero group, as on the CPU
-    const float scale = absmax / 127.0f;
-    return {scale, scale == 0.0f ? 0.0f : 1.0f / scale, 0, false};
-  }
-  const float scale = (range.high - range.low) / 255.0f;
-  if (scale == 0.0f) return {0.0f, 0.0f, 0, false};
-  const float zero_point = rintf(-128.0f - range.low / scale);
-  return {scale, 1.0f / scale, static_cast<int32_t>(std_min(127.0f, std_max(-128.0f, zero_point))), false};
+  return int8_params_from_range(range.low, range.high, range.high > FLT_MAX, symmetric);
 }
 
 // The same parameters rebuilt from what int8_params stored: a NaN scale only comes from a non-finite group,
@@ -110,14 +88,12 @@ __device__ __forceinline__ void quantize_elements(const T* __restrict__ in, int6
     // subnormal scale: 1/scale overflows, so divide instead (exact, slower, rare); a loop of its own so the
     // common loop below never computes the division
     for (int64_t i = first; i < end; i += stride) {
-      const float value = rintf(to_float(in[i]) / params.scale) + zp;
-      q[i] = static_cast<int8_t>(std_min(127.0f, std_max(qmin, value)));
+      q[i] = int8_code(to_float(in[i]) / params.scale, zp, qmin);
     }
     return;
   }
   for (int64_t i = first; i < end; i += stride) {
-    const float value = rintf(to_float(in[i]) * params.inv_scale) + zp;
-    q[i] = static_cast<int8_t>(std_min(127.0f, std_max(qmin, value)));
+    q[i] = int8_code(to_float(in[i]) * params.inv_scale, zp, qmin);
   }
 }
 

@@ -1,4 +1,4 @@
-// fp16 / bf16 <-> fp32 conversions without torch headers (see kernels.h). Round to nearest even, NaN
+// fp16 / bf16 <-> fp32 conversions without torch headers (see quantize_4bit.h). Round to nearest even, NaN
 // stays NaN, the same results as c10::Half and c10::BFloat16. Included inside a per-ISA namespace.
 #pragma once
 

@@ -1,6 +1,12 @@
 // 8-bit blockwise quantize / dequantize with a 256-entry code (the signed dynamic map by default), compiled
-// once per instruction set (see kernels.h). C++ twin of tests/reference.py::quantize_blockwise_ref.
-#pragma once
+// once per instruction set (see quantize_8bit.h). C++ twin of tests/reference.py::quantize_blockwise_ref.
+#include "isa_unit.h"
+#include "quantize_8bit.h"
+
+namespace bnbx::cpu {
+namespace BNBX_ISA {
+
+#include "simd.h"
 
 // Nearest code: index = number of midpoints m with x > m (ties go to the lower code), the rule of
 // bitsandbytes' torch.bucketize path. midpoints[i] = (code[i] + code[i+1]) / 2 in fp32; the code is sorted.
@@ -52,7 +58,7 @@ static void dequantize_blockwise_generic(const uint8_t* in, const float* absmax,
 }
 
 // AVX-512, 16-bit outputs of blocks of >= 256 elements: the block's 256 products code[q] * absmax, each
-// rounded once (bit-identical to store_from_float, NaN included: quantize_4bit_impl.h's helpers), form a
+// rounded once (bit-identical to store_from_float, NaN included: simd_avx512.h), form a
 // 256-entry table of 16-bit results, looked up 32 at a time with vpermt2w (64 entries each) and two blend
 // levels on index bits 6 and 7. Smaller blocks would spend more on the table than on the lookups, fp32
 // outputs are bound by their 4-byte stores, and gathers are slower than the generic loop on AMD Zen, so
@@ -104,7 +110,7 @@ static void dequantize_blockwise_simd(const uint8_t* in, const float* absmax, co
 // a code whose midpoints are not increasing, e.g. NaN from -inf and +inf neighbours), 16 or 8 lanes at a
 // time. The pivot probed at a level with step s is midpoints[prefix * 2s + s - 1]: one of 128 / s values,
 // looked up by permutes from per-level tables (AVX-512) or, for the large levels, gathered (AVX2). absmax
-// and the scale come from the 4-bit helpers, which give block_absmax/block_scale's results.
+// and the scale come from simd.h and common/rules.h, which give block_absmax/block_scale's results.
 #if defined(__AVX512F__) || defined(__AVX2__)
 // pivots[2^L + k] = the k-th pivot of level L (step 128 >> L), L = 1..7.
 static inline void fill_level_pivots(const float midpoints[256], float pivots[256]) {
@@ -277,3 +283,9 @@ static void dequantize_blockwise(FloatType out_type, const uint8_t* in, const fl
 
 #undef BNBX_8BIT_DEQUANTIZE
 #undef BNBX_8BIT_QUANTIZE
+
+}  // namespace BNBX_ISA
+
+const Quantize8bitKernels BNBX_TABLE(quantize_8bit) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_blockwise, &BNBX_ISA::dequantize_blockwise};
+
+}  // namespace bnbx::cpu

@@ -1,28 +1,15 @@
 // int8 absmax (symmetric) and zero-point (asymmetric) quantization over contiguous groups, compiled once per
-// instruction set (see kernels.h). C++ twin of tests/reference.py::quantize_int8_ref.
-#pragma once
+// instruction set (see quantize_int8.h). C++ twin of tests/reference.py::quantize_int8_ref.
+#include "isa_unit.h"
+#include "quantize_int8.h"
 
-// Group scale and zero point, torch's affine convention: x ~ (q - zero_point) * scale.
-struct Int8Params {
-  float scale;
-  float inv_scale;  // 1 / scale; 0 for an all-zero group
-  int32_t zero_point;
-  bool nonfinite;
-};
+namespace bnbx::cpu {
+namespace BNBX_ISA {
 
-// Scale and zero point from a group's range [low, high] (both hold 0) and its non-finite flag.
-static inline Int8Params int8_params_from_range(float low, float high, bool nonfinite, bool symmetric) {
-  if (nonfinite) return {std::numeric_limits<float>::quiet_NaN(), 0.0f, 0, true};
-  if (symmetric) {
-    const float absmax = std::max(-low, high);
-    const float scale = absmax / 127.0f;
-    return {scale, scale == 0.0f ? 0.0f : 1.0f / scale, 0, false};
-  }
-  const float scale = (high - low) / 255.0f;
-  if (scale == 0.0f) return {0.0f, 0.0f, 0, false};
-  const float zero_point = std::nearbyint(-128.0f - low / scale);
-  return {scale, 1.0f / scale, static_cast<int32_t>(std::min(127.0f, std::max(-128.0f, zero_point))), false};
-}
+#include "simd.h"
+
+// Group parameters and the rounding of one element (Int8Params, int8_params_from_range, int8_code) are
+// common/rules.h's, shared with the CUDA kernels.
 
 // Folds in[begin, end) into the running range: low = min(x, low) keeping the earlier value on ties, etc.
 template <FloatType kIn>
@@ -56,14 +43,12 @@ static inline void quantize_int8_values(const void* in, int64_t begin, int64_t e
   if (std::isinf(params.inv_scale)) {
     // subnormal scale: 1/scale overflows, so divide instead (exact, slower, rare)
     for (int64_t i = begin; i < end; ++i) {
-      const float value = std::nearbyint(load_as_float<kIn>(in, i) / params.scale) + zp;
-      q[i] = static_cast<int8_t>(std::min(127.0f, std::max(qmin, value)));
+      q[i] = int8_code(load_as_float<kIn>(in, i) / params.scale, zp, qmin);
     }
     return;
   }
   for (int64_t i = begin; i < end; ++i) {
-    const float value = std::nearbyint(load_as_float<kIn>(in, i) * params.inv_scale) + zp;
-    q[i] = static_cast<int8_t>(std::min(127.0f, std::max(qmin, value)));
+    q[i] = int8_code(load_as_float<kIn>(in, i) * params.inv_scale, zp, qmin);
   }
 }
 
@@ -111,7 +96,7 @@ static void dequantize_int8_generic(const int8_t* q, const float* scale, const i
 //   expressions. The accumulators start at +0 and only take strictly smaller (larger) values, so they hold
 //   +0 or values whose bit pattern is fixed by their value: the lane order cannot change the result.
 // - values: the same fp32 product, rounding in the current mode (as nearbyint), then min/max in the
-//   generic's operand order; dequantize stores with the helpers of quantize_4bit_impl.h.
+//   generic's operand order; dequantize stores with the helpers of simd_avx512.h / simd_avx2.h.
 // Non-finite groups, subnormal scales and tails use the loops above.
 #if defined(__AVX512F__)
 template <FloatType kIn>
@@ -307,3 +292,9 @@ static void dequantize_int8(FloatType out_type, const int8_t* q, const float* sc
 }
 
 #undef BNBX_INT8_KERNEL
+
+}  // namespace BNBX_ISA
+
+const QuantizeInt8Kernels BNBX_TABLE(quantize_int8) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_int8, &BNBX_ISA::dequantize_int8};
+
+}  // namespace bnbx::cpu

@@ -1,0 +1,33 @@
+// Helpers every kernel family uses, included inside namespace bnbx::cpu::BNBX_ISA after isa_unit.h: the
+// scalar fp16/bf16 conversions, the scalar block absmax, and the SIMD helpers of this unit's instruction set
+// (simd_avx512.h or simd_avx2.h: loads and conversions of fp32/fp16/bf16, stores, reductions).
+#pragma once
+
+#include "float_convert.h"
+
+// Largest |x| of a block; sets *nonfinite when the block holds a NaN or an Inf.
+template <FloatType kIn>
+static inline float block_absmax(const void* in, int64_t start, int64_t end, bool* nonfinite) {
+  float absmax = 0.0f;
+  bool bad = false;
+  for (int64_t i = start; i < end; ++i) {
+    const float magnitude = std::fabs(load_as_float<kIn>(in, i));
+    bad |= !(magnitude <= FLT_MAX);
+    absmax = magnitude > absmax ? magnitude : absmax;
+  }
+  *nonfinite = bad;
+  return absmax;
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The SIMD paths assume IEEE subnormals. With flush-to-zero or denormals-are-zero set in this thread's MXCSR
+// (torch.set_flush_denormal(True)) the generic loops' float compares and products see subnormals as zero
+// while integer shortcuts do not, so every SIMD entry point then runs the generic loop instead.
+static inline bool denormals_flushed() { return (_mm_getcsr() & 0x8040u) != 0; }  // FTZ (bit 15) | DAZ (bit 6)
+#endif
+
+#if defined(__AVX512F__)
+#include "simd_avx512.h"
+#elif defined(__AVX2__)
+#include "simd_avx2.h"
+#endif
