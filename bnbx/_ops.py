@@ -225,7 +225,7 @@ def _check_gemm_4bit(A, B, absmax, blocksize, quant_type, shape, bias, nested_ab
         check_blocksize(op, nested_blocksize)
         check_block_stats(op, "absmax", absmax, blocks, torch.uint8)
         check_block_stats(op, "nested_absmax", nested_absmax, -(-blocks // nested_blocksize))
-        _check_code(op, nested_code)
+        check_code(op, nested_code)
         torch._check_type(
             nested_offset.dtype == torch.float32,
             lambda: f"{op}: nested_offset must be float32, got {_dtype_name(nested_offset.dtype)}",
