@@ -100,7 +100,9 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     for key, tensor in tensors.items():
         target = expected[key]
         if tensor.shape != target.shape:
-            raise ValueError(f"load_adapter: {key} has shape {list(tensor.shape)}, the model needs {list(target.shape)}")
+            raise ValueError(
+                f"load_adapter: {key} has shape {list(tensor.shape)}, the model needs {list(target.shape)}"
+            )
         if not tensor.is_floating_point():
             raise ValueError(f"load_adapter: {key} must be a floating-point tensor, got {tensor.dtype}")
     for name, layer in layers.items():

@@ -9,7 +9,6 @@ from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ._base import _quant_state, base_compute_dtype, dense_weight, is_quantized_layer
 from .layer import AdapterConfig, LoraLinear
@@ -259,7 +258,11 @@ def merge_and_unload(
     if not adapted:
         raise ValueError("merge_and_unload: the model has no LoRA adapters")
     errors: dict[str, LayerError] = {}
-    for name, module in tqdm(adapted, disable=not progressbar, desc="merging adapters"):
+    if progressbar:
+        from tqdm.auto import tqdm  # optional dependency, only for the bar
+
+        adapted = tqdm(adapted, desc="merging adapters")
+    for name, module in adapted:
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module.base_layer
         with torch.no_grad():
             weight = dense_weight(base, torch.float32) + _adapter_delta(module)()

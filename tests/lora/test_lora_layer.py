@@ -127,7 +127,7 @@ def test_merge_and_unload_dense_rounds_once(dtype):
     model = lora.add_lora(Tiny(torch.float32), ["q_proj", "mlp.2"], r=3, lora_alpha=6)
     randomize(model)
     layers = dict(lora.lora_layers(model))
-    expected = {name: (l.base_layer.weight.detach() + l.delta_weight()).to(dtype) for name, l in layers.items()}
+    expected = {name: (m.base_layer.weight.detach() + m.delta_weight()).to(dtype) for name, m in layers.items()}
     x = torch.randn(3, 24)
     y = model(x)
     merged = lora.merge_and_unload(model, dtype=dtype)

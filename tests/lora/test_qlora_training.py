@@ -50,7 +50,7 @@ def test_qlora_training(one_thread):
     assert len(linear) == 2 * 7 and all(m.weight.quant_type == "nf4" and m.weight.compress_statistics
                                         for m in linear)
     adapted = dict(lora.lora_layers(model))
-    assert len(adapted) == 2 * 7 and "lm_head" not in adapted and all(l.config.r == 8 for l in adapted.values())
+    assert len(adapted) == 2 * 7 and "lm_head" not in adapted and all(m.config.r == 8 for m in adapted.values())
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     # gradient checkpointing: each decoder layer's attention runs twice per step (again when backward
