@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from bnbx import QuantState
-from bnbx import _formats
 from bnbx import functional as F
 from conftest import DTYPES, dtype_id
 from reference import code_table_ref, dequantize_blockwise_ref, quantize_blockwise_ref
@@ -204,6 +203,13 @@ def test_large_8bit_blocks_match_reference_and_bitsandbytes(blocksize, dtype):
     assert (codes != their_codes).float().mean() < 0.01
     out = F.dequantize_blockwise(codes, state)
     assert torch.equal(out, bnb.dequantize_blockwise(codes, their_state))
+
+
+def test_large_8bit_blocks_pass_opcheck():
+    A, code = torch.randn(3, 16384 + 5), F.create_dynamic_map()
+    torch.library.opcheck(torch.ops.bnbx.quantize_blockwise, (A, code, 16384))
+    codes, absmax = torch.ops.bnbx.quantize_blockwise(A, code, 16384)
+    torch.library.opcheck(torch.ops.bnbx.dequantize_blockwise, (codes, absmax, code, 16384, torch.bfloat16))
 
 
 def test_blocksize_sets():
