@@ -95,7 +95,7 @@ def test_nested_statistics_decode_exactly(M):
     # Decoding inside the kernel gives the same fp32 absmax as QuantState.get_absmax, so the product is
     # bit-identical to the one with the decoded statistics passed as plain fp32.
     W = torch.randn(48, 256)
-    packed, state = F.quantize_4bit(W, blocksize=64, compress_statistics=True)
+    packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
     A = torch.randn(M, 256)
     nested = torch.ops.bnbx.gemm_4bit(A, packed, state.absmax, 64, "nf4", [48, 256], None, state.state2.absmax,
                                       state.state2.code, state.offset, state.state2.blocksize)
@@ -210,7 +210,7 @@ def test_weight_gets_no_gradient():
 def test_opcheck_gemm_4bit():
     for nested in (False, True):
         for M, K, N in [(1, 128, 9), (6, 65, 3)] if nested else [(0, 64, 4), (7, 128, 5)]:
-            packed, state = F.quantize_4bit(torch.randn(N, K), compress_statistics=nested)
+            packed, state = F.quantize_4bit(torch.randn(N, K), quant_type="nf4", compress_statistics=nested)
             A = torch.randn(M, K, requires_grad=True)
             bias = torch.randn(N, requires_grad=True)
             s2 = state.state2

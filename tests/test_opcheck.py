@@ -35,7 +35,7 @@ def samples(device: str, dtype: torch.dtype):
             yield torch.ops.bnbx.dequantize_int8.default, (q, scale, zero_point, 32, dtype), {}
     # gemm_4bit: A [..., K] against a packed [N, K] weight (GEMV rows, odd K, nested statistics)
     for M, K, nested in [(1, 128, True), (5, 65, False)]:
-        packed, state = F.quantize_4bit(torch.randn(9, K, device=device), compress_statistics=nested)
+        packed, state = F.quantize_4bit(torch.randn(9, K, device=device), quant_type="nf4", compress_statistics=nested)
         A = torch.randn(M, K, dtype=dtype, device=device)
         s2 = state.state2
         extra = (s2.absmax, s2.code, state.offset, s2.blocksize) if nested else ()

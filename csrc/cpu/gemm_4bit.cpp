@@ -24,8 +24,8 @@ namespace {
 // Crossover between the fused GEMV and the tiled 16-bit GEMM, measured with benchmarks/bench_linear4bit.py
 // (K=4096, N=11008, bf16, 2 threads).
 constexpr int64_t kGemvMaxRows = 4;
-// Rows of W per tile of the GEMM path (measured; a tile of 4096 columns in bf16 is 1 MiB, within L2).
-constexpr int64_t kTileRows = 128;
+// Rows of W per tile of the GEMM path: large enough that at::mm's per-call cost and blocking do not matter.
+constexpr int64_t kTileRows = 1024;
 
 int64_t gemv_max_rows() {
   // Tuning hook for the benchmark (the crossover moves with the CPU); not part of the API.
@@ -39,7 +39,7 @@ int64_t tile_rows() {
 }
 
 // Largest M for the AMX kernel (bf16 inputs); above it, tiles into at::mm, whose blocking over M is better.
-constexpr int64_t kAmxMaxRows = 512;
+constexpr int64_t kAmxMaxRows = 512;  // measured: at M = 128-512 it matched or beat the tiles; at 2048 the tiles
 
 int64_t amx_max_rows() {
   if (const char* value = std::getenv("BNBX_GEMM_4BIT_AMX_MAX_M")) return std::atoll(value);
@@ -108,7 +108,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     float* out_ptr = out32.mutable_data_ptr<float>();
     at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t begin, int64_t end) {
       std::vector<uint16_t> wbuf(static_cast<size_t>(32 * Kp));
-      std::vector<float> row_scales(static_cast<size_t>(Kp / 32 + 2));
+      std::vector<float> row_scales(static_cast<size_t>(32 * (K / blocksize + 2)));
       kernels.gemm_amx(x_ptr, M, Mp, K, Kp, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end,
                        wbuf.data(), row_scales.data());
     });
@@ -125,25 +125,25 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
       cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType tile_type = to_float_type(A.scalar_type());
   at::Tensor out = at::empty({M, N}, A.options());
-  // Workers call ATen (at::mm_out); they need the caller's thread-local state (inference mode, dispatch keys).
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    at::Tensor tile = at::empty({rows_per_tile, K}, A.options());
-    std::vector<float> tile_scales(static_cast<size_t>(ceil_div(rows_per_tile * K, blocksize)));
-    for (int64_t t = tile_begin; t < tile_end; ++t) {
-      const int64_t n0 = t * rows_per_tile;
-      const int64_t rows = std::min(rows_per_tile, N - n0);
-      const int64_t elements = rows * K;
-      const int64_t first_block = n0 * K / blocksize;
-      const int64_t blocks = ceil_div(elements, blocksize);
-      kernels.decode_absmax(scales, first_block, first_block + blocks, tile_scales.data());
-      base.dequantize(tile_type, packed_ptr + n0 * K / 2, tile_scales.data(), elements, blocksize, args.type,
-                           tile.mutable_data_ptr(), 0, blocks);
-      at::Tensor dst = out.narrow(1, n0, rows);
-      at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());
-    }
-  });
+  // One tile at a time: its dequantization split over the threads, then at::mm, which is multithreaded itself
+  // (oneDNN blocks a large product better than independent per-thread products would).
+  at::Tensor tile = at::empty({rows_per_tile, K}, A.options());
+  std::vector<float> tile_scales(static_cast<size_t>(ceil_div(rows_per_tile * K, blocksize)));
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * rows_per_tile;
+    const int64_t rows = std::min(rows_per_tile, N - n0);
+    const int64_t elements = rows * K;
+    const int64_t first_block = n0 * K / blocksize;
+    const int64_t blocks = ceil_div(elements, blocksize);
+    const uint8_t* tile_packed = packed_ptr + n0 * K / 2;
+    at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
+      kernels.decode_absmax(scales, first_block + begin, first_block + end, tile_scales.data() + begin);
+      base.dequantize(tile_type, tile_packed, tile_scales.data(), elements, blocksize, args.type,
+                           tile.mutable_data_ptr(), begin, end);
+    });
+    at::Tensor dst = out.narrow(1, n0, rows);
+    at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());
+  }
   if (bias.has_value()) out.add_(*bias);
   return out.view(out_shape);
 }

@@ -43,7 +43,7 @@ struct Gemm4bitKernels {
   // pack_x_amx: bf16 x [M, K] -> the B-operand layout, zero-padded to Mp (multiple of 16) rows and Kp (of 32).
   void (*pack_x_amx)(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t* out);
   // out[m * N + n] = sum_k x[m, k] * bf16(W[n, k]) (fp32 accumulation) for rows of W in the blocks of 32
-  // [block_begin, block_end); wbuf (32 * Kp bf16) and row_scales (Kp / 32 + 2 floats) are scratch.
+  // [block_begin, block_end); wbuf (32 * Kp bf16) and row_scales (32 * (K / blocksize + 2) floats) are scratch.
   void (*gemm_amx)(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, const uint8_t* packed,
                    const Absmax4bit& absmax, int64_t blocksize, QuantType quant_type, float* out, int64_t N,
                    int64_t block_begin, int64_t block_end, uint16_t* wbuf, float* row_scales);

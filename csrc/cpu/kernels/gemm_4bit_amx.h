@@ -40,53 +40,65 @@ static void pack_x_amx(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int6
   }
 }
 
-// Rows [n0, n0 + 32) of W as bf16 into wbuf [32][Kp] (zeros past N and K).
-BNBX_AMX_TARGET static void dequantize_rows_bf16(const uint8_t* packed, const Absmax4bit& absmax, int64_t K,
-                                                 int64_t Kp, int64_t blocksize, const float table[16], int64_t n0,
-                                                 int64_t N, uint16_t* wbuf, float* row_scales) {
-  const int shift = log2_of(blocksize);
+// Block scales of rows [n0, n0 + 32) of W: row r's blocks start at row_scales + r * stride (stride >= the
+// number of blocks a row touches, K / blocksize + 2).
+static void decode_row_scales(const Absmax4bit& absmax, int64_t K, int shift, int64_t n0, int64_t N,
+                              float* row_scales, int64_t stride) {
+  for (int64_t r = 0; r < kAmxRows && n0 + r < N; ++r) {
+    const int64_t n = n0 + r;
+    decode_absmax(absmax, (n * K) >> shift, ((n * K + K - 1) >> shift) + 1, row_scales + r * stride);
+  }
+}
+
+// Columns [k0, k1) (multiples of 32, k1 <= Kp) of rows [n0, n0 + 32) of W as bf16 into dst (row stride
+// dst_stride elements; zeros past N and K).
+BNBX_AMX_TARGET static void dequantize_rows_bf16(const uint8_t* packed, int64_t K, int shift, const float table[16],
+                                                 int64_t n0, int64_t N, const float* row_scales, int64_t stride,
+                                                 int64_t k0, int64_t k1, uint16_t* dst, int64_t dst_stride) {
   const __m512 codes = _mm512_loadu_ps(table);
   for (int64_t r = 0; r < kAmxRows; ++r) {
     const int64_t n = n0 + r;
-    uint16_t* dst = wbuf + r * Kp;
+    uint16_t* out = dst + r * dst_stride - k0;
     if (n >= N) {
-      std::memset(dst, 0, static_cast<size_t>(Kp) * sizeof(uint16_t));
+      std::memset(out + k0, 0, static_cast<size_t>(k1 - k0) * sizeof(uint16_t));
       continue;
     }
     const int64_t first = (n * K) >> shift;
-    decode_absmax(absmax, first, ((n * K + K - 1) >> shift) + 1, row_scales);
+    const float* scales = row_scales + r * stride;
+    const int64_t k_end = std::min(k1, K);
     if (K % 32 == 0) {
       // 32 elements (16 bytes) at a time, all inside one block: a 16-entry bf16 table of code * absmax for
       // the block, looked up with vpermw at word indices (high nibble, low nibble) = (element 2j, 2j+1).
       const uint8_t* row = packed + n * K / 2;
       int64_t current = -1;
       __m512i lut = _mm512_setzero_si512();
-      for (int64_t k = 0; k < K; k += 32) {
+      for (int64_t k = k0; k < k_end; k += 32) {
         const int64_t block = ((n * K + k) >> shift) - first;
         if (block != current) {
           current = block;
-          const __m256bh values = _mm512_cvtneps_pbh(_mm512_mul_ps(codes, _mm512_set1_ps(row_scales[block])));
+          const __m256bh values = _mm512_cvtneps_pbh(_mm512_mul_ps(codes, _mm512_set1_ps(scales[block])));
           lut = _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(values));
         }
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
         const __m512i index = _mm512_or_si512(_mm512_srli_epi32(bytes, 4),
                                               _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), 16));
-        _mm512_storeu_si512(dst + k, _mm512_permutexvar_epi16(index, lut));
+        _mm512_storeu_si512(out + k, _mm512_permutexvar_epi16(index, lut));
       }
     } else {
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = k0; k < k_end; ++k) {
         const int64_t e = n * K + k;
         const uint8_t byte = packed[e >> 1];
         const int q = (e & 1) ? (byte & 0x0f) : (byte >> 4);
-        dst[k] = float_to_bf16(table[q] * row_scales[(e >> shift) - first]);
+        out[k] = float_to_bf16(table[q] * scales[(e >> shift) - first]);
       }
     }
-    for (int64_t k = K; k < Kp; ++k) dst[k] = 0;
+    for (int64_t k = std::max(k0, K); k < k1; ++k) out[k] = 0;
   }
 }
 
 // out[m * N + n] = sum_k x[m, k] * bf16(W[n, k]) for the row blocks [block_begin, block_end) of 32 rows of W
-// and every m < M. x as pack_x_amx wrote it; wbuf: 32 * Kp bf16, row_scales: Kp / 32 + 2 floats (scratch).
+// and every m < M. x as pack_x_amx wrote it; scratch: wbuf 32 * Kp bf16, row_scales 32 * (K / blocksize + 2)
+// floats.
 BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp,
                                      const uint8_t* packed, const Absmax4bit& absmax, int64_t blocksize,
                                      QuantType quant_type, float* out, int64_t N, int64_t block_begin,
@@ -101,15 +113,19 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
   }
   _tile_loadconfig(&config);
   alignas(64) float acc[4][16][16];
+  const int shift = log2_of(blocksize);
   const int64_t steps = Kp / 32;
-  const int64_t w_stride = Kp * 2;
+  const int64_t scale_stride = (K >> shift) + 2;
+  // With at most 32 rows of x the accumulators stay in the tiles over all of K, so W is dequantized in
+  // chunks of kChunk columns that stay in L1 right before they are multiplied; with more rows the block of
+  // W is dequantized whole (32 x Kp, in L2) and reused for every 32 rows of x.
+  constexpr int64_t kChunk = 256;
+  const bool chunked = Mp <= 32;
+  const int64_t w_stride = chunked ? std::min(kChunk, Kp) : Kp;  // wbuf holds 32 * Kp values
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t n0 = b * kAmxRows;
-    dequantize_rows_bf16(packed, absmax, K, Kp, blocksize, table, n0, N, wbuf, row_scales);
-    // While the tiles multiply, prefetch the next block's packed bytes (memory would otherwise idle).
-    const char* next = reinterpret_cast<const char*>(packed) + (n0 + kAmxRows) * K / 2;
-    const int64_t next_bytes = b + 1 < block_end ? std::min<int64_t>(kAmxRows, N - n0 - kAmxRows) * K / 2 : 0;
-    const int64_t lines_per_step = ceil_div(ceil_div(next_bytes, 64), steps);
+    decode_row_scales(absmax, K, shift, n0, N, row_scales, scale_stride);
+    if (!chunked) dequantize_rows_bf16(packed, K, shift, table, n0, N, row_scales, scale_stride, 0, Kp, wbuf, Kp);
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
       const bool pair = m0 + 32 <= Mp;  // else one last chunk of 16 rows of x
       const uint16_t* x0 = x + (m0 / 16) * steps * 512;
@@ -119,11 +135,24 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t s = 0; s < steps; ++s) {
-        if (m0 == 0)
-          for (int64_t l = s * lines_per_step; l < (s + 1) * lines_per_step && l * 64 < next_bytes; ++l)
-            _mm_prefetch(next + l * 64, _MM_HINT_T0);
-        _tile_loadd(4, wbuf + s * 32, w_stride);
-        _tile_loadd(5, wbuf + 16 * Kp + s * 32, w_stride);
+        const uint16_t* w = wbuf + s * 32;
+        if (chunked) {
+          const int64_t k = s * 32;
+          if (k % kChunk == 0)
+            dequantize_rows_bf16(packed, K, shift, table, n0, N, row_scales, scale_stride, k,
+                                 std::min(Kp, k + kChunk), wbuf, w_stride);
+          w = wbuf + k % kChunk;
+          // prefetch the packed bytes of the next chunk (the rows are 32 strided streams the hardware
+          // prefetcher follows poorly); 2 cache lines of one row per step, 8 steps per chunk of 256
+          const int64_t row = (s % 8) * 4;
+          const int64_t next_k = (k / kChunk + 1) * kChunk;
+          if (K % 32 == 0 && next_k < K)
+            for (int64_t r = row; r < row + 4 && n0 + r < N; ++r)
+              _mm_prefetch(reinterpret_cast<const char*>(packed + ((n0 + r) * K + next_k) / 2), _MM_HINT_T0),
+                  _mm_prefetch(reinterpret_cast<const char*>(packed + ((n0 + r) * K + next_k) / 2 + 64), _MM_HINT_T0);
+        }
+        _tile_loadd(4, w, w_stride * 2);
+        _tile_loadd(5, w + 16 * w_stride, w_stride * 2);
         _tile_loadd(6, x0 + s * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);

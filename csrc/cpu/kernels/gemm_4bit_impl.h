@@ -10,21 +10,9 @@
 // bits, and vpermps reads only the low 4 bits of its index, so one shift and one permute of the 16-value
 // code table give lane d the weight of element 8d + (s ^ 1) (the high nibble of a byte is the even
 // element). pack_a stores A in that order, so no shuffles of the weights are needed.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 PR 105593, see kernels_impl.h
-#endif
-
-#include "../../common/rules.h"
+#include "isa_unit.h"
 #include "gemm_4bit.h"
 
 namespace bnbx::cpu {
@@ -254,13 +242,8 @@ static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, co
 
 }  // namespace BNBX_ISA
 
-#define BNBX_STRINGIFY_(x) #x
-#define BNBX_STRINGIFY(x) BNBX_STRINGIFY_(x)
-#define BNBX_GEMM_4BIT_TABLE_(isa) gemm_4bit_##isa
-#define BNBX_GEMM_4BIT_TABLE(isa) BNBX_GEMM_4BIT_TABLE_(isa)
-
-const Gemm4bitKernels BNBX_GEMM_4BIT_TABLE(BNBX_ISA) = {
-    BNBX_STRINGIFY(BNBX_ISA),
+const Gemm4bitKernels BNBX_TABLE(gemm_4bit) = {
+    BNBX_ISA_NAME,
     &BNBX_ISA::pack_a,
     &BNBX_ISA::gemv,
     &BNBX_ISA::decode_absmax,

@@ -1,0 +1,174 @@
+// CUDA gemm_4bit: out [M, N] = A [M, K] @ W^T + bias with W [N, K] the packed 4-bit weight.
+// - M <= kGemvMaxRows: gemv_4bit_kernel, one warp per row of W reading the packed bytes directly (4 bytes =
+//   8 codes per lane per step when K % 8 == 0, else one code at a time), the block scale decoded in the
+//   kernel (double quantization: nested_code[q] * nested_absmax[b >> shift] + offset, the CPU's fp32
+//   arithmetic), fp32 accumulation for up to 8 rows of A at once, a warp-shuffle sum, bias, one rounding.
+// - larger M: the weight dequantized in A's dtype (the dequantize_4bit kernel) and at::mm (cuBLAS), as
+//   bitsandbytes does; a tensor-core kernel on dequantized tiles is not written yet (README, limitations).
+// The CPU host code (csrc/cpu/gemm_4bit.cpp) is the reference for the results.
+#include <ATen/ops/add.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "../common/checks_gemm_4bit.h"
+#include "cuda_utils.cuh"
+
+namespace bnbx::cuda {
+namespace {
+
+constexpr int kGemvMaxRows = 8;
+constexpr int kGemvWarps = 8;  // rows of W per thread block
+
+struct CodeValues {
+  float v[16];
+};
+
+struct Scales {
+  const float* absmax;         // fp32 [blocks], or nullptr when nested
+  const uint8_t* absmax_q;     // uint8 [blocks] when nested
+  const float* nested_absmax;  // fp32 [ceil(blocks / nested_blocksize)]
+  const float* nested_code;    // fp32 [256]
+  const float* offset;         // fp32 [1]
+  int nested_shift;            // log2(nested_blocksize)
+};
+
+__device__ __forceinline__ float block_scale(const Scales& s, int64_t block) {
+  if (s.absmax != nullptr) return s.absmax[block];
+  const float scaled = s.nested_code[s.absmax_q[block]] * s.nested_absmax[block >> s.nested_shift];
+  return scaled + *s.offset;
+}
+
+template <typename T>
+__global__ void gemv_4bit_kernel(const T* __restrict__ A,        // [M, K]
+                                 const uint8_t* __restrict__ W,  // packed [ceil(N * K / 2)]
+                                 Scales scales, CodeValues codes, const T* __restrict__ bias,  // [N] or nullptr
+                                 int M, int64_t K, int64_t N, int shift,  // shift = log2(blocksize)
+                                 T* __restrict__ out) {                    // [M, N]
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarpSize;
+  if (n >= N) return;
+  float acc[kGemvMaxRows];
+#pragma unroll
+  for (int m = 0; m < kGemvMaxRows; ++m) acc[m] = 0.0f;
+  const int64_t row = n * K;  // first element of row n in the flattened weight
+  if (K % 8 == 0) {
+    // 8 elements (4 bytes, 4-byte aligned since row * 2 / 4 bytes is whole) per lane per step, all in one block
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(W + row / 2);
+    for (int64_t k = 8 * lane; k < K; k += 8 * kWarpSize) {
+      const uint32_t word = __ldg(words + k / 8);
+      const float scale = block_scale(scales, (row + k) >> shift);
+      float w[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t byte = (word >> (8 * j)) & 0xffu;  // little endian: byte j holds elements 2j, 2j+1
+        w[2 * j] = codes.v[byte >> 4];
+        w[2 * j + 1] = codes.v[byte & 0x0fu];
+      }
+#pragma unroll
+      for (int m = 0; m < kGemvMaxRows; ++m) {
+        if (m < M) {
+          float sum = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) sum += w[j] * to_float(A[m * K + k + j]);
+          acc[m] += sum * scale;
+        }
+      }
+    }
+  } else {
+    for (int64_t k = lane; k < K; k += kWarpSize) {
+      const int64_t e = row + k;
+      const uint8_t byte = W[e >> 1];
+      const float w = codes.v[(e & 1) ? (byte & 0x0f) : (byte >> 4)] * block_scale(scales, e >> shift);
+#pragma unroll
+      for (int m = 0; m < kGemvMaxRows; ++m)
+        if (m < M) acc[m] += w * to_float(A[m * K + k]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kGemvMaxRows; ++m) {
+    float v = acc[m];
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0 && m < M) {
+      if (bias != nullptr) v += to_float(bias[n]);
+      out[m * N + n] = from_float<T>(v);
+    }
+  }
+}
+
+at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& absmax, int64_t blocksize,
+                          c10::string_view quant_type, at::IntArrayRef shape, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
+  const Gemm4bitArgs args = check_gemm_4bit_args(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax,
+                                                 nested_code, nested_offset, nested_blocksize);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const int64_t N = args.N, K = args.K;
+  const std::vector<int64_t> out_shape = gemm_4bit_out_shape(A, N);
+  const int64_t M = c10::multiply_integers(A.sizes().begin(), A.sizes().end() - 1);
+  if (M == 0 || N == 0) return at::empty(out_shape, A.options());
+  if (K == 0) {
+    at::Tensor out = at::zeros({M, N}, A.options());
+    if (bias.has_value()) out.add_(*bias);
+    return out.view(out_shape);
+  }
+  const at::Tensor a2 = A.reshape({M, K}).contiguous();
+  const at::Tensor packed = contiguous_aligned(B);  // 4-byte loads of codes
+  const at::Tensor stats = absmax.contiguous();
+
+  if (M > kGemvMaxRows) {
+    at::Tensor decoded = stats;
+    if (args.nested) {
+      // the CPU's arithmetic: code[q] * nested_absmax[block / nested_blocksize], then + offset
+      const at::Tensor per_block =
+          nested_absmax->repeat_interleave(nested_blocksize).narrow(0, 0, args.blocks);
+      decoded = nested_code->index_select(0, stats.to(at::kLong)).mul(per_block).add(nested_offset->reshape({}));
+    }
+    static const auto dequantize =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("bnbx::dequantize_4bit", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view, at::IntArrayRef,
+                              at::ScalarType)>();
+    const at::Tensor weight = dequantize.call(packed, decoded, blocksize, quant_type, {N, K}, A.scalar_type());
+    at::Tensor out = at::mm(a2, weight.t());
+    if (bias.has_value()) out.add_(*bias);
+    return out.view(out_shape);
+  }
+
+  at::Tensor out = at::empty({M, N}, A.options());
+  Scales scales{};
+  at::Tensor nested_stats, nested_table, offset;
+  if (args.nested) {
+    nested_stats = nested_absmax->contiguous();
+    nested_table = nested_code->contiguous();
+    offset = nested_offset->reshape({1}).contiguous();
+    scales.absmax_q = stats.const_data_ptr<uint8_t>();
+    scales.nested_absmax = nested_stats.const_data_ptr<float>();
+    scales.nested_code = nested_table.const_data_ptr<float>();
+    scales.offset = offset.const_data_ptr<float>();
+    scales.nested_shift = log2_exact(nested_blocksize);
+  } else {
+    scales.absmax = stats.const_data_ptr<float>();
+  }
+  CodeValues codes;
+  fill_code_table(args.type, codes.v);
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  dispatch_float(A.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const unsigned int grid = static_cast<unsigned int>(ceil_div(N, int64_t{kGemvWarps}));
+    gemv_4bit_kernel<T><<<grid, kGemvWarps * kWarpSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        static_cast<const T*>(a2.const_data_ptr()), static_cast<const uint8_t*>(packed.const_data_ptr()), scales,
+        codes, bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, static_cast<int>(M), K,
+        N, log2_exact(blocksize), static_cast<T*>(out.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out.view(out_shape);
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+TORCH_LIBRARY_IMPL(bnbx, CUDA, m) { m.impl("gemm_4bit", &bnbx::cuda::gemm_4bit_cuda); }
