@@ -97,3 +97,8 @@ def _register_with_transformers() -> None:
 
 
 _register_with_transformers()
+# LoRA adapters, peft interop (registered with peft lazily, when peft is imported), kbit training prep
+from . import lora  # noqa: E402
+from .lora import prepare_model_for_kbit_training  # noqa: E402
+
+__all__ += ["lora", "prepare_model_for_kbit_training"]

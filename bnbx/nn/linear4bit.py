@@ -289,14 +289,20 @@ class Linear4bit(nn.Linear):
                 f"Linear4bit: input's last dimension must equal in_features ({self.in_features}), "
                 f"got input of shape {list(x.shape)}"
             )
-        if not self.weight.bnb_quantized:
+        weight = self.weight
+        if isinstance(weight, Params4bit) and not weight.bnb_quantized:
             logger.info("Linear4bit: quantizing the weight at the first forward")
-            self.weight._quantize(self.weight.device)
+            weight._quantize(weight.device)
+        # FSDP2 (fully_shard) swaps the weight for a plain Parameter holding the all-gathered packed bytes, so
+        # the quant_state comes from the module when the weight has none
+        state = getattr(weight, "quant_state", None) or self.quant_state
+        if state is None:
+            raise RuntimeError("Linear4bit: the weight is not quantized and has no quant_state")
         input_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return matmul_4bit(x, self.weight.t(), self.weight.quant_state, bias=bias).to(input_dtype)
+        return matmul_4bit(x, weight.t(), state, bias=bias).to(input_dtype)
 
     # --- state_dict: bitsandbytes' keys and bytes ------------------------------------------------------------
 

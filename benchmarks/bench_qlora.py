@@ -1,0 +1,181 @@
+"""One QLoRA training step on the CPU: bnbx against bf16 LoRA and bitsandbytes QLoRA, in one table.
+
+    python benchmarks/bench_qlora.py [--hidden 1024] [--intermediate 2816] [--layers 2] [--tokens 512]
+                                     [--repeat 5] [--threads N]
+
+The model is a Llama-style stack built here (transformers' LlamaConfig, random weights, vocab 32000, no
+downloads); every linear layer but lm_head gets the same LoRA adapter (bnbx.lora, r=16, alpha=32, fp32
+adapters), so rows differ only in how the frozen base weights are stored and multiplied:
+- fp32 / bf16 LoRA: dense nn.Linear bases.
+- bnbx QLoRA: bnbx.nn.Linear4bit, NF4, bf16 compute, without / with double quantization.
+- bitsandbytes QLoRA: bitsandbytes.nn.Linear4bit with the same settings (NF4 + double quant, bf16 compute).
+Each row runs in a fresh process (so memory figures do not mix). Columns:
+- B/param: bytes of the base linear weights as stored (packed codes + absmax + nested statistics + code
+  tables) per weight; the same quantity for the dense rows (4 or 2).
+- model MB: resident memory the built model adds to the process (RSS after - before building it).
+- step ms: median wall time (time.perf_counter) of forward + backward + AdamW step over --repeat steps,
+  after one warm-up step, with gradient checkpointing off, --tokens tokens per step.
+- step peak MB: peak resident memory during those steps above the resident memory before them (Linux
+  VmHWM, reset through /proc/self/clear_refs).
+- vs bnb: bitsandbytes QLoRA's step time / this row's (above 1: faster than bitsandbytes).
+On a shared machine the times move with the load; the header prints the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ["fp32 LoRA", "bf16 LoRA", "bnbx QLoRA nf4", "bnbx QLoRA nf4+dq", "bitsandbytes QLoRA nf4+dq"]
+
+
+def _rss_kb(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def _weight_bytes(module) -> tuple[int, int]:
+    """(stored bytes, logical weights) of one base linear layer."""
+    import torch
+
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight.numel() * weight.element_size(), weight.numel()
+    tensors = [weight.data, state.absmax, state.code]
+    if getattr(state, "state2", None) is not None:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+    stored = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return stored, int(torch.Size(state.shape).numel())
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    import torch
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import bnbx
+    import bnbx.lora as lora
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=args.hidden // 64, tie_word_embeddings=False, use_cache=False)
+    before = _rss_kb()
+    dtype = torch.float32 if variant.startswith("fp32") else torch.bfloat16
+    model = LlamaForCausalLM(config).to(dtype)
+    double = variant.endswith("+dq")
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.endswith("lm_head") or "QLoRA" not in variant:
+            continue
+        if variant.startswith("bitsandbytes"):
+            import bitsandbytes as bnb
+
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                    compute_dtype=torch.bfloat16, compress_statistics=double, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=double,
+                                           quant_type="nf4", module=new)
+            new = new.to("cpu")  # bitsandbytes quantizes on the device move
+        else:
+            new = bnbx.nn.Linear4bit.from_linear(module, compute_dtype=torch.bfloat16, compress_statistics=double,
+                                                 quant_type="nf4")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    stored = logical = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+            s, n = _weight_bytes(module)
+            stored, logical = stored + s, logical + n
+    lora.add_lora(model, "all-linear", r=16, lora_alpha=32, dtype=torch.float32)
+    model.train()
+    model_kb = _rss_kb() - before
+    ids = torch.randint(0, 32000, (1, args.tokens))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: optimizer state, first-call allocations
+    base = _rss_kb()
+    _reset_peak()
+    times = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = _rss_kb("VmHWM") - base
+    return {"variant": variant, "bytes_per_param": stored / logical, "model_mb": model_kb / 1024,
+            "step_ms": statistics.median(times) * 1e3, "peak_mb": peak / 1024, "params": logical}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args)))
+        return
+
+    import torch
+
+    import bnbx
+
+    try:
+        import importlib.metadata as metadata
+
+        bnb_version = metadata.version("bitsandbytes")
+    except Exception:
+        bnb_version = None
+    load_before = os.getloadavg()[0]
+    rows = []
+    for variant in VARIANTS:
+        if variant.startswith("bitsandbytes") and bnb_version is None:
+            continue
+        cmd = [sys.executable, __file__, "--variant", variant] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k != "variant"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode:
+            print(f"{variant}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    bnb_ms = next((r["step_ms"] for r in rows if r["variant"].startswith("bitsandbytes")), None)
+    print(f"bnbx {bnbx.__version__}, torch {torch.__version__}, bitsandbytes {bnb_version or 'not installed'}; "
+          f"cpu threads {args.threads or torch.get_num_threads()}, bnbx kernels {bnbx.cpu_capability()}; "
+          f"Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+          f"{rows[0]['params'] / 1e6 if rows else 0:.1f}M base linear weights, {args.tokens} tokens per step, "
+          f"LoRA r=16 on all linear layers; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    widths = (26, 7, 8, 8, 12, 6)
+    names = ("variant", "B/param", "model MB", "step ms", "step peak MB", "vs bnb")
+    print("  ".join(n.ljust(w) if i == 0 else n.rjust(w) for i, (n, w) in enumerate(zip(names, widths))))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        ratio = f"{bnb_ms / r['step_ms']:.2f}x" if bnb_ms else "n/a"
+        print(f"{r['variant']:<26}  {r['bytes_per_param']:>7.4f}  {r['model_mb']:>8.1f}  {r['step_ms']:>8.1f}  "
+              f"{r['peak_mb']:>12.1f}  {ratio:>6}")
+
+
+if __name__ == "__main__":
+    main()
