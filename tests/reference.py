@@ -138,14 +138,43 @@ def dequantize_4bit_ref(packed, absmax, blocksize, quant_type, shape, dtype) -> 
     return (code_table_ref(quant_type)[codes] * scales).to(dtype).reshape(shape)
 
 
+def dynamic_code_index_ref(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CUDA 8-bit rule (dQuantize), step by step in fp32 on a flat tensor of scaled values.
+
+    A 7-step binary search over the sorted code itself: pivot 127, then x > code[pivot] moves up by 64, 32, ...,
+    1, else down; the last probes below and above are the neighbours of the final pivot p. Then the fp32
+    midpoint (neighbour + code[p]) * 0.5 decides: above code[p], x > midpoint takes the upper neighbour; else
+    x < midpoint takes the lower one. Every other case (exact ties included) keeps p. Index 255's value and
+    index 0's, which the search never probes, are the neighbours of 254 and 0.
+    """
+    code = code.float()
+    x = scaled.float()
+    pivot = torch.full_like(x, 127, dtype=torch.long)
+    upper_pivot = torch.full_like(pivot, 255)
+    lower_pivot = torch.zeros_like(pivot)
+    value = code[pivot]
+    step = 64
+    while step > 0:
+        up = x > value
+        lower_pivot = torch.where(up, pivot, lower_pivot)
+        upper_pivot = torch.where(up, upper_pivot, pivot)
+        pivot = torch.where(up, pivot + step, pivot - step)
+        value = code[pivot]
+        step //= 2
+    half = torch.tensor(0.5, dtype=torch.float32)
+    upper_mid = (code[upper_pivot] + value) * half
+    lower_mid = (code[lower_pivot] + value) * half
+    above = x > value
+    return torch.where(above, torch.where(x > upper_mid, upper_pivot, pivot), torch.where(x < lower_mid, lower_pivot, pivot))
+
+
 def quantize_blockwise_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit: index of the nearest code value (ties to the lower), codes shaped like A."""
+    """8-bit: x * (1 / absmax) (the BlockScale rule), coded by bitsandbytes' CUDA search; codes shaped like A."""
     blocks, n = _blocks(A, blocksize)
     absmax, prescale, inv, nonfinite = block_scale_ref(blocks)
     scaled = (blocks * prescale[:, None]) * inv[:, None]
-    midpoints = (code[:-1] + code[1:]) / 2.0
-    index = torch.bucketize(scaled, midpoints, right=False)
-    zero = int(torch.bucketize(torch.tensor(0.0), midpoints, right=False))
+    index = dynamic_code_index_ref(scaled.reshape(-1), code).reshape(scaled.shape)
+    zero = int(dynamic_code_index_ref(torch.zeros(1), code))
     index = torch.where(nonfinite[:, None], zero, index)
     absmax = torch.where(nonfinite, float("nan"), absmax)
     return index.reshape(-1)[:n].to(torch.uint8).reshape(A.shape), absmax

@@ -67,3 +67,45 @@ def test_nan_block_and_zero_block(device):
     assert torch.isnan(out[64:128]).all()
     assert (out[128:192] == 0).all()
     assert torch.isfinite(out[:64]).all() and torch.isfinite(out[192:]).all()
+
+
+def _ties_input() -> torch.Tensor:
+    """Every fp32 midpoint of the dynamic map, the codes, and one ulp either side, in blocks whose absmax is 1."""
+    code = F.create_dynamic_map()
+    mids = (code[1:] + code[:-1]) * 0.5
+    values = torch.cat([mids, code, mids.nextafter(torch.tensor(2.0)), mids.nextafter(torch.tensor(-2.0))])
+    values = values[torch.randperm(values.numel())]
+    values = torch.cat([values, torch.zeros((-values.numel()) % 255)]).reshape(-1, 255)
+    return torch.cat([torch.ones(values.shape[0], 1), values], dim=1).reshape(-1)  # x * (1 / 1) == x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_midpoint_ties_follow_bitsandbytes_cuda_rule(device):
+    A = _ties_input()
+    code = F.create_dynamic_map()
+    codes, _ = F.quantize_blockwise(A.to(device), blocksize=256)
+    expected, _ = quantize_blockwise_ref(A, code, 256)
+    assert torch.equal(codes.cpu(), expected)
+    # an exact midpoint keeps the even neighbour of the two (bitsandbytes' CUDA search), where a nearest-code
+    # rule with ties to the lower code (torch.bucketize) would take the odd one half of the time
+    mids = (code[1:] + code[:-1]) * 0.5
+    on_mid = (A[:, None] == mids[None, :]).any(dim=1)
+    assert on_mid.sum() >= 200
+    assert bool((codes.cpu()[on_mid].long() % 2 == 0).all())
+    bucketized = torch.bucketize(A, mids, right=False).to(torch.uint8)
+    assert not torch.equal(bucketized, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nested_absmax_bytes_follow_the_cuda_rule(device, dtype):
+    # the nested absmax of compress_statistics=True: (absmax - mean) coded 8-bit in blocks of 256 by the rule
+    A = torch.randn(300, 257, dtype=dtype)
+    packed, state = F.quantize_4bit(A.to(device), blocksize=64, compress_statistics=True)
+    _, plain = F.quantize_4bit(A, blocksize=64)
+    absmax = plain.absmax
+    offset = absmax.mean()
+    expected_codes, expected_absmax2 = quantize_blockwise_ref(absmax - offset, F.create_dynamic_map(), 256)
+    assert torch.equal(state.offset.cpu(), offset)
+    assert torch.equal(state.absmax.cpu(), expected_codes)
+    assert torch.equal(state.state2.absmax.cpu(), expected_absmax2)

@@ -4,8 +4,9 @@
 //
 // The code arrives as a device tensor and is never read on the host (no synchronisation); its sortedness,
 // which the binary search relies on, is checked in Python for CUDA tensors (bnbx/functional.py). Each thread
-// block copies the code (dequantize) or its 255 midpoints (quantize) into shared memory once, then loops over
-// tiles; the block absmax uses the same integer-max reduction as the 4-bit kernel (cuda_utils.cuh).
+// block copies the code into shared memory once, then loops over tiles; the code of a value is bitsandbytes'
+// CUDA search (dynamic_code_index, common/rules.h); the block absmax uses the same integer-max reduction as
+// the 4-bit kernel (cuda_utils.cuh).
 #include <torch/library.h>
 
 #include "cuda_utils.cuh"
@@ -16,25 +17,6 @@ namespace {
 constexpr int kThreads = 256;  // per thread block, unless one quantization block needs more threads
 constexpr int kDequantUnroll = 2;
 
-// Midpoints (code[i] + code[i+1]) / 2 in fp32 as the CPU computes them, padded with +Inf at 255 so the
-// search below has 256 slots; every thread of the block must call this (it ends in a barrier).
-__device__ __forceinline__ void load_midpoints(const float* __restrict__ code, float* midpoints) {
-  for (int i = threadIdx.x; i < kDynamicMapSize; i += blockDim.x) {
-    midpoints[i] = i + 1 < kDynamicMapSize ? (code[i] + code[i + 1]) / 2.0f : __uint_as_float(0x7f800000u);
-  }
-  __syncthreads();
-}
-
-// nearest_code_index of the CPU: index = number of midpoints m with x > m (ties to the lower code), by a
-// branch-free binary search over the sorted midpoints. Threads of a warp read different entries; 8 shared
-// loads per element are cheap next to the global traffic.
-__device__ __forceinline__ uint32_t nearest_code_index(const float* midpoints, float x) {
-  uint32_t index = 0;
-#pragma unroll
-  for (uint32_t step = 128; step > 0; step >>= 1) index += x > midpoints[index + step - 1] ? step : 0;
-  return index;
-}
-
 // in[n] -> codes[n] (one byte per element), absmax[ceil(n/blocksize)]; a block of blocksize elements is
 // covered by 2^log2_group threads (blocksize / kVec, from 4 to 1024).
 template <typename T>
@@ -42,10 +24,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     quantize_blockwise_kernel(const T* __restrict__ in, const float* __restrict__ code, int64_t n, int log2_group,
                               uint8_t* __restrict__ codes, float* __restrict__ absmax) {
   constexpr int kVec = kVecElems<T>;
-  __shared__ float midpoints[kDynamicMapSize];
+  __shared__ float values[kDynamicMapSize];
   __shared__ uint32_t scratch[2][kMaxWarps];
-  load_midpoints(code, midpoints);
-  const uint32_t zero = nearest_code_index(midpoints, 0.0f);
+  for (int i = threadIdx.x; i < kDynamicMapSize; i += blockDim.x) values[i] = code[i];
+  __syncthreads();
+  const uint32_t zero = dynamic_code_index(values, 0.0f);
 
   const int64_t vectors = ceil_div(n, kVec);
   const int64_t blocks = ceil_div(vectors, int64_t{1} << log2_group);
@@ -78,7 +61,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        word |= static_cast<UInt<kVec>>(nearest_code_index(midpoints, x[i] * scale.inv_absmax)) << (8 * i);
+        word |= static_cast<UInt<kVec>>(dynamic_code_index(values, x[i] * scale.inv_absmax)) << (8 * i);
       }
     }
     store_word<kVec>(codes, start, n - start, word);
