@@ -187,7 +187,13 @@ def dequantize_blockwise_ref(codes, absmax, code, blocksize, dtype) -> torch.Ten
 
 
 def quantize_int8_ref(A: torch.Tensor, group_size: int, symmetric: bool):
-    """int8 over contiguous groups of the flattened A; returns (q like A, scale [groups], zero_point [groups])."""
+    """int8 over contiguous groups of the flattened A; returns (q like A, scale [groups], zero_point [groups]).
+
+    The rounding rule is torch's fake-quantize rule: q = round_half_even(x * (1 / scale)) + zero_point, clamped,
+    with 1 / scale an fp32 reciprocal (x / scale only when 1 / scale overflows, for a subnormal scale). It is not
+    x * (127 / absmax) (bitsandbytes' LLM.int8() rule), whose fp32 multiplier differs in the last bit for about
+    a quarter of absmax values.
+    """
     groups, n = _blocks(A, group_size)  # zero padding leaves min(x, 0) and max(x, 0) unchanged
     low = groups.amin(dim=1).clamp(max=0) if groups.numel() else torch.zeros(0)
     high = groups.amax(dim=1).clamp(min=0) if groups.numel() else torch.zeros(0)
