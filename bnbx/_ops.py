@@ -192,3 +192,21 @@ def _(A: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size
     check_block_stats(op, "scale", scale, groups)
     check_block_stats(op, "zero_point", zero_point, groups, torch.int32)
     return torch.empty(A.shape, dtype=dtype, device=A.device)
+
+
+# --- double quantization -----------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("bnbx::double_quantize")
+def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    op = "double_quantize"
+    torch._check_type(
+        absmax.dtype == torch.float32, lambda: f"{op}: absmax must be float32, got {_dtype_name(absmax.dtype)}"
+    )
+    check_blocksize(op, blocksize)
+    _check_code(op, code)
+    check_same_device(op, absmax, "absmax", code, "code")
+    q = torch.empty(absmax.shape, dtype=torch.uint8, device=absmax.device)
+    absmax2 = torch.empty((-(-absmax.numel() // blocksize),), dtype=torch.float32, device=absmax.device)
+    offset = torch.empty((), dtype=torch.float32, device=absmax.device)
+    return q, absmax2, offset

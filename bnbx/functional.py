@@ -110,12 +110,18 @@ def quantize_4bit(
     code = get_4bit_type(quant_type, A.device)
     if not compress_statistics:
         return packed, QuantState(absmax, A.shape, code, blocksize, quant_type, A.dtype)
-    # Double quantization as in QLoRA: subtract the mean, 8-bit blockwise with the dynamic map, blocks of 256.
-    # nanmean keeps a NaN block (the NaN/Inf contract) from spreading beyond its group of 256 blocks.
-    offset = absmax.nanmean() if absmax.numel() else torch.zeros((), dtype=torch.float32, device=A.device)
-    offset = torch.nan_to_num(offset, nan=0.0)
-    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+    # Double quantization as in QLoRA: subtract the mean, 8-bit blockwise with the dynamic map, blocks of 256,
+    # in one op. The mean skips NaN absmax values, so a NaN block (the NaN/Inf contract) spoils only its group
+    # of 256 blocks.
+    qabsmax, offset, state2 = _double_quantize(absmax, 256)
     return packed, QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset=offset, state2=state2)
+
+
+def _double_quantize(absmax: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
+    """absmax -> (8-bit codes of absmax - offset, offset, the codes' QuantState), one bnbx::double_quantize call."""
+    code = create_dynamic_map(signed=True, device=absmax.device)
+    qabsmax, absmax2, offset = torch.ops.bnbx.double_quantize(absmax, code, blocksize)
+    return qabsmax, offset, QuantState(absmax2, absmax.shape, code, blocksize, "dynamic", absmax.dtype)
 
 
 def dequantize_4bit(
@@ -203,8 +209,7 @@ def quantize_blockwise(
     codes, absmax = torch.ops.bnbx.quantize_blockwise(A, code, blocksize)
     if not nested:
         return codes, QuantState(absmax, A.shape, code, blocksize, "dynamic", A.dtype)
-    offset = torch.nan_to_num(absmax.nanmean(), nan=0.0) if absmax.numel() else absmax.new_zeros(())
-    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=blocksize)
+    qabsmax, offset, state2 = _double_quantize(absmax, blocksize)
     return codes, QuantState(qabsmax, A.shape, code, blocksize, "dynamic", A.dtype, offset=offset, state2=state2)
 
 

@@ -24,6 +24,12 @@ TORCH_LIBRARY(bnbx, m) {
   // and zero_point int32 [ceil(n/group_size)]. symmetric: absmax/127 scale, zero_point 0, q in [-127, 127].
   m.def("quantize_int8(Tensor A, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize_int8(Tensor A, Tensor scale, Tensor zero_point, int group_size, ScalarType dtype) -> Tensor");
+
+  // --- double quantization (QLoRA's compress_statistics) ---
+  // absmax fp32 (any shape) -> q uint8 shaped like absmax, absmax2 fp32 [ceil(n/blocksize)], offset fp32 []:
+  // offset = mean of the non-NaN values (accumulated in double, 0 when there are none), then
+  // quantize_blockwise(absmax - offset, code, blocksize).
+  m.def("double_quantize(Tensor absmax, Tensor code, int blocksize) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef BNBX_WITH_CUDA
@@ -43,7 +49,7 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
-                           "dequantize_blockwise", "quantize_int8", "dequantize_int8"}) {
+                           "dequantize_blockwise", "quantize_int8", "dequantize_int8", "double_quantize"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }

@@ -180,6 +180,18 @@ def quantize_blockwise_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int) 
     return index.reshape(-1)[:n].to(torch.uint8).reshape(A.shape), absmax
 
 
+def double_quantize_ref(absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """(codes, absmax2, offset): offset = the mean of the non-NaN values accumulated in double, rounded once to
+    fp32 (0 when there are none, +-FLT_MAX when infinite); then absmax - offset (fp32) 8-bit blockwise."""
+    values = absmax.reshape(-1).float()
+    valid = ~torch.isnan(values)
+    count = int(valid.sum())
+    mean = (values[valid].double().sum() / count).float() if count else torch.tensor(0.0)
+    offset = torch.nan_to_num(mean, nan=0.0)
+    codes, absmax2 = quantize_blockwise_ref((absmax.float() - offset), code, blocksize)
+    return codes, absmax2, offset
+
+
 def dequantize_blockwise_ref(codes, absmax, code, blocksize, dtype) -> torch.Tensor:
     n = codes.numel()
     scales = absmax.float().repeat_interleave(blocksize)[:n]

@@ -177,6 +177,15 @@ inline void check_quantize_blockwise_args(const at::Tensor& A, const at::Tensor&
   check_same_device(op, A, "A", code, "code");
 }
 
+inline void check_double_quantize_args(const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+  constexpr const char* op = "double_quantize";
+  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
+                   dtype_name(absmax.scalar_type()));
+  check_blocksize(op, blocksize);
+  check_code(op, code);
+  check_same_device(op, absmax, "absmax", code, "code");
+}
+
 inline void check_dequantize_blockwise_args(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
                                             int64_t blocksize, at::ScalarType dtype) {
   constexpr const char* op = "dequantize_blockwise";

@@ -60,6 +60,17 @@ BNBX_HOST_DEVICE static inline uint8_t dynamic_code_index(const float* code, flo
   return static_cast<uint8_t>(x < (code[lower] + value) * 0.5f ? lower : pivot);
 }
 
+// --- double quantization: the offset ------------------------------------------------------------------------
+
+// The mean of the non-NaN absmax values from their sum (in double) and count, rounded once to fp32; 0 when
+// every value is NaN or there are none, and +-FLT_MAX for an infinite mean (torch.nan_to_num's rule).
+BNBX_HOST_DEVICE static inline float double_quantize_offset(double sum, int64_t count) {
+  if (count == 0) return 0.0f;
+  const float mean = static_cast<float>(sum / static_cast<double>(count));
+  if (mean != mean) return 0.0f;
+  return mean > FLT_MAX ? FLT_MAX : (mean < -FLT_MAX ? -FLT_MAX : mean);
+}
+
 // --- int8 groups: scale, zero point, one element --------------------------------------------------------------
 
 // torch's affine convention: x ~ (q - zero_point) * scale.

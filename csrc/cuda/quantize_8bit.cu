@@ -7,6 +7,7 @@
 // block copies the code into shared memory once, then loops over tiles; the code of a value is bitsandbytes'
 // CUDA search (dynamic_code_index, common/rules.h); the block absmax uses the same integer-max reduction as
 // the 4-bit kernel (cuda_utils.cuh).
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "cuda_utils.cuh"
@@ -157,10 +158,27 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absm
   return out;
 }
 
+// Double quantization: a few ATen reductions for the offset (on the GPU they cost microseconds; the fused
+// op matters on the CPU), then the kernel above. The offset is double_quantize_offset's rule (rules.h): the
+// mean of the non-NaN values accumulated in double, rounded once to fp32, NaN -> 0, +-Inf -> +-FLT_MAX.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cuda(const at::Tensor& absmax, const at::Tensor& code,
+                                                                    int64_t blocksize) {
+  check_double_quantize_args(absmax, code, blocksize);
+  const c10::cuda::CUDAGuard guard(absmax.device());
+  const at::Tensor values = absmax.contiguous();
+  const at::Tensor valid = at::logical_not(at::isnan(values));
+  const at::Tensor sum = at::where(valid, values.to(at::kDouble), 0.0).sum();
+  const at::Tensor mean = at::div(sum, valid.sum()).to(at::kFloat);  // 0 / 0 = NaN when nothing is valid
+  const at::Tensor offset = at::nan_to_num(mean, 0.0);
+  auto [codes, absmax2] = quantize_blockwise_cuda(at::sub(values, offset), code, blocksize);
+  return {codes, absmax2, offset};
+}
+
 }  // namespace
 }  // namespace bnbx::cuda
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   m.impl("quantize_blockwise", &bnbx::cuda::quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &bnbx::cuda::dequantize_blockwise_cuda);
+  m.impl("double_quantize", &bnbx::cuda::double_quantize_cuda);
 }
