@@ -61,7 +61,7 @@ class TorchQuant:
         self.fp4_midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
         self.fp4_codes = torch.tensor([0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011], dtype=torch.uint8,
                                       device=device)  # fmt: skip
-        self.dynamic = F.create_dynamic_map(device=device)
+        self.dynamic = F.create_dynamic_map().to(device)
         self.dynamic_midpoints = (self.dynamic[1:] + self.dynamic[:-1]) / 2
 
     @staticmethod

@@ -55,7 +55,7 @@ def _formats() -> list[tuple[str, Callable[[torch.Tensor], tuple[Callable[[], to
 
     def four_bit(quant_type: str, blocksize: int, nested: bool):
         def run(weight):
-            packed, state = F.quantize_4bit(weight, blocksize, quant_type, compress_statistics=nested)
+            packed, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
             size = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
             if nested:
                 size += state.state2.absmax.numel() * 4 + 4

@@ -15,15 +15,8 @@ from typing import Sequence
 
 import torch
 
-SUPPORTED_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-QUANT_STORAGES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
-BLOCKSIZES = tuple(2**i for i in range(5, 13))  # 32 .. 4096
-QUANT_TYPES = ("nf4", "fp4")
-DYNAMIC_MAP_SIZE = 256
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+from ._formats import BLOCKSIZES, BLOCKSIZES_8BIT, DYNAMIC_MAP_SIZE, QUANT_STORAGES, QUANT_TYPES, SUPPORTED_FLOATS
+from ._formats import dtype_name as _dtype_name
 
 
 def check_float_dtype(op: str, name: str, dtype: torch.dtype) -> None:
@@ -33,9 +26,11 @@ def check_float_dtype(op: str, name: str, dtype: torch.dtype) -> None:
     )
 
 
-def check_blocksize(op: str, blocksize: int) -> None:
+def check_blocksize(op: str, blocksize: int, allowed: tuple[int, ...] = BLOCKSIZES) -> None:
+    """4-bit ops take ``BLOCKSIZES`` (32..4096), 8-bit blockwise ops ``BLOCKSIZES_8BIT`` (32..16384)."""
     torch._check_value(
-        blocksize in BLOCKSIZES, lambda: f"{op}: blocksize must be a power of two from 32 to 4096, got {blocksize}"
+        blocksize in allowed,
+        lambda: f"{op}: blocksize must be a power of two from {allowed[0]} to {allowed[-1]}, got {blocksize}",
     )
 
 
@@ -82,7 +77,7 @@ def packed_4bit_bytes(n: int, storage_itemsize: int) -> int:
     return -(-(-(-n // 2)) // storage_itemsize) * storage_itemsize
 
 
-def _check_code(op: str, code: torch.Tensor) -> None:
+def check_code(op: str, code: torch.Tensor) -> None:
     torch._check_type(code.dtype == torch.float32, lambda: f"{op}: code must be float32, got {_dtype_name(code.dtype)}")
     torch._check_value(
         code.numel() == DYNAMIC_MAP_SIZE, lambda: f"{op}: code must hold 256 values, got {code.numel()}"
@@ -143,8 +138,8 @@ def _(A, absmax, blocksize: int, quant_type: str, shape: Sequence[int], dtype: t
 def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     op = "quantize_blockwise"
     check_float_dtype(op, "A", A.dtype)
-    check_blocksize(op, blocksize)
-    _check_code(op, code)
+    check_blocksize(op, blocksize, BLOCKSIZES_8BIT)
+    check_code(op, code)
     check_same_device(op, A, "A", code, "code")
     codes = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
     absmax = torch.empty((-(-A.numel() // blocksize),), dtype=torch.float32, device=A.device)
@@ -155,8 +150,8 @@ def _(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 def _(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype):
     op = "dequantize_blockwise"
     torch._check_type(A.dtype == torch.uint8, lambda: f"{op}: A must be uint8 codes, got {_dtype_name(A.dtype)}")
-    check_blocksize(op, blocksize)
-    _check_code(op, code)
+    check_blocksize(op, blocksize, BLOCKSIZES_8BIT)
+    check_code(op, code)
     check_float_dtype(op, "dtype", dtype)
     check_same_device(op, A, "A", absmax, "absmax")
     check_same_device(op, A, "A", code, "code")
@@ -203,8 +198,8 @@ def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
     torch._check_type(
         absmax.dtype == torch.float32, lambda: f"{op}: absmax must be float32, got {_dtype_name(absmax.dtype)}"
     )
-    check_blocksize(op, blocksize)
-    _check_code(op, code)
+    check_blocksize(op, blocksize, BLOCKSIZES_8BIT)
+    check_code(op, code)
     check_same_device(op, absmax, "absmax", code, "code")
     q = torch.empty(absmax.shape, dtype=torch.uint8, device=absmax.device)
     absmax2 = torch.empty((-(-absmax.numel() // blocksize),), dtype=torch.float32, device=absmax.device)

@@ -3,21 +3,38 @@
 4-bit (NF4/FP4) and 8-bit blockwise storage with bitsandbytes' byte layout, and int8 absmax/zero-point
 quantization per tensor, channel, token or group. Every function checks its arguments here, and the C++
 kernels check them again before touching memory.
+
+Every name shared with ``bitsandbytes.functional`` takes the same parameters with the same defaults (e.g.
+``quantize_4bit`` defaults to FP4, as bitsandbytes does), so swapping the import never changes results;
+``tests/test_parity.py`` compares the signatures and README.md lists the deliberate differences. bnbx's
+recommendation for new 4-bit weights is ``quant_type="nf4"``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
-from . import _ops
-from .quant_state import QuantState, canonical_code
+from . import _formats, _ops
+from ._formats import (
+    canonical_code,
+    create_dynamic_map,
+    create_fp8_map,
+    create_linear_map,
+    create_normal_map,
+)
+from .quant_state import QuantState, as_quant_state
 
 __all__ = [
     "Int8QuantState",
+    "QuantState",
+    "canonical_code",
     "create_dynamic_map",
+    "create_fp8_map",
+    "create_linear_map",
+    "create_normal_map",
     "dequantize_4bit",
     "dequantize_blockwise",
     "dequantize_fp4",
@@ -31,6 +48,8 @@ __all__ = [
     "quantize_nf4",
 ]
 
+_DEFAULT_4BIT_BLOCKSIZE = 64  # what blocksize=None means, as in bitsandbytes
+
 
 def _check_device(op: str, tensor: torch.Tensor) -> None:
     # CUDA tensors with a CPU-only build reach a C++ kernel that says how to rebuild (csrc/ops.cpp)
@@ -38,44 +57,53 @@ def _check_device(op: str, tensor: torch.Tensor) -> None:
         raise RuntimeError(f"{op}: tensors on {tensor.device.type} are not supported; use cpu or cuda")
 
 
+def _check_tensor(op: str, name: str, value: Any) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    _check_device(op, value)
+
+
 def _check_input(op: str, A: torch.Tensor) -> None:
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"{op}: A must be a torch.Tensor, got {type(A).__name__}")
-    _check_device(op, A)
+    _check_tensor(op, "A", A)
     _ops.check_float_dtype(op, "A", A.dtype)
 
 
-def get_4bit_type(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The fp32 code table (``[16]``, by nibble value) of ``"nf4"`` or ``"fp4"`` on ``device``."""
-    return canonical_code(quant_type).to(device)
+def _check_blocksize(op: str, blocksize: Any, allowed: tuple[int, ...]) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{op}: blocksize must be an int, got {type(blocksize).__name__}")
+    _ops.check_blocksize(op, blocksize, allowed)
+    return blocksize
 
 
-def _build_dynamic_map(signed: bool) -> torch.Tensor:
-    # bitsandbytes' create_dynamic_map(signed, max_exponent_bits=7, total_bits=8): for exponent i = 0..6,
-    # the 2^i midpoints of linspace(0.1, 1, 2^i + 1) scaled by 10^(i - 6), both signs; plus 0 and 1.
-    # (Unsigned: the same with one more fraction bit and no negatives, as bitsandbytes builds it.)
-    values: list[float] = []
-    fraction_bits = 0 if signed else 1
-    for exponent in range(7):
-        boundaries = torch.linspace(0.1, 1, 2 ** (exponent + fraction_bits) + 1, dtype=torch.float32)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        scaled = (10 ** (exponent - 6)) * means
-        values += scaled.tolist()
-        if signed:
-            values += (-scaled).tolist()
-    values += [0.0, 1.0]
-    values += [0.0] * (256 - len(values))
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
+def _check_quant_type(op: str, quant_type: Any) -> str:
+    if not isinstance(quant_type, str):
+        raise TypeError(f"{op}: quant_type must be a str, got {type(quant_type).__name__}")
+    _ops.check_quant_type(op, quant_type)
+    return quant_type
 
 
-# Built once at import, so torch.compile sees a constant instead of tracing the construction.
-_DYNAMIC_MAPS = {True: _build_dynamic_map(True), False: _build_dynamic_map(False)}
+def _write_into(op: str, name: str, dest: Optional[torch.Tensor], result: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' ``out=``/``absmax=`` arguments: copy ``result`` into ``dest``, which must match it."""
+    if dest is None:
+        return result
+    _check_tensor(op, name, dest)
+    if dest.shape != result.shape or dest.dtype != result.dtype or dest.device != result.device:
+        raise ValueError(
+            f"{op}: {name} must have shape {list(result.shape)}, dtype {_formats.dtype_name(result.dtype)} and "
+            f"device {result.device}, got {list(dest.shape)}, {_formats.dtype_name(dest.dtype)} and {dest.device}"
+        )
+    return dest.copy_(result)
 
 
-def create_dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-value 8-bit dynamic map of bitsandbytes (fp32, sorted): fine near 0, coarse near 1."""
-    return _DYNAMIC_MAPS[bool(signed)].to(device, copy=True)
+def get_4bit_type(typename: str, device: Optional[torch.device | str] = None, blocksize: int = 64) -> torch.Tensor:
+    """The fp32 ``[16]`` table by nibble value of ``"nf4"``, ``"fp4"``, ``"int4"`` or ``"af4"`` (blocksize 64).
+
+    ``device=None`` means CUDA when it is available, else the CPU (bitsandbytes always means CUDA).
+    Only nf4 and fp4 have bnbx kernels; the others are tables.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _formats.four_bit_table(typename, blocksize).to(device)
 
 
 # --- 4-bit ---------------------------------------------------------------------------------------------------
@@ -83,19 +111,24 @@ def create_dynamic_map(signed: bool = True, device: torch.device | str = "cpu") 
 
 def quantize_4bit(
     A: torch.Tensor,
-    blocksize: int = 64,
-    quant_type: Literal["nf4", "fp4"] = "nf4",
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
     compress_statistics: bool = False,
+    quant_type: Literal["nf4", "fp4"] = "fp4",
     quant_storage: torch.dtype = torch.uint8,
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``A`` to 4-bit NF4 or FP4 codes in blocks of ``blocksize`` elements.
 
     Args:
         A: fp32, fp16 or bf16 tensor of any shape (``n`` elements); non-contiguous input is copied first.
-        blocksize: elements per absmax block, a power of two from 32 to 4096.
-        quant_type: ``"nf4"`` (QLoRA's normal float) or ``"fp4"`` (bitsandbytes' 4-bit float).
+        absmax, out: optional tensors that receive the (state's) absmax and the packed codes; they must have
+            the shape and dtype of what is returned (bitsandbytes' arguments).
+        blocksize: elements per absmax block, a power of two from 32 to 4096; ``None`` means 64.
         compress_statistics: double quantization: store the absmax values 8-bit (blocks of 256, mean
             subtracted), saving about 0.37 bits per parameter at blocksize 64.
+        quant_type: ``"fp4"`` (the default, as bitsandbytes) or ``"nf4"`` (QLoRA's normal float, bnbx's
+            recommendation for weights: lower error on normally distributed values).
         quant_storage: dtype of the packed tensor (uint8, or a 16/32-bit float view of the same bytes for FSDP).
 
     Returns:
@@ -105,23 +138,31 @@ def quantize_4bit(
     A block holding NaN or Inf gets a NaN absmax, so all of it dequantizes to NaN; an all-zero block gives
     exact zeros back.
     """
-    _check_input("quantize_4bit", A)
-    packed, absmax = torch.ops.bnbx.quantize_4bit(A, blocksize, quant_type, quant_storage)
+    op = "quantize_4bit"
+    _check_input(op, A)
+    blocksize = _check_blocksize(op, _DEFAULT_4BIT_BLOCKSIZE if blocksize is None else blocksize, _formats.BLOCKSIZES)
+    quant_type = _check_quant_type(op, quant_type)
+    packed, stats = torch.ops.bnbx.quantize_4bit(A, blocksize, quant_type, quant_storage)
     code = get_4bit_type(quant_type, A.device)
     if not compress_statistics:
-        return packed, QuantState(absmax, A.shape, code, blocksize, quant_type, A.dtype)
-    # Double quantization as in QLoRA: subtract the mean, 8-bit blockwise with the dynamic map, blocks of 256,
-    # in one op. The mean skips NaN absmax values, so a NaN block (the NaN/Inf contract) spoils only its group
-    # of 256 blocks.
-    qabsmax, offset, state2 = _double_quantize(absmax, 256)
-    return packed, QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset=offset, state2=state2)
+        state = QuantState(stats, A.shape, code, blocksize, quant_type, A.dtype)
+    else:
+        # Double quantization as in QLoRA: subtract the mean, 8-bit blockwise with the dynamic map, blocks of
+        # 256, in one op. The mean skips NaN absmax values, so a NaN block (the NaN/Inf contract) spoils only
+        # its group of 256 blocks.
+        qabsmax, offset, state2 = _double_quantize(stats, _formats.NESTED_BLOCKSIZE)
+        state = QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset=offset, state2=state2)
+    packed = _write_into(op, "out", out, packed)
+    state.absmax = _write_into(op, "absmax", absmax, state.absmax)
+    return packed, state
 
 
 def _double_quantize(absmax: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
     """absmax -> (8-bit codes of absmax - offset, offset, the codes' QuantState), one bnbx::double_quantize call."""
-    code = create_dynamic_map(signed=True, device=absmax.device)
+    code = _formats.DYNAMIC_MAP.to(absmax.device, copy=True)
     qabsmax, absmax2, offset = torch.ops.bnbx.double_quantize(absmax, code, blocksize)
-    return qabsmax, offset, QuantState(absmax2, absmax.shape, code, blocksize, "dynamic", absmax.dtype)
+    state2 = QuantState(absmax2, absmax.shape, code, blocksize, _formats.BLOCKWISE_QUANT_TYPE, absmax.dtype)
+    return qabsmax, offset, state2
 
 
 def dequantize_4bit(
@@ -129,88 +170,150 @@ def dequantize_4bit(
     quant_state: Optional[QuantState] = None,
     absmax: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
-    blocksize: int = 64,
-    quant_type: Literal["nf4", "fp4"] = "nf4",
+    blocksize: Optional[int] = None,
+    quant_type: Literal["nf4", "fp4"] = "fp4",
 ) -> torch.Tensor:
     """Dequantize packed 4-bit codes to the original shape and dtype: ``code[q] * absmax[block]`` in fp32,
     rounded once to the output dtype.
 
     Args:
         A: packed codes from :func:`quantize_4bit`.
-        quant_state: the state returned with them. Without one, pass ``absmax`` (fp32 per block) and ``out``
-            (whose shape and dtype say what to produce), as bitsandbytes allows.
+        quant_state: the state returned with them (a bnbx or a bitsandbytes QuantState). Without one, pass
+            ``absmax`` (fp32 per block) and ``out`` (whose shape and dtype say what to produce), and
+            ``blocksize`` (``None``: 64) and ``quant_type``, as bitsandbytes allows.
         out: optional contiguous output of the state's shape and dtype, written in place.
+
+    Unlike bitsandbytes, a packed tensor with one row (``[1, k]``) does not give a transposed result: the
+    output always has the state's shape.
     """
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"dequantize_4bit: A must be a torch.Tensor, got {type(A).__name__}")
-    _check_device("dequantize_4bit", A)
+    op = "dequantize_4bit"
+    _check_tensor(op, "A", A)
     if quant_state is None:
         if absmax is None or out is None:
-            raise ValueError("dequantize_4bit: pass quant_state, or both absmax and out")
+            raise ValueError(f"{op}: pass quant_state, or both absmax and out")
+        _check_tensor(op, "absmax", absmax)
+        _check_tensor(op, "out", out)
         shape, dtype = out.shape, out.dtype
+        blocksize = _check_blocksize(op, _DEFAULT_4BIT_BLOCKSIZE if blocksize is None else blocksize, _formats.BLOCKSIZES)
+        quant_type = _check_quant_type(op, quant_type)
     else:
-        if not isinstance(quant_state, QuantState):
-            raise TypeError(f"dequantize_4bit: quant_state must be a QuantState, got {type(quant_state).__name__}")
-        absmax = quant_state.get_absmax()
-        shape, dtype = quant_state.shape, quant_state.dtype
-        blocksize, quant_type = quant_state.blocksize, quant_state.quant_type
+        state = as_quant_state(op, quant_state)
+        if state.shape is None or state.dtype is None:
+            raise ValueError(f"{op}: quant_state must record shape and dtype")
+        blocksize = _check_blocksize(op, state.blocksize, _formats.BLOCKSIZES)
+        quant_type = _check_quant_type(op, state.quant_type)
+        absmax = state.get_absmax()
+        shape, dtype = state.shape, state.dtype
     if out is None:
         return torch.ops.bnbx.dequantize_4bit(A, absmax, blocksize, quant_type, list(shape), dtype)
     torch.ops.bnbx.dequantize_4bit.out(A, absmax, blocksize, quant_type, list(shape), dtype, out=out)
     return out
 
 
-def quantize_nf4(A: torch.Tensor, blocksize: int = 64, compress_statistics: bool = False,
-                 quant_storage: torch.dtype = torch.uint8) -> tuple[torch.Tensor, QuantState]:
+def quantize_nf4(
+    A: torch.Tensor,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
+    compress_statistics: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
     """:func:`quantize_4bit` with ``quant_type="nf4"``."""
-    return quantize_4bit(A, blocksize, "nf4", compress_statistics, quant_storage)
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
 
 
-def quantize_fp4(A: torch.Tensor, blocksize: int = 64, compress_statistics: bool = False,
-                 quant_storage: torch.dtype = torch.uint8) -> tuple[torch.Tensor, QuantState]:
+def quantize_fp4(
+    A: torch.Tensor,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
+    compress_statistics: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
     """:func:`quantize_4bit` with ``quant_type="fp4"``."""
-    return quantize_4bit(A, blocksize, "fp4", compress_statistics, quant_storage)
+    return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "fp4", quant_storage)
 
 
-def dequantize_nf4(A: torch.Tensor, quant_state: Optional[QuantState] = None, absmax: Optional[torch.Tensor] = None,
-                   out: Optional[torch.Tensor] = None, blocksize: int = 64) -> torch.Tensor:
-    """:func:`dequantize_4bit` for NF4 codes."""
-    if quant_state is not None and quant_state.quant_type != "nf4":
-        raise ValueError(f"dequantize_nf4: quant_state holds {quant_state.quant_type} codes")
-    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
+def _dequantize_typed(op: str, quant_type: str, A, quant_state, absmax, out, blocksize) -> torch.Tensor:
+    if quant_state is not None:
+        quant_state = as_quant_state(op, quant_state)
+        if quant_state.quant_type != quant_type:
+            raise ValueError(f"{op}: quant_state holds {quant_state.quant_type} codes, not {quant_type}")
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, quant_type)
 
 
-def dequantize_fp4(A: torch.Tensor, quant_state: Optional[QuantState] = None, absmax: Optional[torch.Tensor] = None,
-                   out: Optional[torch.Tensor] = None, blocksize: int = 64) -> torch.Tensor:
-    """:func:`dequantize_4bit` for FP4 codes."""
-    if quant_state is not None and quant_state.quant_type != "fp4":
-        raise ValueError(f"dequantize_fp4: quant_state holds {quant_state.quant_type} codes")
-    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
+def dequantize_nf4(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
+) -> torch.Tensor:
+    """:func:`dequantize_4bit` for NF4 codes (a state holding FP4 codes is an error)."""
+    return _dequantize_typed("dequantize_nf4", "nf4", A, quant_state, absmax, out, blocksize)
+
+
+def dequantize_fp4(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: Optional[int] = None,
+) -> torch.Tensor:
+    """:func:`dequantize_4bit` for FP4 codes (a state holding NF4 codes is an error)."""
+    return _dequantize_typed("dequantize_fp4", "fp4", A, quant_state, absmax, out, blocksize)
 
 
 # --- 8-bit blockwise -----------------------------------------------------------------------------------------
 
 
-def quantize_blockwise(
-    A: torch.Tensor, code: Optional[torch.Tensor] = None, blocksize: int = 4096, nested: bool = False
-) -> tuple[torch.Tensor, QuantState]:
-    """Quantize ``A`` to 8-bit codes (uint8, shaped like ``A``): the nearest value of ``code`` (default: the
-    signed dynamic map) after scaling each block of ``blocksize`` elements by its absmax.
-
-    ``nested=True`` quantizes the absmax values again (blocksize unchanged, mean subtracted), as bitsandbytes does.
-    """
-    _check_input("quantize_blockwise", A)
-    if code is None:
-        code = create_dynamic_map(signed=True, device=A.device)
-    elif code.device.type != "cpu" and code.numel() == _ops.DYNAMIC_MAP_SIZE and code.dtype == torch.float32:
+def _check_code(op: str, code: Any, device: torch.device) -> torch.Tensor:
+    _check_tensor(op, "code", code)
+    _ops.check_code(op, code)
+    code = code.reshape(-1).to(device)
+    if code.device.type != "cpu" and code.device.type != "meta":
         # the CPU kernel checks the order itself; on a GPU check it here (one sync, only for a custom code)
-        if not bool((code.reshape(-1)[1:] >= code.reshape(-1)[:-1]).all()):
-            raise ValueError("quantize_blockwise: code must be sorted in increasing order")
-    codes, absmax = torch.ops.bnbx.quantize_blockwise(A, code, blocksize)
+        if not bool((code[1:] >= code[:-1]).all()):
+            raise ValueError(f"{op}: code must be sorted in increasing order")
+    return code
+
+
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: Optional[torch.Tensor] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` to 8-bit codes (uint8, shaped like ``A``): the nearest value of ``code`` after scaling
+    each block of ``blocksize`` elements (a power of two from 32 to 16384) by its absmax.
+
+    Args:
+        code: 256 sorted fp32 values (default: the signed dynamic map); few-bit maps from
+            :func:`create_dynamic_map`, :func:`create_fp8_map`, :func:`create_linear_map` or
+            :func:`create_normal_map` (``total_bits`` < 8) pad with zeros and work too.
+        absmax, out: optional tensors that receive the (state's) absmax and the codes (bitsandbytes' arguments).
+        nested: quantize the absmax values again (same blocksize, mean subtracted), as bitsandbytes does.
+    """
+    op = "quantize_blockwise"
+    _check_input(op, A)
+    blocksize = _check_blocksize(op, blocksize, _formats.BLOCKSIZES_8BIT)
+    if code is None:
+        code = _formats.DYNAMIC_MAP.to(A.device, copy=True)
+    else:
+        code = _check_code(op, code, A.device).clone()
+    codes, stats = torch.ops.bnbx.quantize_blockwise(A, code, blocksize)
     if not nested:
-        return codes, QuantState(absmax, A.shape, code, blocksize, "dynamic", A.dtype)
-    qabsmax, offset, state2 = _double_quantize(absmax, blocksize)
-    return codes, QuantState(qabsmax, A.shape, code, blocksize, "dynamic", A.dtype, offset=offset, state2=state2)
+        state = QuantState(stats, A.shape, code, blocksize, _formats.BLOCKWISE_QUANT_TYPE, A.dtype)
+    else:
+        qabsmax, offset, state2 = _double_quantize(stats, blocksize)
+        state = QuantState(
+            qabsmax, A.shape, code, blocksize, _formats.BLOCKWISE_QUANT_TYPE, A.dtype, offset=offset, state2=state2
+        )
+    codes = _write_into(op, "out", out, codes)
+    state.absmax = _write_into(op, "absmax", absmax, state.absmax)
+    return codes, state
 
 
 def dequantize_blockwise(
@@ -220,24 +323,36 @@ def dequantize_blockwise(
     code: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
     blocksize: int = 4096,
+    nested: bool = False,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: ``code[q] * absmax[block]`` in fp32, rounded to the state's dtype
-    (fp32 without a state). ``out``, if given, receives the result."""
-    if not isinstance(A, torch.Tensor):
-        raise TypeError(f"dequantize_blockwise: A must be a torch.Tensor, got {type(A).__name__}")
-    _check_device("dequantize_blockwise", A)
-    dtype = torch.float32 if out is None else out.dtype
+    (fp32 without a state).
+
+    ``quant_state`` is a bnbx or bitsandbytes QuantState; without one pass ``absmax`` (and ``code``,
+    ``blocksize``). ``out``, if given, must have ``A``'s shape and the output dtype. ``nested`` is ignored,
+    as in bitsandbytes: the state says whether its absmax is quantized.
+    """
+    op = "dequantize_blockwise"
+    _check_tensor(op, "A", A)
     if quant_state is not None:
-        absmax, code = quant_state.get_absmax(), quant_state.code
-        blocksize, dtype = quant_state.blocksize, quant_state.dtype
+        state = as_quant_state(op, quant_state)
+        if state.dtype is None or state.code is None:
+            raise ValueError(f"{op}: quant_state must record code and dtype")
+        blocksize = _check_blocksize(op, state.blocksize, _formats.BLOCKSIZES_8BIT)
+        stats, code, dtype = state.get_absmax(), state.code, state.dtype
     elif absmax is None:
-        raise ValueError("dequantize_blockwise: pass quant_state or absmax")
+        raise ValueError(f"{op}: pass quant_state or absmax")
+    else:
+        _check_tensor(op, "absmax", absmax)
+        blocksize = _check_blocksize(op, blocksize, _formats.BLOCKSIZES_8BIT)
+        stats, dtype = absmax, torch.float32
     if code is None:
-        code = create_dynamic_map(signed=True, device=A.device)
-    result = torch.ops.bnbx.dequantize_blockwise(A, absmax, code, blocksize, dtype)
-    if out is None:
-        return result
-    return out.copy_(result)
+        code = _formats.DYNAMIC_MAP.to(A.device, copy=True)
+    else:
+        _check_tensor(op, "code", code)
+        code = code.to(A.device)
+    result = torch.ops.bnbx.dequantize_blockwise(A, stats, code, blocksize, dtype)
+    return _write_into(op, "out", out, result)
 
 
 # --- int8 absmax / zero-point ---------------------------------------------------------------------------------

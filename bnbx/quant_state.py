@@ -19,47 +19,55 @@ from typing import Any, Optional
 
 import torch
 
-from . import _ops
+from ._formats import (
+    BLOCKSIZES,
+    BLOCKSIZES_8BIT,
+    BLOCKWISE_QUANT_TYPE,
+    DYNAMIC_MAP_SIZE,
+    FOUR_BIT_CODE_SIZE,
+    QUANT_TYPES,
+    canonical_code,
+)
+from ._formats import DTYPES as _DTYPES
+from ._formats import dtype_name as _dtype_to_name
 
-# dtype names as bitsandbytes writes them, mapped through a fixed table.
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["QuantState", "as_quant_state", "canonical_code"]
+
 _MAX_METADATA_BYTES = 4096
 _MAX_ELEMENTS = 2**62
 _PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
+_PACKED_SUFFIXES = (*QUANT_TYPES, BLOCKWISE_QUANT_TYPE)
 _JSON_KEYS = {"quant_type", "blocksize", "dtype", "shape"}
 _NESTED_JSON_KEYS = {"nested_blocksize", "nested_dtype", "nested_offset"}
 _TENSOR_KEYS = {"absmax", "quant_map"}
 _NESTED_TENSOR_KEYS = {"nested_absmax", "nested_quant_map"}
 
 
-def _dtype_to_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass
+@dataclass(eq=False)
 class QuantState:
-    """Everything needed to dequantize a packed tensor.
+    """Everything needed to dequantize a packed tensor; bitsandbytes' constructor and field names.
 
     Attributes:
         absmax: fp32 ``[ceil(n / blocksize)]``, one max-|x| per block; uint8 of the same shape when nested
             (double quantization), decoded with ``state2`` and ``offset``.
-        shape: the original tensor's shape.
+        shape: the original tensor's shape (``None`` only in 8-bit states loaded from bitsandbytes, which
+            does not record it; 8-bit dequantization takes the shape of its input).
         code: fp32 code table: ``[16]`` (the NF4/FP4 values) for 4-bit, ``[256]`` for 8-bit blockwise.
-        blocksize: elements per block (a power of two from 32 to 4096).
-        quant_type: ``"nf4"``, ``"fp4"``, or ``"dynamic"`` for 8-bit blockwise.
+        blocksize: elements per block (powers of two: 32 to 4096 for 4-bit, 32 to 16384 for 8-bit).
+        quant_type: ``"nf4"``, ``"fp4"``, or ``"dynamic"`` for 8-bit blockwise (any 256-value code).
         dtype: the original tensor's dtype (fp32, fp16 or bf16).
         offset: 0-dim fp32, the mean subtracted from absmax before it was quantized (nested only).
         state2: the QuantState of the quantized absmax (nested only).
     """
 
     absmax: torch.Tensor
-    shape: torch.Size
-    code: torch.Tensor
-    blocksize: int
-    quant_type: str
-    dtype: torch.dtype
+    shape: Optional[torch.Size] = None
+    code: Optional[torch.Tensor] = None
+    blocksize: Optional[int] = None
+    quant_type: Optional[str] = None
+    dtype: Optional[torch.dtype] = None
     offset: Optional[torch.Tensor] = None
-    state2: Optional["QuantState"] = None
+    state2: Optional[QuantState] = None
 
     @property
     def nested(self) -> bool:
@@ -68,39 +76,74 @@ class QuantState:
 
     @property
     def numel(self) -> int:
+        if self.shape is None:
+            raise ValueError("QuantState: this state records no shape (an 8-bit state from bitsandbytes)")
         return math.prod(self.shape)
 
     def get_absmax(self) -> torch.Tensor:
         """The fp32 absmax per block, decoding the nested (double-quantized) form when there is one."""
         if self.state2 is None:
             return self.absmax
-        from .functional import dequantize_blockwise
+        # the op directly (not functional.py, which imports this module)
+        state2 = self.state2
+        nested = torch.ops.bnbx.dequantize_blockwise(
+            self.absmax, state2.get_absmax(), state2.code, state2.blocksize, torch.float32
+        )
+        return nested + self.offset
 
-        return dequantize_blockwise(self.absmax, self.state2) + self.offset
-
-    def to(self, device: torch.device | str) -> "QuantState":
+    def to(self, device: torch.device | str) -> QuantState:
         """Move every tensor to ``device``, in place (as bitsandbytes does); also returns ``self``."""
         self.absmax = self.absmax.to(device)
-        self.code = self.code.to(device)
+        if self.code is not None:
+            self.code = self.code.to(device)
         if self.offset is not None:
             self.offset = self.offset.to(device)
         if self.state2 is not None:
             self.state2.to(device)
         return self
 
+    def __eq__(self, other: object) -> bool:
+        """Exact equality of every field (tensors compared with ``torch.equal``)."""
+        if not isinstance(other, QuantState):
+            return NotImplemented
+
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                return a.device == b.device and torch.equal(a, b)
+            return a == b
+
+        return all(
+            same(getattr(self, name), getattr(other, name))
+            for name in ("absmax", "shape", "code", "blocksize", "quant_type", "dtype", "offset", "state2")
+        )
+
+    # --- bitsandbytes interop --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_bitsandbytes(cls, state: Any) -> QuantState:
+        """Convert a ``bitsandbytes.functional.QuantState`` (4-bit or 8-bit, nested or not) through its
+        ``as_dict(packed=True)`` and :meth:`from_dict`'s strict checks (no pickle), keeping its device."""
+        if not _is_bitsandbytes_state(state):
+            raise TypeError(f"QuantState.from_bitsandbytes: expected a bitsandbytes QuantState, got {_type_name(state)}")
+        absmax = getattr(state, "absmax", None)
+        if not isinstance(absmax, torch.Tensor):
+            raise ValueError("QuantState.from_bitsandbytes: the state's absmax is not a tensor")
+        return cls.from_dict(state.as_dict(packed=True), device=absmax.device)
+
     # --- serialisation -------------------------------------------------------------------------------------
 
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
         """bitsandbytes-compatible dict. With ``packed=True`` only tensors: the non-tensor fields become
         ``quant_state.bitsandbytes__<quant_type>``, a uint8 tensor of UTF-8 JSON (keys to prefix with
-        ``"<param>."``, e.g. ``weight.absmax``)."""
+        ``"<param>."``, e.g. ``weight.absmax``). 8-bit states use the suffix ``dynamic`` (bitsandbytes leaves
+        its 8-bit states unpacked)."""
         items: dict[str, Any] = {
             "quant_type": self.quant_type,
             "absmax": self.absmax,
             "blocksize": self.blocksize,
             "quant_map": self.code,
             "dtype": _dtype_to_name(self.dtype),
-            "shape": tuple(self.shape),
+            "shape": None if self.shape is None else tuple(self.shape),
         }
         if self.state2 is not None:
             items.update(
@@ -114,24 +157,29 @@ class QuantState:
             )
         if not packed:
             return items
+        if items["quant_type"] is None:
+            items["quant_type"] = BLOCKWISE_QUANT_TYPE
         tensors = {key: value for key, value in items.items() if isinstance(value, torch.Tensor)}
         metadata = {key: value for key, value in items.items() if not isinstance(value, torch.Tensor)}
         blob = json.dumps(metadata).encode("utf-8")
-        tensors[_PACKED_KEY_PREFIX + self.quant_type] = torch.tensor(list(blob), dtype=torch.uint8)
+        tensors[_PACKED_KEY_PREFIX + items["quant_type"]] = torch.tensor(list(blob), dtype=torch.uint8)
         return tensors
 
     @classmethod
-    def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> "QuantState":
-        """Rebuild a 4-bit QuantState from ``as_dict`` output, packed or not, with or without a key prefix
-        such as ``"weight."``. Raises ``ValueError`` naming the key for anything missing, unknown,
-        malformed or inconsistent."""
+    def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str = "cpu") -> QuantState:
+        """Rebuild a QuantState from ``as_dict`` output (bnbx's or bitsandbytes'), packed or not, with or
+        without a key prefix such as ``"weight."``: 4-bit (nf4/fp4), 8-bit blockwise (``quant_type``
+        ``"dynamic"``, or ``None`` as bitsandbytes writes it) with any valid 256-value code, nested or not.
+        Raises ``ValueError`` naming the key for anything missing, unknown, malformed or inconsistent."""
         fields = _unpack(qs_dict)
-        quant_type = _enum(fields, "quant_type", _ops.QUANT_TYPES)
-        blocksize = _integer(fields, "blocksize", allowed=_ops.BLOCKSIZES)
+        quant_type = fields.get("quant_type")
+        if quant_type is not None:
+            quant_type = _enum(fields, "quant_type", _PACKED_SUFFIXES)
+        four_bit = quant_type in QUANT_TYPES
+        blocksize = _integer(fields, "blocksize", allowed=BLOCKSIZES if four_bit else BLOCKSIZES_8BIT)
         dtype = _DTYPES[_enum(fields, "dtype", tuple(_DTYPES))]
-        shape = _shape(fields)
-        n = math.prod(shape)
-        blocks = -(-n // blocksize)
+        shape = _shape(fields, optional=not four_bit)
+        blocks = None if shape is None else -(-math.prod(shape) // blocksize)
         nested = "nested_absmax" in fields or any(key in fields for key in _NESTED_JSON_KEYS)
 
         expected = _JSON_KEYS | _TENSOR_KEYS | ((_NESTED_JSON_KEYS | _NESTED_TENSOR_KEYS) if nested else set())
@@ -142,52 +190,58 @@ class QuantState:
         if unknown:
             raise ValueError(f"QuantState.from_dict: unknown key(s) {unknown}")
 
-        code = _tensor(fields, "quant_map", torch.float32, 16)
-        canonical = canonical_code(quant_type)
-        if not torch.equal(code.cpu(), canonical):
-            raise ValueError(f"QuantState.from_dict: quant_map is not the standard {quant_type} table")
+        if four_bit:
+            code = _tensor(fields, "quant_map", torch.float32, FOUR_BIT_CODE_SIZE)
+            if not torch.equal(code.cpu(), canonical_code(quant_type)):
+                raise ValueError(f"QuantState.from_dict: quant_map is not the standard {quant_type} table")
+            code = canonical_code(quant_type)
+        else:
+            quant_type = BLOCKWISE_QUANT_TYPE
+            code = _code(fields, "quant_map")
+        shape = None if shape is None else torch.Size(shape)
 
         if not nested:
             absmax = _tensor(fields, "absmax", torch.float32, blocks)
             _check_finite_nonnegative("absmax", absmax)
-            return cls(absmax.to(device), torch.Size(shape), canonical.to(device), blocksize, quant_type, dtype)
+            return cls(absmax.to(device), shape, code.to(device), blocksize, quant_type, dtype)
 
         absmax = _tensor(fields, "absmax", torch.uint8, blocks)
-        nested_blocksize = _integer(fields, "nested_blocksize", allowed=_ops.BLOCKSIZES)
-        if _enum(fields, "nested_dtype", ("float32",)) != "float32":  # pragma: no cover - _enum raises first
-            raise ValueError("QuantState.from_dict: nested_dtype must be float32")
+        nested_blocksize = _integer(fields, "nested_blocksize", allowed=BLOCKSIZES_8BIT)
+        _enum(fields, "nested_dtype", ("float32",))
         offset = fields["nested_offset"]
         if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
             raise ValueError(f"QuantState.from_dict: nested_offset must be a finite number, got {offset!r}")
-        nested_absmax = _tensor(fields, "nested_absmax", torch.float32, -(-blocks // nested_blocksize))
+        nested_absmax = _tensor(fields, "nested_absmax", torch.float32, -(-absmax.numel() // nested_blocksize))
         _check_finite_nonnegative("nested_absmax", nested_absmax)
-        nested_code = _tensor(fields, "nested_quant_map", torch.float32, _ops.DYNAMIC_MAP_SIZE)
-        if not bool(torch.isfinite(nested_code).all()) or not bool((nested_code[1:] >= nested_code[:-1]).all()):
-            raise ValueError("QuantState.from_dict: nested_quant_map must be finite and sorted")
+        nested_code = _code(fields, "nested_quant_map")
         state2 = cls(
-            nested_absmax.to(device), torch.Size([blocks]), nested_code.to(device), nested_blocksize, "dynamic",
-            torch.float32,
-        )
+            nested_absmax.to(device), torch.Size([absmax.numel()]), nested_code.to(device), nested_blocksize,
+            BLOCKWISE_QUANT_TYPE, torch.float32,
+        )  # fmt: skip
         return cls(
-            absmax.to(device), torch.Size(shape), canonical.to(device), blocksize, quant_type, dtype,
+            absmax.to(device), shape, code.to(device), blocksize, quant_type, dtype,
             offset=torch.tensor(float(offset), dtype=torch.float32, device=device), state2=state2,
-        )
+        )  # fmt: skip
 
 
-def canonical_code(quant_type: str) -> torch.Tensor:
-    """The fp32 table of a 4-bit type as bitsandbytes stores it in ``quant_map`` (``[16]``, by nibble)."""
-    if quant_type == "nf4":
-        values = [
-            -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0,
-        ]  # fmt: skip
-        return torch.tensor(values, dtype=torch.float32)
-    if quant_type == "fp4":
-        raw = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3, -0.0, -0.0625, -8, -12, -4, -6, -2, -3], dtype=torch.float32)
-        return raw / 12.0
-    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+def _type_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _is_bitsandbytes_state(value: Any) -> bool:
+    cls = type(value)
+    return cls.__name__ == "QuantState" and cls.__module__.split(".")[0] == "bitsandbytes"
+
+
+def as_quant_state(op: str, state: Any, name: str = "quant_state") -> QuantState:
+    """``state`` as a bnbx QuantState: itself, or a bitsandbytes QuantState converted; TypeError otherwise."""
+    if isinstance(state, QuantState):
+        return state
+    if _is_bitsandbytes_state(state):
+        return QuantState.from_bitsandbytes(state)
+    raise TypeError(
+        f"{op}: {name} must be a bnbx.QuantState or a bitsandbytes QuantState, got {_type_name(state)}"
+    )
 
 
 # --- strict readers for untrusted dicts ----------------------------------------------------------------------
@@ -213,8 +267,10 @@ def _unpack(qs_dict: dict[str, Any]) -> dict[str, Any]:
     if blobs:
         key = blobs[0]
         suffix = key.split("quant_state.", 1)[1]
-        if suffix not in (_PACKED_KEY_PREFIX.split(".", 1)[1] + t for t in _ops.QUANT_TYPES):
-            raise ValueError(f"QuantState.from_dict: {key!r} must end in bitsandbytes__nf4 or bitsandbytes__fp4")
+        if suffix not in (_PACKED_KEY_PREFIX.split(".", 1)[1] + t for t in _PACKED_SUFFIXES):
+            raise ValueError(
+                f"QuantState.from_dict: {key!r} must end in bitsandbytes__nf4, bitsandbytes__fp4 or bitsandbytes__dynamic"
+            )
         for name, value in _decode_blob(key, qs_dict[key]).items():
             if name in fields:
                 raise ValueError(f"QuantState.from_dict: key {name!r} is both a tensor and in {key!r}")
@@ -273,8 +329,10 @@ def _integer(fields: dict[str, Any], key: str, allowed: tuple[int, ...]) -> int:
     return value
 
 
-def _shape(fields: dict[str, Any]) -> tuple[int, ...]:
+def _shape(fields: dict[str, Any], optional: bool) -> Optional[tuple[int, ...]]:
     value = fields.get("shape")
+    if value is None and optional:
+        return None
     if isinstance(value, torch.Size):
         value = tuple(value)
     if not isinstance(value, (list, tuple)) or len(value) > 16:
@@ -289,15 +347,30 @@ def _shape(fields: dict[str, Any]) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _tensor(fields: dict[str, Any], key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+def _tensor(fields: dict[str, Any], key: str, dtype: torch.dtype, numel: Optional[int]) -> torch.Tensor:
+    """A tensor of ``dtype`` with ``numel`` values (any 1-D length when the state records no shape)."""
     value = fields.get(key)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"QuantState.from_dict: {key} must be a tensor, got {type(value).__name__}")
     if value.dtype != dtype:
         raise ValueError(f"QuantState.from_dict: {key} must be {_dtype_to_name(dtype)}, got {_dtype_to_name(value.dtype)}")
-    if value.numel() != numel:
+    if numel is None:
+        if value.dim() != 1:
+            raise ValueError(f"QuantState.from_dict: {key} must be 1-D, got shape {list(value.shape)}")
+    elif value.numel() != numel:
         raise ValueError(f"QuantState.from_dict: {key} must hold {numel} values for this shape, got {value.numel()}")
     return value.reshape(-1).contiguous()
+
+
+def _code(fields: dict[str, Any], key: str) -> torch.Tensor:
+    """An 8-bit code: 256 finite fp32 values in [-1, 1], sorted non-decreasing (few-bit maps repeat zeros)."""
+    code = _tensor(fields, key, torch.float32, DYNAMIC_MAP_SIZE)
+    values = code.cpu()
+    if not bool(torch.isfinite(values).all()) or not bool((values.abs() <= 1).all()):
+        raise ValueError(f"QuantState.from_dict: {key} must hold finite values in [-1, 1]")
+    if not bool((values[1:] >= values[:-1]).all()):
+        raise ValueError(f"QuantState.from_dict: {key} must be sorted in non-decreasing order")
+    return code
 
 
 def _check_finite_nonnegative(key: str, values: torch.Tensor) -> None:

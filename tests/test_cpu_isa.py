@@ -183,7 +183,7 @@ def test_functional_4bit_shapes(isa, dtype, quant_type, compress_statistics):
         A = (torch.randn(shape) * 2).to(dtype)
 
         def run():
-            packed, state = F.quantize_4bit(A, 64, quant_type, compress_statistics=compress_statistics)
+            packed, state = F.quantize_4bit(A, blocksize=64, quant_type=quant_type, compress_statistics=compress_statistics)
             return packed, state.absmax, F.dequantize_4bit(packed, state)
 
         expected, actual = on_both(isa, run)

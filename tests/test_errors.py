@@ -37,8 +37,10 @@ BAD_OP_CALLS = [
      ValueError, "got -64"),
     ("blocksize 2**62", lambda d: ops.quantize_4bit(torch.ones(8, device=d), 2**62, "nf4", torch.uint8),
      ValueError, "blocksize must be a power of two"),
-    ("blocksize 8192", lambda d: ops.quantize_blockwise(torch.ones(8, device=d), CODE.to(d), 8192),
-     ValueError, "quantize_blockwise: blocksize must be a power of two from 32 to 4096, got 8192"),
+    ("blocksize 32768", lambda d: ops.quantize_blockwise(torch.ones(8, device=d), CODE.to(d), 32768),
+     ValueError, "quantize_blockwise: blocksize must be a power of two from 32 to 16384, got 32768"),
+    ("4-bit blocksize 8192", lambda d: ops.quantize_4bit(torch.ones(8, device=d), 8192, "nf4", torch.uint8),
+     ValueError, "quantize_4bit: blocksize must be a power of two from 32 to 4096, got 8192"),
     ("quant_type int4", lambda d: ops.quantize_4bit(torch.ones(8, device=d), 64, "int4", torch.uint8),
      ValueError, "quant_type must be 'nf4' or 'fp4', got 'int4'"),
     ("storage float64", lambda d: ops.quantize_4bit(torch.ones(8, device=d), 64, "nf4", torch.float64),
@@ -124,7 +126,7 @@ def test_functional_rejects_bad_input_before_the_kernel():
         F.quantize_4bit(torch.arange(8))
     with pytest.raises(ValueError, match="pass quant_state, or both absmax and out"):
         F.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8))
-    with pytest.raises(TypeError, match="quant_state must be a QuantState"):
+    with pytest.raises(TypeError, match="quant_state must be a bnbx.QuantState or a bitsandbytes QuantState"):
         F.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), quant_state={"absmax": 1})
     packed, state = F.quantize_4bit(torch.randn(64, 64))
     state.shape = torch.Size([64, 640])  # a state that does not match the packed tensor

@@ -12,7 +12,7 @@ from conftest import DEVICES, DTYPES, dtype_id
 
 def samples(device: str, dtype: torch.dtype):
     """(op, args, kwargs) triples covering odd sizes, partial blocks and empty tensors."""
-    code = F.create_dynamic_map(device=device)
+    code = F.create_dynamic_map().to(device)
     for shape in [(7,), (197,), (3, 5, 64), (0,)]:
         A = torch.randn(shape, dtype=dtype, device=device)
         for quant_type in ("nf4", "fp4"):

@@ -153,7 +153,7 @@ def test_checks_survive_python_dash_O():
     # plain if/raise, never assert: python -O must reject hostile metadata too
     code = (
         "import json, torch, bnbx\n"
-        "_, s = bnbx.quantize_4bit(torch.randn(64, 64))\n"
+        "_, s = bnbx.quantize_4bit(torch.randn(64, 64), quant_type='nf4')\n"
         "d = s.as_dict(packed=True)\n"
         "m = json.loads(bytes(d['quant_state.bitsandbytes__nf4'].tolist()))\n"
         "m['shape'] = [640, 64]\n"

@@ -108,7 +108,7 @@ def test_non_contiguous_input_matches_contiguous(device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_out_argument(device, dtype):
     A = torch.randn(5, 77, dtype=dtype, device=device)
-    packed, state = F.quantize_4bit(A, blocksize=32)
+    packed, state = F.quantize_4bit(A, blocksize=32, quant_type="nf4")
     out = torch.empty_like(A)
     result = F.dequantize_4bit(packed, state, out=out)
     assert result is out
@@ -185,7 +185,7 @@ def test_threshold_ties_go_to_the_lower_code(device):
     thresholds = nf4_thresholds_ref()
     above = torch.nextafter(thresholds, torch.full_like(thresholds, 2.0))
     A = torch.cat([torch.tensor([1.0]), thresholds, above])
-    packed, _ = F.quantize_4bit(A.to(device), blocksize=32)
+    packed, _ = F.quantize_4bit(A.to(device), blocksize=32, quant_type="nf4")
     codes = unpack_4bit_ref(packed.cpu(), A.numel())
     assert codes[0] == 15
     assert torch.equal(codes[1:16], torch.arange(15))  # at a threshold: the lower code

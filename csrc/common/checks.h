@@ -54,10 +54,12 @@ inline void check_float_dtype(const char* op, const char* name, at::ScalarType d
                    " must be float32, float16 or bfloat16, got ", dtype_name(dtype));
 }
 
-inline void check_blocksize(const char* op, int64_t blocksize) {
+// max_blocksize: kMaxBlocksize for 4-bit ops, kMaxBlocksize8bit for 8-bit blockwise ops.
+inline void check_blocksize(const char* op, int64_t blocksize, int64_t max_blocksize = kMaxBlocksize) {
   const bool power_of_two = blocksize > 0 && (blocksize & (blocksize - 1)) == 0;
-  TORCH_CHECK_VALUE(power_of_two && blocksize >= kMinBlocksize && blocksize <= kMaxBlocksize, op,
-                    ": blocksize must be a power of two from 32 to 4096, got ", blocksize);
+  TORCH_CHECK_VALUE(power_of_two && blocksize >= kMinBlocksize && blocksize <= max_blocksize, op,
+                    ": blocksize must be a power of two from ", kMinBlocksize, " to ", max_blocksize, ", got ",
+                    blocksize);
 }
 
 inline QuantType parse_quant_type(const char* op, c10::string_view quant_type) {
@@ -172,7 +174,7 @@ inline void check_code(const char* op, const at::Tensor& code) {
 inline void check_quantize_blockwise_args(const at::Tensor& A, const at::Tensor& code, int64_t blocksize) {
   constexpr const char* op = "quantize_blockwise";
   check_float_dtype(op, "A", A.scalar_type());
-  check_blocksize(op, blocksize);
+  check_blocksize(op, blocksize, kMaxBlocksize8bit);
   check_code(op, code);
   check_same_device(op, A, "A", code, "code");
 }
@@ -181,7 +183,7 @@ inline void check_double_quantize_args(const at::Tensor& absmax, const at::Tenso
   constexpr const char* op = "double_quantize";
   TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
                    dtype_name(absmax.scalar_type()));
-  check_blocksize(op, blocksize);
+  check_blocksize(op, blocksize, kMaxBlocksize8bit);
   check_code(op, code);
   check_same_device(op, absmax, "absmax", code, "code");
 }
@@ -190,7 +192,7 @@ inline void check_dequantize_blockwise_args(const at::Tensor& A, const at::Tenso
                                             int64_t blocksize, at::ScalarType dtype) {
   constexpr const char* op = "dequantize_blockwise";
   TORCH_CHECK_TYPE(A.scalar_type() == at::kByte, op, ": A must be uint8 codes, got ", dtype_name(A.scalar_type()));
-  check_blocksize(op, blocksize);
+  check_blocksize(op, blocksize, kMaxBlocksize8bit);
   check_code(op, code);
   check_float_dtype(op, "dtype", dtype);
   check_same_device(op, A, "A", absmax, "absmax");

@@ -30,9 +30,11 @@ enum class FloatType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // low nibble. A missing last element (odd numel) is stored as the code of 0.0.
 constexpr int kCodesPerByte = 2;
 
-// Blocksizes accepted by the 4-bit and 8-bit blockwise ops: powers of two in [32, 4096].
+// Blocksizes: powers of two in [32, 4096] for 4-bit (as bitsandbytes), [32, 16384] for 8-bit blockwise
+// (bitsandbytes' CPU path takes large blocks too). bnbx/_formats.py holds the same sets.
 constexpr int64_t kMinBlocksize = 32;
 constexpr int64_t kMaxBlocksize = 4096;
+constexpr int64_t kMaxBlocksize8bit = 16384;
 
 // Double quantization quantizes the fp32 absmax values with the 8-bit dynamic map in blocks of 256.
 constexpr int64_t kNestedBlocksize = 256;

@@ -114,6 +114,9 @@ __global__ void __launch_bounds__(kThreads)
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code,
                                                            int64_t blocksize) {
   check_quantize_blockwise_args(A, code, blocksize);
+  // one thread group covers a block (at most 1024 threads): larger blocks are CPU-only for now
+  TORCH_CHECK_VALUE(blocksize <= kMaxBlocksize, "quantize_blockwise: blocksize above ", kMaxBlocksize,
+                    " is supported on the CPU only, got ", blocksize);
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor input = contiguous_aligned(A);
   const at::Tensor code_values = code.contiguous();
