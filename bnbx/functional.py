@@ -194,7 +194,8 @@ def dequantize_4bit(
         _check_tensor(op, "absmax", absmax)
         _check_tensor(op, "out", out)
         shape, dtype = out.shape, out.dtype
-        blocksize = _check_blocksize(op, _DEFAULT_4BIT_BLOCKSIZE if blocksize is None else blocksize, _formats.BLOCKSIZES)
+        blocksize = _DEFAULT_4BIT_BLOCKSIZE if blocksize is None else blocksize
+        blocksize = _check_blocksize(op, blocksize, _formats.BLOCKSIZES)
         quant_type = _check_quant_type(op, quant_type)
     else:
         state = as_quant_state(op, quant_state)

@@ -124,7 +124,9 @@ class QuantState:
         """Convert a ``bitsandbytes.functional.QuantState`` (4-bit or 8-bit, nested or not) through its
         ``as_dict(packed=True)`` and :meth:`from_dict`'s strict checks (no pickle), keeping its device."""
         if not _is_bitsandbytes_state(state):
-            raise TypeError(f"QuantState.from_bitsandbytes: expected a bitsandbytes QuantState, got {_type_name(state)}")
+            raise TypeError(
+                f"QuantState.from_bitsandbytes: expected a bitsandbytes QuantState, got {_type_name(state)}"
+            )
         absmax = getattr(state, "absmax", None)
         if not isinstance(absmax, torch.Tensor):
             raise ValueError("QuantState.from_bitsandbytes: the state's absmax is not a tensor")
@@ -269,7 +271,8 @@ def _unpack(qs_dict: dict[str, Any]) -> dict[str, Any]:
         suffix = key.split("quant_state.", 1)[1]
         if suffix not in (_PACKED_KEY_PREFIX.split(".", 1)[1] + t for t in _PACKED_SUFFIXES):
             raise ValueError(
-                f"QuantState.from_dict: {key!r} must end in bitsandbytes__nf4, bitsandbytes__fp4 or bitsandbytes__dynamic"
+                f"QuantState.from_dict: {key!r} must end in bitsandbytes__nf4, bitsandbytes__fp4 or "
+                "bitsandbytes__dynamic"
             )
         for name, value in _decode_blob(key, qs_dict[key]).items():
             if name in fields:
@@ -353,7 +356,9 @@ def _tensor(fields: dict[str, Any], key: str, dtype: torch.dtype, numel: Optiona
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"QuantState.from_dict: {key} must be a tensor, got {type(value).__name__}")
     if value.dtype != dtype:
-        raise ValueError(f"QuantState.from_dict: {key} must be {_dtype_to_name(dtype)}, got {_dtype_to_name(value.dtype)}")
+        raise ValueError(
+            f"QuantState.from_dict: {key} must be {_dtype_to_name(dtype)}, got {_dtype_to_name(value.dtype)}"
+        )
     if numel is None:
         if value.dim() != 1:
             raise ValueError(f"QuantState.from_dict: {key} must be 1-D, got shape {list(value.shape)}")

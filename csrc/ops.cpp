@@ -10,10 +10,12 @@ TORCH_LIBRARY(bnbx, m) {
   // of dtype quant_storage (byte j: element 2j high nibble, 2j+1 low), absmax fp32 [ceil(n/blocksize)].
   m.def("quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)");
   // Inverse of quantize_4bit: code * absmax in fp32, one rounding to dtype, reshaped to `shape`.
-  m.def("dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, ScalarType dtype)"
-        " -> Tensor");
-  m.def("dequantize_4bit.out(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, "
-        "ScalarType dtype, *, Tensor(a!) out) -> ()");
+  m.def(
+      "dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, ScalarType dtype)"
+      " -> Tensor");
+  m.def(
+      "dequantize_4bit.out(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, "
+      "ScalarType dtype, *, Tensor(a!) out) -> ()");
 
   // 8-bit blockwise with a sorted 256-value code (the signed dynamic map): codes uint8 shaped like A,
   // absmax fp32 [ceil(n/blocksize)]. Used to double-quantize 4-bit absmax values.

@@ -59,7 +59,8 @@ def decimal_to_float32(literal: str) -> float:
     """The fp32 nearest to a decimal string, rounded once (as a C compiler reads ``1.5f``), not via float64."""
     exact = Fraction(literal)
     guess = torch.tensor(float(exact), dtype=torch.float32)
-    candidates = [torch.nextafter(guess, torch.tensor(-math.inf)), guess, torch.nextafter(guess, torch.tensor(math.inf))]
+    below, above = torch.nextafter(guess, torch.tensor(-math.inf)), torch.nextafter(guess, torch.tensor(math.inf))
+    candidates = [below, guess, above]
     return float(min(candidates, key=lambda c: abs(Fraction(float(c)) - exact)))
 
 
@@ -165,7 +166,9 @@ def dynamic_code_index_ref(scaled: torch.Tensor, code: torch.Tensor) -> torch.Te
     upper_mid = (code[upper_pivot] + value) * half
     lower_mid = (code[lower_pivot] + value) * half
     above = x > value
-    return torch.where(above, torch.where(x > upper_mid, upper_pivot, pivot), torch.where(x < lower_mid, lower_pivot, pivot))
+    go_up = torch.where(x > upper_mid, upper_pivot, pivot)
+    go_down = torch.where(x < lower_mid, lower_pivot, pivot)
+    return torch.where(above, go_up, go_down)
 
 
 def quantize_blockwise_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

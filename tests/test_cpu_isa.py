@@ -183,7 +183,9 @@ def test_functional_4bit_shapes(isa, dtype, quant_type, compress_statistics):
         A = (torch.randn(shape) * 2).to(dtype)
 
         def run():
-            packed, state = F.quantize_4bit(A, blocksize=64, quant_type=quant_type, compress_statistics=compress_statistics)
+            packed, state = F.quantize_4bit(
+                A, blocksize=64, quant_type=quant_type, compress_statistics=compress_statistics
+            )
             return packed, state.absmax, F.dequantize_4bit(packed, state)
 
         expected, actual = on_both(isa, run)
@@ -238,7 +240,8 @@ def test_flush_denormal_mode(isa):
     torch.set_num_threads(1)
     try:
         for dtype in DTYPES:
-            X = A.to(dtype) if dtype == torch.float32 else A.view(torch.int32).bitwise_right_shift(16).to(torch.int16).view(dtype)
+            high_halves = A.view(torch.int32).bitwise_right_shift(16).to(torch.int16)
+            X = A.to(dtype) if dtype == torch.float32 else high_halves.view(dtype)
 
             def run():
                 packed, absmax = torch.ops.bnbx.quantize_4bit(X, 64, "fp4", torch.uint8)

@@ -76,7 +76,8 @@ JSON_VALUES = st.recursive(
     max_leaves=8,
 )
 KEYS = ["quant_type", "blocksize", "dtype", "shape", "absmax", "quant_map", "nested_absmax", "nested_quant_map",
-        "nested_blocksize", "nested_dtype", "nested_offset", "w.absmax", "quant_state.bitsandbytes__nf4", "junk"]  # fmt: skip
+        "nested_blocksize", "nested_dtype", "nested_offset", "w.absmax", "quant_state.bitsandbytes__nf4",
+        "junk"]  # fmt: skip
 
 
 @st.composite

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from bnbx import QuantState
-from bnbx import _formats
 from bnbx import functional as F
 from conftest import DTYPES, dtype_id
 from reference import code_table_ref, dequantize_blockwise_ref, quantize_blockwise_ref

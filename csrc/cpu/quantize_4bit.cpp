@@ -23,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   const int64_t blocks = ceil_div(n, blocksize);
   Quantize4bitOutputs outputs(input, blocksize, quant_storage);
 
-  const cpu::Quantize4bitKernels& kernels = cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
+  const cpu::Quantize4bitKernels& kernels =
+      cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
   uint8_t* packed_ptr = outputs.packed.mutable_data_ptr<uint8_t>();
@@ -39,7 +40,8 @@ void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t
                           at::ScalarType dtype, at::Tensor& out) {
   const at::Tensor packed = A.contiguous();
   const at::Tensor stats = absmax.contiguous();
-  const cpu::Quantize4bitKernels& kernels = cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
+  const cpu::Quantize4bitKernels& kernels =
+      cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType out_type = to_float_type(dtype);
   const uint8_t* packed_ptr = static_cast<const uint8_t*>(packed.const_data_ptr());
   const float* absmax_ptr = stats.const_data_ptr<float>();

@@ -31,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, c
   at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
 
-  const cpu::Quantize8bitKernels& kernels = cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);
+  const cpu::Quantize8bitKernels& kernels =
+      cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
   const float* code_ptr = code_values.const_data_ptr<float>();
@@ -108,7 +109,8 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
   const int64_t n = codes.numel();
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
 
-  const cpu::Quantize8bitKernels& kernels = cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);
+  const cpu::Quantize8bitKernels& kernels =
+      cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);
   const FloatType out_type = to_float_type(dtype);
   const uint8_t* in = codes.const_data_ptr<uint8_t>();
   const float* absmax_ptr = stats.const_data_ptr<float>();

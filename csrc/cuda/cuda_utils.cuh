@@ -278,9 +278,7 @@ inline unsigned int grid_size(int64_t tiles, int threads_per_block) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(tiles, resident_blocks(threads_per_block))));
 }
 
-inline bool is_aligned(const void* ptr, size_t alignment) {
-  return reinterpret_cast<uintptr_t>(ptr) % alignment == 0;
-}
+inline bool is_aligned(const void* ptr, size_t alignment) { return reinterpret_cast<uintptr_t>(ptr) % alignment == 0; }
 
 // A contiguous tensor whose data starts on a 16-byte boundary, as the vector loads need. Fresh allocations
 // always do; a view with an odd storage offset is copied (rare, and cheaper than a second kernel variant).

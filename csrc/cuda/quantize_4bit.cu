@@ -145,7 +145,7 @@ constexpr uint32_t kZeroCode = kType == QuantType::kNF4 ? kNF4ZeroCode : kFP4Zer
 
 // --- kernels -----------------------------------------------------------------------------------------------------
 
-constexpr int kThreads = 256;  // per thread block, unless one quantization block needs more threads
+constexpr int kThreads = 256;      // per thread block, unless one quantization block needs more threads
 constexpr int kDequantUnroll = 2;  // vectors in flight per thread in dequantize (more loads outstanding)
 
 // in[n] -> packed[ceil(n/2)] (element 2j in the high nibble of byte j), absmax[ceil(n/blocksize)].
@@ -308,8 +308,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
 }
 
 // Fills `out` (checked by the caller: shape, dtype, contiguous, on A's device) from checked arguments.
-void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t n, int64_t blocksize,
-                          QuantType type, at::Tensor& out) {
+void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t n, int64_t blocksize, QuantType type,
+                          at::Tensor& out) {
   if (n == 0) return;
   const at::Tensor packed = contiguous_aligned(A);
   const at::Tensor stats = absmax.contiguous();
@@ -321,8 +321,8 @@ void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t
     using T = decltype(tag);
     const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
     dequantize_4bit_kernel<T><<<grid_size(tiles, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const uint8_t*>(packed.const_data_ptr()), stats.const_data_ptr<float>(), n,
-        log2_exact(blocksize), table, static_cast<T*>(target.mutable_data_ptr()));
+        static_cast<const uint8_t*>(packed.const_data_ptr()), stats.const_data_ptr<float>(), n, log2_exact(blocksize),
+        table, static_cast<T*>(target.mutable_data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!target.is_same(out)) out.copy_(target);

@@ -20,9 +20,9 @@
 namespace bnbx::cuda {
 namespace {
 
-constexpr int kThreads = 256;           // per thread block, unless one segment's team needs more
-constexpr int64_t kSegment = 16384;     // elements per slice of a split group: 16 per thread of a 1024 team
-constexpr int kElementsPerThread = 8;   // a team has about segment/8 threads (a power of two, 1 .. 1024)
+constexpr int kThreads = 256;          // per thread block, unless one segment's team needs more
+constexpr int64_t kSegment = 16384;    // elements per slice of a split group: 16 per thread of a 1024 team
+constexpr int kElementsPerThread = 8;  // a team has about segment/8 threads (a power of two, 1 .. 1024)
 
 // Where the segments lie. A group is [g * group_size, min(n, (g + 1) * group_size)); segment k of group g is
 // [group_start + k * segment_size, ...) clipped to the group, and may be empty in a short last group.
@@ -301,10 +301,10 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& A, const at::Tensor& scale, co
   const Int8Layout layout = make_layout(n, group_size, split_groups(n, group_size));
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_int8_kernel<T><<<segment_grid(layout), threads_per_block(layout), 0,
-                                c10::cuda::getCurrentCUDAStream()>>>(
-        q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), zero_points.const_data_ptr<int32_t>(), layout,
-        static_cast<T*>(out.mutable_data_ptr()));
+    dequantize_int8_kernel<T>
+        <<<segment_grid(layout), threads_per_block(layout), 0, c10::cuda::getCurrentCUDAStream()>>>(
+            q.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), zero_points.const_data_ptr<int32_t>(), layout,
+            static_cast<T*>(out.mutable_data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -12,8 +12,8 @@ namespace BNBX_ISA {
 // sorted (checked by the host code).
 
 template <FloatType kIn>
-static void quantize_blockwise_generic(const void* in, int64_t n, int64_t blocksize, const float* code,
-                                       uint8_t* out, float* absmax, int64_t block_begin, int64_t block_end) {
+static void quantize_blockwise_generic(const void* in, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
+                                       float* absmax, int64_t block_begin, int64_t block_end) {
   const uint8_t zero = dynamic_code_index(code, 0.0f);
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t start = block * blocksize;
@@ -160,8 +160,12 @@ static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize
   };
   auto search = [&](__m512 x) {
     __m512i index = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, pivot0, _CMP_GT_OQ), _mm512_set1_epi32(128));
-    index = step(index, x, _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 7), _mm512_set1_epi32(2)), level1), 64);
-    index = step(index, x, _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 6), _mm512_set1_epi32(4)), level2), 32);
+    index =
+        step(index, x,
+             _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 7), _mm512_set1_epi32(2)), level1), 64);
+    index =
+        step(index, x,
+             _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 6), _mm512_set1_epi32(4)), level2), 32);
     index = step(index, x, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 5), level3), 16);
     index = step(index, x, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), level4), 8);
     __m512i prefix = _mm512_srli_epi32(index, 3);
@@ -213,13 +217,17 @@ static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize
   const __m256 level1 = _mm256_load_ps(pivots), level2 = _mm256_load_ps(pivots), level3 = _mm256_load_ps(pivots + 8);
   // one level: index += x > pivot ? size : 0 (a true compare is all ones)
   auto step = [](__m256i index, __m256 x, __m256 pivot, int size) {
-    return _mm256_add_epi32(index, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, pivot, _CMP_GT_OQ)),
-                                                    _mm256_set1_epi32(size)));
+    return _mm256_add_epi32(
+        index, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, pivot, _CMP_GT_OQ)), _mm256_set1_epi32(size)));
   };
   auto search = [&](__m256 x) {
     __m256i index = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, pivot0, _CMP_GT_OQ)), _mm256_set1_epi32(128));
-    index = step(index, x, _mm256_permutevar8x32_ps(level1, _mm256_add_epi32(_mm256_srli_epi32(index, 7), _mm256_set1_epi32(2))), 64);
-    index = step(index, x, _mm256_permutevar8x32_ps(level2, _mm256_add_epi32(_mm256_srli_epi32(index, 6), _mm256_set1_epi32(4))), 32);
+    index =
+        step(index, x,
+             _mm256_permutevar8x32_ps(level1, _mm256_add_epi32(_mm256_srli_epi32(index, 7), _mm256_set1_epi32(2))), 64);
+    index =
+        step(index, x,
+             _mm256_permutevar8x32_ps(level2, _mm256_add_epi32(_mm256_srli_epi32(index, 6), _mm256_set1_epi32(4))), 32);
     index = step(index, x, _mm256_permutevar8x32_ps(level3, _mm256_srli_epi32(index, 5)), 16);
     for (int size = 8; size > 1; size >>= 1) {
       const __m256i probe = _mm256_add_epi32(index, _mm256_set1_epi32(size - 1));
@@ -227,8 +235,10 @@ static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize
     }
     const __m256i pivot = _mm256_srli_epi32(index, 1);
     // + (x > upper) and - (x < lower): a true compare is -1
-    index = _mm256_sub_epi32(index, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_i32gather_ps(upper_mid, pivot, 4), _CMP_GT_OQ)));
-    return _mm256_add_epi32(index, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_i32gather_ps(lower_mid, pivot, 4), _CMP_LT_OQ)));
+    index = _mm256_sub_epi32(
+        index, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_i32gather_ps(upper_mid, pivot, 4), _CMP_GT_OQ)));
+    return _mm256_add_epi32(
+        index, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_i32gather_ps(lower_mid, pivot, 4), _CMP_LT_OQ)));
   };
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t start = block * blocksize;
@@ -299,6 +309,7 @@ static void dequantize_blockwise(FloatType out_type, const uint8_t* in, const fl
 
 }  // namespace BNBX_ISA
 
-const Quantize8bitKernels BNBX_TABLE(quantize_8bit) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_blockwise, &BNBX_ISA::dequantize_blockwise};
+const Quantize8bitKernels BNBX_TABLE(quantize_8bit) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_blockwise,
+                                                       &BNBX_ISA::dequantize_blockwise};
 
 }  // namespace bnbx::cpu
