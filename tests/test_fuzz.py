@@ -75,9 +75,10 @@ JSON_VALUES = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=8,
 )
-KEYS = ["quant_type", "blocksize", "dtype", "shape", "absmax", "quant_map", "nested_absmax", "nested_quant_map",
-        "nested_blocksize", "nested_dtype", "nested_offset", "w.absmax", "quant_state.bitsandbytes__nf4",
-        "junk"]  # fmt: skip
+KEYS = [
+    "quant_type", "blocksize", "dtype", "shape", "absmax", "quant_map", "nested_absmax", "nested_quant_map",
+    "nested_blocksize", "nested_dtype", "nested_offset", "w.absmax", "quant_state.bitsandbytes__nf4", "junk",
+]  # fmt: skip
 
 
 @st.composite

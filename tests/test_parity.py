@@ -205,6 +205,13 @@ def test_large_8bit_blocks_match_reference_and_bitsandbytes(blocksize, dtype):
     assert torch.equal(out, bnb.dequantize_blockwise(codes, their_state))
 
 
+def test_large_8bit_blocks_pass_opcheck():
+    A, code = torch.randn(3, 16384 + 5), F.create_dynamic_map()
+    torch.library.opcheck(torch.ops.bnbx.quantize_blockwise, (A, code, 16384))
+    codes, absmax = torch.ops.bnbx.quantize_blockwise(A, code, 16384)
+    torch.library.opcheck(torch.ops.bnbx.dequantize_blockwise, (codes, absmax, code, 16384, torch.bfloat16))
+
+
 def test_blocksize_sets():
     A = torch.randn(100)
     for blocksize in (16, 48, 32768):
