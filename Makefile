@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= $(if $(shell command -v nvcc 2>/dev/null),torch==2.14.1,torch==2.13.0)
 SOURCES := $(shell find csrc bnbx cmake -type f -not -name '*.so' -not -path '*/__pycache__/*') CMakeLists.txt pyproject.toml
 
-.PHONY: demo test sanitize gpu-check bench env clean
+.PHONY: demo test lint sanitize gpu-check bench env clean
 
 $(VENV)/.installed: $(SOURCES) Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ $(VENV)/.installed: $(SOURCES) Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/bnbx demo
 
-test: $(VENV)/.installed
+# Style checks (versions pinned in pyproject.toml's test extras): ruff for Python, clang-format (.clang-format)
+# for csrc/. To fix: $(VENV)/bin/ruff check --fix bnbx tests benchmarks; $(VENV)/bin/clang-format -i <files>.
+CSRC := $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 2>/dev/null || find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check bnbx tests benchmarks
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC)
+
+test: lint
 	$(VENV)/bin/python -m pytest -q
 	$(MAKE) sanitize
 

@@ -76,7 +76,8 @@ class TorchQuant:
         if quant_type == "nf4":
             codes = torch.bucketize(scaled, self.nf4_midpoints).to(torch.uint8)
         else:
-            codes = self.fp4_codes[torch.bucketize(scaled.abs(), self.fp4_midpoints)] | ((scaled < 0).to(torch.uint8) << 3)
+            sign = (scaled < 0).to(torch.uint8) << 3
+            codes = self.fp4_codes[torch.bucketize(scaled.abs(), self.fp4_midpoints)] | sign
         pairs = codes.view(-1, 2)
         packed = (pairs[:, 0] << 4) | pairs[:, 1]
         if not compress:
@@ -193,8 +194,12 @@ def bench_device(device: torch.device, shapes, args, bnb_functional) -> tuple[li
         bnb_q = bnb_dq = None
         if bnb_functional is not None:
             try:
-                bnb_quantize = [lambda w=w: bnb_functional.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=quant_type,
-                                                                         compress_statistics=compress) for w in ws]  # fmt: skip
+                bnb_quantize = [
+                    lambda w=w: bnb_functional.quantize_4bit(
+                        w, blocksize=BLOCKSIZE, quant_type=quant_type, compress_statistics=compress
+                    )
+                    for w in ws
+                ]
                 bnb_q = timer.median_ms(bnb_quantize, args.repeat, BASELINE_BUDGET_S)
                 bnb_state = [fn() for fn in bnb_quantize]
                 bnb_dq = timer.median_ms([lambda p=p, s=s: bnb_functional.dequantize_4bit(p, s) for p, s in bnb_state],
@@ -269,7 +274,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
                         help="all: the CPU, plus CUDA when a GPU and a CUDA build of bnbx are present")
-    parser.add_argument("--shapes", default="4096x11008,4096x4096", help="comma-separated weight shapes, e.g. 4096x11008")
+    parser.add_argument(
+        "--shapes", default="4096x11008,4096x4096", help="comma-separated weight shapes, e.g. 4096x11008"
+    )
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per bnbx row (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     parser.add_argument("--isa", default=None, choices=["scalar", "avx2", "avx512"], help="bnbx CPU kernels to use")

@@ -8,7 +8,7 @@ from . import _library
 
 _library.load()
 
-from . import _ops  # noqa: E402  (fake kernels for the ops registered by _C.so)
+from . import _ops  # noqa: E402, F401  (fake kernels for the ops registered by _C.so)
 from . import functional  # noqa: E402
 from ._library import cpu_capability, cuda_built  # noqa: E402
 from .functional import (  # noqa: E402

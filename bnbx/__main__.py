@@ -23,7 +23,12 @@ def env_report() -> str:
         f"python              {platform.python_version()} ({sys.executable})",
         f"torch               {torch.__version__} (CUDA {torch.version.cuda or 'none: a CPU build'})",
         f"bnbx CPU kernels    {_library.cpu_capability()} (override with BNBX_CPU_CAPABILITY=scalar|avx2|avx512)",
-        f"bnbx CUDA kernels   {'built for sm_' + _library.cuda_architectures().replace(',', ', sm_') if _library.cuda_built() else 'not built (CPU-only build)'}",
+        "bnbx CUDA kernels   "
+        + (
+            "built for sm_" + _library.cuda_architectures().replace(",", ", sm_")
+            if _library.cuda_built()
+            else "not built (CPU-only build)"
+        ),
         f"GPUs visible        {cuda_devices}" + (f" ({torch.cuda.get_device_name(0)})" if cuda_devices else ""),
         f"CPU threads         {torch.get_num_threads()}",
     ]
@@ -54,7 +59,9 @@ def _formats() -> list[tuple[str, Callable[[torch.Tensor], tuple[Callable[[], to
 
     def four_bit(quant_type: str, blocksize: int, nested: bool):
         def run(weight):
-            packed, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+            packed, state = F.quantize_4bit(
+                weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
+            )
             size = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
             if nested:
                 size += state.state2.absmax.numel() * 4 + 4
@@ -126,7 +133,10 @@ def demo_table(weights: dict[str, torch.Tensor]) -> list[dict[str, float | str]]
 
 
 def format_table(rows: list[dict[str, float | str]]) -> str:
-    header = f"{'format':<34} {'bits/param':>10} {'size MiB':>9} {'mean |err|':>11} {'SNR dB':>7} {'quant ms':>9} {'dequant ms':>10}"
+    header = (
+        f"{'format':<34} {'bits/param':>10} {'size MiB':>9} {'mean |err|':>11} {'SNR dB':>7} "
+        f"{'quant ms':>9} {'dequant ms':>10}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(

@@ -457,3 +457,19 @@ def _fake_quantize_backward(ctx, grad_out, grad_scale, grad_zero_point):
 
 
 torch.library.register_autograd("bnbx::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)
+# --- double quantization -----------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("bnbx::double_quantize")
+def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    op = "double_quantize"
+    torch._check_type(
+        absmax.dtype == torch.float32, lambda: f"{op}: absmax must be float32, got {_dtype_name(absmax.dtype)}"
+    )
+    check_blocksize(op, blocksize, BLOCKSIZES_8BIT)
+    check_code(op, code)
+    check_same_device(op, absmax, "absmax", code, "code")
+    q = torch.empty(absmax.shape, dtype=torch.uint8, device=absmax.device)
+    absmax2 = torch.empty((-(-absmax.numel() // blocksize),), dtype=torch.float32, device=absmax.device)
+    offset = torch.empty((), dtype=torch.float32, device=absmax.device)
+    return q, absmax2, offset

@@ -171,14 +171,21 @@ def quantize_4bit(
         state = QuantState(stats, A.shape, code, blocksize, quant_type, A.dtype)
     else:
         # Double quantization as in QLoRA: subtract the mean, 8-bit blockwise with the dynamic map, blocks of
-        # 256. nanmean keeps a NaN block (the NaN/Inf contract) from spreading beyond its group of 256 blocks.
-        offset = stats.nanmean() if stats.numel() else torch.zeros((), dtype=torch.float32, device=A.device)
-        offset = torch.nan_to_num(offset, nan=0.0)
-        qabsmax, state2 = quantize_blockwise(stats - offset, blocksize=_formats.NESTED_BLOCKSIZE)
+        # 256, in one op. The mean skips NaN absmax values, so a NaN block (the NaN/Inf contract) spoils only
+        # its group of 256 blocks.
+        qabsmax, offset, state2 = _double_quantize(stats, _formats.NESTED_BLOCKSIZE)
         state = QuantState(qabsmax, A.shape, code, blocksize, quant_type, A.dtype, offset=offset, state2=state2)
     packed = _write_into(op, "out", out, packed)
     state.absmax = _write_into(op, "absmax", absmax, state.absmax)
     return packed, state
+
+
+def _double_quantize(absmax: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
+    """absmax -> (8-bit codes of absmax - offset, offset, the codes' QuantState), one bnbx::double_quantize call."""
+    code = _formats.DYNAMIC_MAP.to(absmax.device, copy=True)
+    qabsmax, absmax2, offset = torch.ops.bnbx.double_quantize(absmax, code, blocksize)
+    state2 = QuantState(absmax2, absmax.shape, code, blocksize, _formats.BLOCKWISE_QUANT_TYPE, absmax.dtype)
+    return qabsmax, offset, state2
 
 
 def dequantize_4bit(
@@ -324,8 +331,7 @@ def quantize_blockwise(
     if not nested:
         state = QuantState(stats, A.shape, code, blocksize, _formats.BLOCKWISE_QUANT_TYPE, A.dtype)
     else:
-        offset = torch.nan_to_num(stats.nanmean(), nan=0.0) if stats.numel() else stats.new_zeros(())
-        qabsmax, state2 = quantize_blockwise(stats - offset, blocksize=blocksize)
+        qabsmax, offset, state2 = _double_quantize(stats, blocksize)
         state = QuantState(
             qabsmax, A.shape, code, blocksize, _formats.BLOCKWISE_QUANT_TYPE, A.dtype, offset=offset, state2=state2
         )

@@ -10,10 +10,12 @@ TORCH_LIBRARY(bnbx, m) {
   // of dtype quant_storage (byte j: element 2j high nibble, 2j+1 low), absmax fp32 [ceil(n/blocksize)].
   m.def("quantize_4bit(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)");
   // Inverse of quantize_4bit: code * absmax in fp32, one rounding to dtype, reshaped to `shape`.
-  m.def("dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, ScalarType dtype)"
-        " -> Tensor");
-  m.def("dequantize_4bit.out(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, "
-        "ScalarType dtype, *, Tensor(a!) out) -> ()");
+  m.def(
+      "dequantize_4bit(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, ScalarType dtype)"
+      " -> Tensor");
+  m.def(
+      "dequantize_4bit.out(Tensor A, Tensor absmax, int blocksize, str quant_type, int[] shape, "
+      "ScalarType dtype, *, Tensor(a!) out) -> ()");
 
   // 8-bit blockwise with a sorted 256-value code (the signed dynamic map): codes uint8 shaped like A,
   // absmax fp32 [ceil(n/blocksize)]. Used to double-quantize 4-bit absmax values.
@@ -57,6 +59,11 @@ TORCH_LIBRARY(bnbx, m) {
   // not at all ('none').
   m.def("fake_quantize(Tensor x, int group_size, int bits, bool symmetric, bool full_range, str mask, float clip)"
         " -> (Tensor, Tensor, Tensor)");
+  // --- double quantization (QLoRA's compress_statistics) ---
+  // absmax fp32 (any shape) -> q uint8 shaped like absmax, absmax2 fp32 [ceil(n/blocksize)], offset fp32 []:
+  // offset = mean of the non-NaN values (accumulated in double, 0 when there are none), then
+  // quantize_blockwise(absmax - offset, code, blocksize).
+  m.def("double_quantize(Tensor absmax, Tensor code, int blocksize) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef BNBX_WITH_CUDA
@@ -76,7 +83,7 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
-                           "dequantize_blockwise", "quantize_int8", "dequantize_int8",
+                           "dequantize_blockwise", "quantize_int8", "dequantize_int8", "double_quantize",
                            "gemm_4bit", "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul",
                            "int8_mm_dequant", "int8_mixed_linear", "fake_quantize"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());

@@ -59,7 +59,8 @@ def decimal_to_float32(literal: str) -> float:
     """The fp32 nearest to a decimal string, rounded once (as a C compiler reads ``1.5f``), not via float64."""
     exact = Fraction(literal)
     guess = torch.tensor(float(exact), dtype=torch.float32)
-    candidates = [torch.nextafter(guess, torch.tensor(-math.inf)), guess, torch.nextafter(guess, torch.tensor(math.inf))]
+    below, above = torch.nextafter(guess, torch.tensor(-math.inf)), torch.nextafter(guess, torch.tensor(math.inf))
+    candidates = [below, guess, above]
     return float(min(candidates, key=lambda c: abs(Fraction(float(c)) - exact)))
 
 
@@ -138,17 +139,60 @@ def dequantize_4bit_ref(packed, absmax, blocksize, quant_type, shape, dtype) -> 
     return (code_table_ref(quant_type)[codes] * scales).to(dtype).reshape(shape)
 
 
+def dynamic_code_index_ref(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' CUDA 8-bit rule (dQuantize), step by step in fp32 on a flat tensor of scaled values.
+
+    A 7-step binary search over the sorted code itself: pivot 127, then x > code[pivot] moves up by 64, 32, ...,
+    1, else down; the last probes below and above are the neighbours of the final pivot p. Then the fp32
+    midpoint (neighbour + code[p]) * 0.5 decides: above code[p], x > midpoint takes the upper neighbour; else
+    x < midpoint takes the lower one. Every other case (exact ties included) keeps p. Index 255's value and
+    index 0's, which the search never probes, are the neighbours of 254 and 0.
+    """
+    code = code.float()
+    x = scaled.float()
+    pivot = torch.full_like(x, 127, dtype=torch.long)
+    upper_pivot = torch.full_like(pivot, 255)
+    lower_pivot = torch.zeros_like(pivot)
+    value = code[pivot]
+    step = 64
+    while step > 0:
+        up = x > value
+        lower_pivot = torch.where(up, pivot, lower_pivot)
+        upper_pivot = torch.where(up, upper_pivot, pivot)
+        pivot = torch.where(up, pivot + step, pivot - step)
+        value = code[pivot]
+        step //= 2
+    half = torch.tensor(0.5, dtype=torch.float32)
+    upper_mid = (code[upper_pivot] + value) * half
+    lower_mid = (code[lower_pivot] + value) * half
+    above = x > value
+    go_up = torch.where(x > upper_mid, upper_pivot, pivot)
+    go_down = torch.where(x < lower_mid, lower_pivot, pivot)
+    return torch.where(above, go_up, go_down)
+
+
 def quantize_blockwise_ref(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit: index of the nearest code value (ties to the lower), codes shaped like A."""
+    """8-bit: x * (1 / absmax) (the BlockScale rule), coded by bitsandbytes' CUDA search; codes shaped like A."""
     blocks, n = _blocks(A, blocksize)
     absmax, prescale, inv, nonfinite = block_scale_ref(blocks)
     scaled = (blocks * prescale[:, None]) * inv[:, None]
-    midpoints = (code[:-1] + code[1:]) / 2.0
-    index = torch.bucketize(scaled, midpoints, right=False)
-    zero = int(torch.bucketize(torch.tensor(0.0), midpoints, right=False))
+    index = dynamic_code_index_ref(scaled.reshape(-1), code).reshape(scaled.shape)
+    zero = int(dynamic_code_index_ref(torch.zeros(1), code))
     index = torch.where(nonfinite[:, None], zero, index)
     absmax = torch.where(nonfinite, float("nan"), absmax)
     return index.reshape(-1)[:n].to(torch.uint8).reshape(A.shape), absmax
+
+
+def double_quantize_ref(absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """(codes, absmax2, offset): offset = the mean of the non-NaN values accumulated in double, rounded once to
+    fp32 (0 when there are none, +-FLT_MAX when infinite); then absmax - offset (fp32) 8-bit blockwise."""
+    values = absmax.reshape(-1).float()
+    valid = ~torch.isnan(values)
+    count = int(valid.sum())
+    mean = (values[valid].double().sum() / count).float() if count else torch.tensor(0.0)
+    offset = torch.nan_to_num(mean, nan=0.0)
+    codes, absmax2 = quantize_blockwise_ref((absmax.float() - offset), code, blocksize)
+    return codes, absmax2, offset
 
 
 def dequantize_blockwise_ref(codes, absmax, code, blocksize, dtype) -> torch.Tensor:
@@ -158,7 +202,13 @@ def dequantize_blockwise_ref(codes, absmax, code, blocksize, dtype) -> torch.Ten
 
 
 def quantize_int8_ref(A: torch.Tensor, group_size: int, symmetric: bool):
-    """int8 over contiguous groups of the flattened A; returns (q like A, scale [groups], zero_point [groups])."""
+    """int8 over contiguous groups of the flattened A; returns (q like A, scale [groups], zero_point [groups]).
+
+    The rounding rule is torch's fake-quantize rule: q = round_half_even(x * (1 / scale)) + zero_point, clamped,
+    with 1 / scale an fp32 reciprocal (x / scale only when 1 / scale overflows, for a subnormal scale). It is not
+    x * (127 / absmax) (bitsandbytes' LLM.int8() rule), whose fp32 multiplier differs in the last bit for about
+    a quarter of absmax values.
+    """
     groups, n = _blocks(A, group_size)  # zero padding leaves min(x, 0) and max(x, 0) unchanged
     low = groups.amin(dim=1).clamp(max=0) if groups.numel() else torch.zeros(0)
     high = groups.amax(dim=1).clamp(min=0) if groups.numel() else torch.zeros(0)

@@ -183,7 +183,9 @@ def test_functional_4bit_shapes(isa, dtype, quant_type, compress_statistics):
         A = (torch.randn(shape) * 2).to(dtype)
 
         def run():
-            packed, state = F.quantize_4bit(A, blocksize=64, quant_type=quant_type, compress_statistics=compress_statistics)
+            packed, state = F.quantize_4bit(
+                A, blocksize=64, quant_type=quant_type, compress_statistics=compress_statistics
+            )
             return packed, state.absmax, F.dequantize_4bit(packed, state)
 
         expected, actual = on_both(isa, run)
@@ -238,7 +240,8 @@ def test_flush_denormal_mode(isa):
     torch.set_num_threads(1)
     try:
         for dtype in DTYPES:
-            X = A.to(dtype) if dtype == torch.float32 else A.view(torch.int32).bitwise_right_shift(16).to(torch.int16).view(dtype)
+            high_halves = A.view(torch.int32).bitwise_right_shift(16).to(torch.int16)
+            X = A.to(dtype) if dtype == torch.float32 else high_halves.view(dtype)
 
             def run():
                 packed, absmax = torch.ops.bnbx.quantize_4bit(X, 64, "fp4", torch.uint8)
@@ -316,3 +319,18 @@ def test_int8(isa, dtype, symmetric):
                 isa, lambda: torch.ops.bnbx.dequantize_int8(q, scale, zero_point, group_size, out_dtype)
             )
             assert_bits_equal(actual_out, expected_out, f"dequantize_int8 n={n} group={group_size} {kind}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_blockwise_midpoint_ties(isa, dtype):
+    # values on the dynamic map's fp32 midpoints (the rule keeps the even index there), on the codes, and one
+    # ulp either side; each block's absmax is exactly 1, so the scaled values are these values
+    code = F.create_dynamic_map()
+    mids = (code[1:] + code[:-1]) * 0.5
+    probes = torch.cat([mids, code, mids.nextafter(torch.tensor(2.0)), mids.nextafter(torch.tensor(-2.0))])
+    values = probes[torch.randint(0, probes.numel(), (40000 + 3,))]
+    values[::256] = 1.0
+    A = values.to(dtype)
+    expected, actual = on_both(isa, lambda: torch.ops.bnbx.quantize_blockwise(A, code, 256))
+    assert_bits_equal(actual, expected, "quantize_blockwise on midpoints")

@@ -23,7 +23,8 @@ BAD_OP_CALLS = [
      TypeError, "quantize_4bit: A must be float32, float16 or bfloat16, got int8"),
     ("float64 input", lambda d: ops.quantize_4bit(torch.ones(8, dtype=torch.float64, device=d), 64, "nf4", torch.uint8),
      TypeError, "A must be float32, float16 or bfloat16, got float64"),
-    ("complex input", lambda d: ops.quantize_4bit(torch.ones(8, dtype=torch.complex64, device=d), 64, "nf4", torch.uint8),
+    ("complex input",
+     lambda d: ops.quantize_4bit(torch.ones(8, dtype=torch.complex64, device=d), 64, "nf4", torch.uint8),
      TypeError, "A must be float32, float16 or bfloat16, got"),
     ("bool input", lambda d: ops.quantize_blockwise(torch.ones(8, dtype=torch.bool, device=d), CODE.to(d), 64),
      TypeError, "quantize_blockwise: A must be float32, float16 or bfloat16, got bool"),
@@ -87,7 +88,8 @@ BAD_OP_CALLS = [
         4, torch.float32),
      TypeError, "zero_point must be int32, got int64"),
     ("int8 dequant float q", lambda d: ops.dequantize_int8(
-        torch.ones(8, device=d), torch.ones(2, device=d), torch.zeros(2, dtype=torch.int32, device=d), 4, torch.float32),
+        torch.ones(8, device=d), torch.ones(2, device=d), torch.zeros(2, dtype=torch.int32, device=d), 4,
+        torch.float32),
      TypeError, "dequantize_int8: A must be int8, got float32"),
 ]
 
@@ -109,7 +111,9 @@ def _literal(message: str) -> str:
     return re.escape(message)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_READY, reason="CUDA"))])
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_READY, reason="CUDA"))]
+)
 def test_device_mismatch(device):
     packed, absmax = packed_for(128)
     other = "cuda" if device == "cpu" else "cpu"

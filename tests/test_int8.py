@@ -110,3 +110,51 @@ def test_fp16_output_saturates_instead_of_overflowing():
     q, state = F.quantize_int8(A, "tensor", symmetric=False)
     out = F.dequantize_int8(q, state)
     assert torch.isfinite(out).all() and out[0] == 65504
+
+
+# --- the rounding rule: q = round_half_even(x * (1 / scale)) + zero_point, as torch's fake-quantize ops --------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["absmax", "zeropoint"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_equals_torch_fake_quantize_per_channel(device, symmetric, dtype):
+    # torch's fake_quantize_per_channel_affine computes x * (1 / scale) in fp32, rounds half to even, adds the
+    # zero point, clamps, and returns (q - zero_point) * scale: the same bits as bnbx's quantize + dequantize
+    A = (torch.randn(48, 333) * torch.rand(48, 1) * 10).to(dtype)
+    q, state = F.quantize_int8(A.to(device), "channel", symmetric=symmetric, axis=0)
+    scale, zero_point = state.scale.reshape(-1).cpu(), state.zero_point.reshape(-1).cpu()
+    expected = torch.fake_quantize_per_channel_affine(A.float(), scale, zero_point, 0, -127 if symmetric else -128, 127)
+    assert torch.equal((q.cpu().float() - zero_point[:, None].float()) * scale[:, None], expected)
+    assert torch.equal(F.dequantize_int8(q, state, torch.float32).cpu(), expected)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["absmax", "zeropoint"])
+def test_equals_torch_fake_quantize_per_tensor(symmetric):
+    A = torch.randn(5000) * 7
+    q, state = F.quantize_int8(A, "tensor", symmetric=symmetric)
+    scale, zero_point = float(state.scale), int(state.zero_point)
+    expected = torch.fake_quantize_per_tensor_affine(A, scale, zero_point, -127 if symmetric else -128, 127)
+    assert torch.equal((q.float() - zero_point) * state.scale, expected)
+
+
+def test_rule_is_the_reciprocal_of_the_scale_not_127_over_absmax():
+    # absmax values for which fp32 1 / (absmax / 127) != 127 / absmax, and x on the .5 boundaries where the two
+    # multipliers round to different codes: bnbx must follow the reciprocal (torch's rule; bitsandbytes'
+    # LLM.int8() 127 / absmax rule is a separate op)
+    absmax = torch.rand(4000) + 0.5
+    reciprocal = 1.0 / (absmax / 127.0)
+    direct = 127.0 / absmax
+    absmax = absmax[reciprocal != direct][:200]
+    assert absmax.numel() == 200  # about a quarter of fp32 values differ
+    scale = absmax / 127.0
+    k = torch.arange(-126, 126).float() + 0.5
+    x = (k[None, :] * scale[:, None])
+    x = torch.cat([x, x.nextafter(torch.tensor(1e9)), x.nextafter(torch.tensor(-1e9))], dim=1)
+    x = torch.cat([absmax[:, None], x], dim=1)  # each row's absmax is exactly absmax
+    q, state = F.quantize_int8(x, "token", symmetric=True)
+    assert torch.equal(state.scale.reshape(-1), scale)
+    by_reciprocal = torch.round(x * (1.0 / scale)[:, None]).clamp(-127, 127)
+    by_direct = torch.round(x * (127.0 / absmax)[:, None]).clamp(-127, 127)
+    assert torch.equal(q.float(), by_reciprocal)
+    assert not torch.equal(q.float(), by_direct)

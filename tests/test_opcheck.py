@@ -29,6 +29,7 @@ def samples(device: str, dtype: torch.dtype):
         yield torch.ops.bnbx.quantize_blockwise.default, (A, code, 64), {}
         codes, absmax = torch.ops.bnbx.quantize_blockwise(A, code, 64)
         yield torch.ops.bnbx.dequantize_blockwise.default, (codes, absmax, code, 64, dtype), {}
+        yield torch.ops.bnbx.double_quantize.default, (absmax, code, 256), {}
         for symmetric in (True, False):
             yield torch.ops.bnbx.quantize_int8.default, (A, 32, symmetric), {}
             q, scale, zero_point = torch.ops.bnbx.quantize_int8(A, 32, symmetric)

@@ -72,7 +72,8 @@ def test_to_moves_in_place_and_returns_self():
 
 
 def blob(metadata: dict, quant_type="nf4") -> dict:
-    return {f"quant_state.bitsandbytes__{quant_type}": torch.tensor(list(json.dumps(metadata).encode()), dtype=torch.uint8)}
+    blob = torch.tensor(list(json.dumps(metadata).encode()), dtype=torch.uint8)
+    return {f"quant_state.bitsandbytes__{quant_type}": blob}
 
 
 def base_items(nested=False):
@@ -95,6 +96,9 @@ def without(key):
     return items
 
 
+NF4_BLOB = "quant_state.bitsandbytes__nf4"
+INT4_BLOB = "quant_state.bitsandbytes__int4"
+
 HOSTILE = {
     "unknown key": (lambda: with_metadata(evil=1), "unknown key"),
     "dtype Tensor": (lambda: with_metadata(dtype="Tensor"), "dtype must be one of"),
@@ -116,18 +120,20 @@ HOSTILE = {
     "absmax missing": (lambda: without("absmax"), "missing key"),
     "nested_offset NaN": (lambda: nested_with(nested_offset=float("nan")), "non-standard JSON value NaN"),
     "nested_offset string": (lambda: nested_with(nested_offset="1"), "nested_offset must be a finite number"),
-    "nested absmax truncated": (lambda: {**base_items(True), "nested_absmax": torch.ones(0)}, "nested_absmax must hold"),
-    "not utf-8": (lambda: {**base_items(), "quant_state.bitsandbytes__nf4": torch.tensor([0xFF, 0xFE], dtype=torch.uint8)},
-                  "not UTF-8"),
-    "not json": (lambda: {**base_items(), "quant_state.bitsandbytes__nf4": torch.tensor(list(b"{oops"), dtype=torch.uint8)},
-                 "not valid JSON"),
+    "nested absmax truncated": (
+        lambda: {**base_items(True), "nested_absmax": torch.ones(0)}, "nested_absmax must hold"
+    ),
+    "not utf-8": (lambda: {**base_items(), NF4_BLOB: torch.tensor([0xFF, 0xFE], dtype=torch.uint8)}, "not UTF-8"),
+    "not json": (lambda: {**base_items(), NF4_BLOB: torch.tensor(list(b"{oops"), dtype=torch.uint8)}, "not valid JSON"),
     "json list": (lambda: {**base_items(), **blob([1, 2])}, "JSON object"),  # type: ignore[arg-type]
-    "duplicate json keys": (lambda: {**base_items(), "quant_state.bitsandbytes__nf4": torch.tensor(
+    "duplicate json keys": (lambda: {**base_items(), NF4_BLOB: torch.tensor(
         list(b'{"quant_type": "nf4", "quant_type": "nf4"}'), dtype=torch.uint8)}, "repeats a JSON key"),
-    "10 MB blob": (lambda: {**base_items(), "quant_state.bitsandbytes__nf4": torch.zeros(10_000_000, dtype=torch.uint8)},
-                   "over the 4096 limit"),
-    "wrong blob suffix": (lambda: {"absmax": torch.ones(1), "quant_state.bitsandbytes__int4": torch.zeros(2, dtype=torch.uint8)},
-                          "must end in"),
+    "10 MB blob": (
+        lambda: {**base_items(), NF4_BLOB: torch.zeros(10_000_000, dtype=torch.uint8)}, "over the 4096 limit"
+    ),
+    "wrong blob suffix": (
+        lambda: {"absmax": torch.ones(1), INT4_BLOB: torch.zeros(2, dtype=torch.uint8)}, "must end in"
+    ),
     "two blobs": (lambda: {**base_items(), **blob({}, "fp4")}, "more than one"),
     "nothing": (lambda: {}, "neither"),
 }

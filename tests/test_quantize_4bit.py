@@ -205,9 +205,11 @@ def test_deterministic(device):
 def test_nf4_fp4_conveniences():
     A = torch.randn(300)
     packed, state = bnbx.quantize_nf4(A)
-    assert state.quant_type == "nf4" and torch.equal(bnbx.dequantize_nf4(packed, state), F.dequantize_4bit(packed, state))
+    assert state.quant_type == "nf4"
+    assert torch.equal(bnbx.dequantize_nf4(packed, state), F.dequantize_4bit(packed, state))
     packed, state = bnbx.quantize_fp4(A)
-    assert state.quant_type == "fp4" and torch.equal(bnbx.dequantize_fp4(packed, state), F.dequantize_4bit(packed, state))
+    assert state.quant_type == "fp4"
+    assert torch.equal(bnbx.dequantize_fp4(packed, state), F.dequantize_4bit(packed, state))
     with pytest.raises(ValueError, match="holds fp4 codes"):
         bnbx.dequantize_nf4(packed, state)
 

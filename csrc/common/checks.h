@@ -18,17 +18,28 @@ namespace bnbx {
 // dtype names as Python spells them (float32, not Float), so C++ and Python errors read the same.
 inline std::string dtype_name(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kByte: return "uint8";
-    case at::kChar: return "int8";
-    case at::kShort: return "int16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    case at::kBool: return "bool";
-    default: return c10::toString(dtype);
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kDouble:
+      return "float64";
+    case at::kByte:
+      return "uint8";
+    case at::kChar:
+      return "int8";
+    case at::kShort:
+      return "int16";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    case at::kBool:
+      return "bool";
+    default:
+      return c10::toString(dtype);
   }
 }
 
@@ -50,8 +61,8 @@ inline FloatType to_float_type(at::ScalarType dtype) {
 }
 
 inline void check_float_dtype(const char* op, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(is_supported_float(dtype), op, ": ", name,
-                   " must be float32, float16 or bfloat16, got ", dtype_name(dtype));
+  TORCH_CHECK_TYPE(is_supported_float(dtype), op, ": ", name, " must be float32, float16 or bfloat16, got ",
+                   dtype_name(dtype));
 }
 
 // max_blocksize: kMaxBlocksize for 4-bit ops, kMaxBlocksize8bit for 8-bit blockwise ops.
@@ -78,8 +89,8 @@ inline int64_t checked_numel(const char* op, at::IntArrayRef shape) {
   int64_t n = 1;
   for (const int64_t size : shape) {
     TORCH_CHECK_VALUE(size >= 0, op, ": shape must not hold negative sizes, got ", shape);
-    TORCH_CHECK_VALUE(size == 0 || n <= std::numeric_limits<int64_t>::max() / 2 / size, op,
-                      ": shape ", shape, " has too many elements");
+    TORCH_CHECK_VALUE(size == 0 || n <= std::numeric_limits<int64_t>::max() / 2 / size, op, ": shape ", shape,
+                      " has too many elements");
     n *= size;
   }
   return n;
@@ -150,8 +161,8 @@ inline int64_t check_dequantize_4bit_args(const at::Tensor& A, const at::Tensor&
   const int64_t n = checked_numel(op, shape);
   const int64_t bytes = A.numel() * static_cast<int64_t>(A.element_size());
   const int64_t needed = ceil_div(n, 2);
-  TORCH_CHECK_VALUE(bytes >= needed && bytes - needed < static_cast<int64_t>(A.element_size()), op,
-                    ": A holds ", bytes, " bytes of packed codes but shape ", shape, " needs ", needed);
+  TORCH_CHECK_VALUE(bytes >= needed && bytes - needed < static_cast<int64_t>(A.element_size()), op, ": A holds ", bytes,
+                    " bytes of packed codes but shape ", shape, " needs ", needed);
   check_block_stats(op, "absmax", absmax, ceil_div(n, blocksize));
   return n;
 }
@@ -167,7 +178,8 @@ inline void check_dequantize_4bit_out(const at::Tensor& A, at::IntArrayRef shape
 }
 
 inline void check_code(const char* op, const at::Tensor& code) {
-  TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat, op, ": code must be float32, got ", dtype_name(code.scalar_type()));
+  TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat, op, ": code must be float32, got ",
+                   dtype_name(code.scalar_type()));
   TORCH_CHECK_VALUE(code.numel() == kDynamicMapSize, op, ": code must hold 256 values, got ", code.numel());
 }
 
@@ -177,6 +189,15 @@ inline void check_quantize_blockwise_args(const at::Tensor& A, const at::Tensor&
   check_blocksize(op, blocksize, kMaxBlocksize8bit);
   check_code(op, code);
   check_same_device(op, A, "A", code, "code");
+}
+
+inline void check_double_quantize_args(const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+  constexpr const char* op = "double_quantize";
+  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
+                   dtype_name(absmax.scalar_type()));
+  check_blocksize(op, blocksize, kMaxBlocksize8bit);
+  check_code(op, code);
+  check_same_device(op, absmax, "absmax", code, "code");
 }
 
 inline void check_dequantize_blockwise_args(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,

@@ -43,6 +43,34 @@ BNBX_HOST_DEVICE static inline BlockScale block_scale(float absmax) {
   return {1.0f, 1.0f / absmax};
 }
 
+// --- 8-bit blockwise: the code of one scaled value ----------------------------------------------------------
+
+// bitsandbytes' CUDA rule (dQuantize in its kQuantizeBlockwise kernel), which wrote the 8-bit checkpoints in
+// the wild: a 7-step binary search over the sorted 256-value code itself, starting at index 127 and moving by
+// 64, 32, ..., 1 (x > code[pivot] goes up); it ends on an even pivot p whose neighbours p - 1 and p + 1 were
+// the last probes below and above. Then the fp32 midpoint (code[p +- 1] + code[p]) * 0.5f decides: above
+// code[p], x > midpoint takes p + 1; at or below it, x < midpoint takes p - 1 (p == 0 keeps 0); an exact tie
+// keeps p. So ties go to the even index, not to the lower code as torch.bucketize would.
+BNBX_HOST_DEVICE static inline uint8_t dynamic_code_index(const float* code, float x) {
+  int pivot = 127;
+  for (int step = 64; step > 0; step >>= 1) pivot += x > code[pivot] ? step : -step;
+  const float value = code[pivot];
+  if (x > value) return static_cast<uint8_t>(x > (code[pivot + 1] + value) * 0.5f ? pivot + 1 : pivot);
+  const int lower = pivot == 0 ? 0 : pivot - 1;
+  return static_cast<uint8_t>(x < (code[lower] + value) * 0.5f ? lower : pivot);
+}
+
+// --- double quantization: the offset ------------------------------------------------------------------------
+
+// The mean of the non-NaN absmax values from their sum (in double) and count, rounded once to fp32; 0 when
+// every value is NaN or there are none, and +-FLT_MAX for an infinite mean (torch.nan_to_num's rule).
+BNBX_HOST_DEVICE static inline float double_quantize_offset(double sum, int64_t count) {
+  if (count == 0) return 0.0f;
+  const float mean = static_cast<float>(sum / static_cast<double>(count));
+  if (mean != mean) return 0.0f;
+  return mean > FLT_MAX ? FLT_MAX : (mean < -FLT_MAX ? -FLT_MAX : mean);
+}
+
 // --- int8 groups: scale, zero point, one element --------------------------------------------------------------
 
 // torch's affine convention: x ~ (q - zero_point) * scale.

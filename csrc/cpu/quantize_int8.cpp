@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tenso
   at::Tensor scale = at::empty({groups}, input.options().dtype(at::kFloat));
   at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
 
-  const cpu::QuantizeInt8Kernels& kernels = cpu::select_kernels(cpu::quantize_int8_scalar, cpu::quantize_int8_avx2, cpu::quantize_int8_avx512);
+  const cpu::QuantizeInt8Kernels& kernels =
+      cpu::select_kernels(cpu::quantize_int8_scalar, cpu::quantize_int8_avx2, cpu::quantize_int8_avx512);
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
   int8_t* q_ptr = q.mutable_data_ptr<int8_t>();
@@ -43,7 +44,8 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& A, const at::Tensor& scale, con
   const int64_t n = q.numel();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
 
-  const cpu::QuantizeInt8Kernels& kernels = cpu::select_kernels(cpu::quantize_int8_scalar, cpu::quantize_int8_avx2, cpu::quantize_int8_avx512);
+  const cpu::QuantizeInt8Kernels& kernels =
+      cpu::select_kernels(cpu::quantize_int8_scalar, cpu::quantize_int8_avx2, cpu::quantize_int8_avx512);
   const FloatType out_type = to_float_type(dtype);
   const int8_t* q_ptr = q.const_data_ptr<int8_t>();
   const float* scale_ptr = scales.const_data_ptr<float>();

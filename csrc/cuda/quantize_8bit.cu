@@ -4,7 +4,8 @@
 //
 // The code arrives as a device tensor and is never read on the host (no synchronisation); its sortedness,
 // which the binary search relies on, is checked in Python for CUDA tensors (bnbx/functional.py). Each thread
-// block copies the code (dequantize) or its 255 midpoints (quantize) into shared memory once, then loops over
+// block copies the code into shared memory once (the quantize search is bitsandbytes' CUDA rule,
+// dynamic_code_index in common/rules.h), then loops over
 // tiles; the block absmax uses the same integer-max reduction as the 4-bit kernel (cuda_utils.cuh).
 #include "cuda_utils.cuh"
 
@@ -14,25 +15,6 @@ namespace {
 constexpr int kThreads = 256;  // per thread block, unless one quantization block needs more threads
 constexpr int kDequantUnroll = 2;
 
-// Midpoints (code[i] + code[i+1]) / 2 in fp32 as the CPU computes them, padded with +Inf at 255 so the
-// search below has 256 slots; every thread of the block must call this (it ends in a barrier).
-__device__ __forceinline__ void load_midpoints(const float* __restrict__ code, float* midpoints) {
-  for (int i = threadIdx.x; i < kDynamicMapSize; i += blockDim.x) {
-    midpoints[i] = i + 1 < kDynamicMapSize ? (code[i] + code[i + 1]) / 2.0f : __uint_as_float(0x7f800000u);
-  }
-  __syncthreads();
-}
-
-// nearest_code_index of the CPU: index = number of midpoints m with x > m (ties to the lower code), by a
-// branch-free binary search over the sorted midpoints. Threads of a warp read different entries; 8 shared
-// loads per element are cheap next to the global traffic.
-__device__ __forceinline__ uint32_t nearest_code_index(const float* midpoints, float x) {
-  uint32_t index = 0;
-#pragma unroll
-  for (uint32_t step = 128; step > 0; step >>= 1) index += x > midpoints[index + step - 1] ? step : 0;
-  return index;
-}
-
 // in[n] -> codes[n] (one byte per element), absmax[ceil(n/blocksize)]; a block of blocksize elements is
 // covered by 2^log2_group threads (blocksize / kVec, from 4 to 1024).
 template <typename T>
@@ -40,10 +22,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     quantize_blockwise_kernel(const T* __restrict__ in, const float* __restrict__ code, int64_t n, int log2_group,
                               uint8_t* __restrict__ codes, float* __restrict__ absmax) {
   constexpr int kVec = kVecElems<T>;
-  __shared__ float midpoints[kDynamicMapSize];
+  __shared__ float values[kDynamicMapSize];
   __shared__ uint32_t scratch[2][kMaxWarps];
-  load_midpoints(code, midpoints);
-  const uint32_t zero = nearest_code_index(midpoints, 0.0f);
+  for (int i = threadIdx.x; i < kDynamicMapSize; i += blockDim.x) values[i] = code[i];
+  __syncthreads();
+  const uint32_t zero = dynamic_code_index(values, 0.0f);
 
   const int64_t vectors = ceil_div(n, kVec);
   const int64_t blocks = ceil_div(vectors, int64_t{1} << log2_group);
@@ -76,7 +59,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        word |= static_cast<UInt<kVec>>(nearest_code_index(midpoints, x[i] * scale.inv_absmax)) << (8 * i);
+        word |= static_cast<UInt<kVec>>(dynamic_code_index(values, x[i] * scale.inv_absmax)) << (8 * i);
       }
     }
     store_word<kVec>(codes, start, n - start, word);
@@ -152,6 +135,7 @@ void launch_dequantize_blockwise(const uint8_t* codes, const float* absmax, cons
 
 #if !defined(BNBX_CUDA_EMULATION)
 // --- torch host code ---------------------------------------------------------------------------------------------
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "cuda_host.h"
@@ -204,11 +188,28 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absm
   return out;
 }
 
+// Double quantization: a few ATen reductions for the offset (on the GPU they cost microseconds; the fused
+// op matters on the CPU), then the kernel above. The offset is double_quantize_offset's rule (rules.h): the
+// mean of the non-NaN values accumulated in double, rounded once to fp32, NaN -> 0, +-Inf -> +-FLT_MAX.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cuda(const at::Tensor& absmax, const at::Tensor& code,
+                                                                    int64_t blocksize) {
+  check_double_quantize_args(absmax, code, blocksize);
+  const c10::cuda::CUDAGuard guard(absmax.device());
+  const at::Tensor values = absmax.contiguous();
+  const at::Tensor valid = at::logical_not(at::isnan(values));
+  const at::Tensor sum = at::where(valid, values.to(at::kDouble), 0.0).sum();
+  const at::Tensor mean = at::div(sum, valid.sum()).to(at::kFloat);  // 0 / 0 = NaN when nothing is valid
+  const at::Tensor offset = at::nan_to_num(mean, 0.0);
+  auto [codes, absmax2] = quantize_blockwise_cuda(at::sub(values, offset), code, blocksize);
+  return {codes, absmax2, offset};
+}
+
 }  // namespace
 }  // namespace bnbx::cuda
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   m.impl("quantize_blockwise", &bnbx::cuda::quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &bnbx::cuda::dequantize_blockwise_cuda);
+  m.impl("double_quantize", &bnbx::cuda::double_quantize_cuda);
 }
 #endif  // !BNBX_CUDA_EMULATION

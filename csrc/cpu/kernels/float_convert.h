@@ -2,7 +2,6 @@
 // stays NaN, the same results as c10::Half and c10::BFloat16. Included inside a per-ISA namespace.
 #pragma once
 
-
 static inline float bits_to_float(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
@@ -41,7 +40,7 @@ static inline uint16_t float_to_fp16(float f) {
   const uint32_t bits = float_to_bits(f);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   const uint32_t abs_bits = bits & 0x7fffffffu;
-  if (abs_bits > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs_bits > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (abs_bits >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: Inf
   if (abs_bits < 0x38800000u) {
     // result is fp16-subnormal or zero: round |f| * 2^24 to the nearest integer, ties to even

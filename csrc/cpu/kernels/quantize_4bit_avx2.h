@@ -3,8 +3,8 @@
 // Pivot tables of the binary searches, indexed by the code prefix so far (p = code >> step_bits).
 // NF4: 15 thresholds, steps 8, 4, 2, 1; FP4: 7 magnitude thresholds, steps 4, 2, 1, then the sign.
 struct CodeSearch {
-  __m256 pivot;         // first level, every lane
-  __m256 pivots_level2; // [p] = threshold 2p * step + step - 1 at the second level, and so on
+  __m256 pivot;          // first level, every lane
+  __m256 pivots_level2;  // [p] = threshold 2p * step + step - 1 at the second level, and so on
   __m256 pivots_level3;
   __m256 pivots_level4;  // NF4 only
   __m256i fp4_codes;     // FP4 only: [bucket] -> code
@@ -19,13 +19,13 @@ static inline CodeSearch make_code_search() {
     for (int p = 0; p < 2; ++p) level2[p] = kNF4Thresholds[8 * p + 3];
     for (int p = 0; p < 4; ++p) level3[p] = kNF4Thresholds[4 * p + 1];
     for (int p = 0; p < 8; ++p) level4[p] = kNF4Thresholds[2 * p];
-    return {_mm256_set1_ps(kNF4Thresholds[7]), _mm256_load_ps(level2), _mm256_load_ps(level3),
-            _mm256_load_ps(level4), _mm256_load_si256(reinterpret_cast<const __m256i*>(fp4_codes))};
+    return {_mm256_set1_ps(kNF4Thresholds[7]), _mm256_load_ps(level2), _mm256_load_ps(level3), _mm256_load_ps(level4),
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(fp4_codes))};
   } else {
     for (int p = 0; p < 2; ++p) level2[p] = kFP4Thresholds[4 * p + 1];
     for (int p = 0; p < 4; ++p) level3[p] = kFP4Thresholds[2 * p];
-    return {_mm256_set1_ps(kFP4Thresholds[3]), _mm256_load_ps(level2), _mm256_load_ps(level3),
-            _mm256_setzero_ps(), _mm256_load_si256(reinterpret_cast<const __m256i*>(fp4_codes))};
+    return {_mm256_set1_ps(kFP4Thresholds[3]), _mm256_load_ps(level2), _mm256_load_ps(level3), _mm256_setzero_ps(),
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(fp4_codes))};
   }
 }
 
@@ -45,7 +45,8 @@ static inline __m256i codes_8(__m256 x, const CodeSearch& search) {
     return search_step(x, search.pivots_level4, code);
   } else {
     // |x| by clearing the sign: -0 becomes +0, which compares like -0 against the positive thresholds
-    const __m256 magnitude = _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff)));
+    const __m256 magnitude =
+        _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fffffff)));
     const __m256i negative = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
     __m256i bucket = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cmp_ps(magnitude, search.pivot, _CMP_GT_OQ)), 31);
     bucket = search_step(magnitude, search.pivots_level2, bucket);
@@ -72,9 +73,7 @@ static inline void quantize_4bit_block_codes_scaled(const void* in, int64_t star
                                                     const CodeSearch& search, uint8_t* packed) {
   const __m256 prescale = _mm256_set1_ps(scale.prescale);
   const __m256 inv_absmax = _mm256_set1_ps(scale.inv_absmax);
-  auto scaled = [&](__m256 x) {
-    return _mm256_mul_ps(kPrescale ? _mm256_mul_ps(x, prescale) : x, inv_absmax);
-  };
+  auto scaled = [&](__m256 x) { return _mm256_mul_ps(kPrescale ? _mm256_mul_ps(x, prescale) : x, inv_absmax); };
   int64_t i = start;
   if constexpr (kIn == FloatType::kBFloat16) {
     // 32-bit lane j of a 32-byte load holds elements 2j (low half) and 2j+1 (high half): shifting or
@@ -135,7 +134,9 @@ static inline __m256i block_max_lanes(const void* in, int64_t start, int64_t blo
 // 0x7f7fffff (and at most 0x7fffffff) for a block with a NaN or an Inf. A transposing tree, as in AVX-512.
 template <FloatType kIn>
 static inline __m256i reduce_8_blocks(__m256i lanes[8]) {
-  auto max = [](__m256i a, __m256i b) { return kIn == FloatType::kFloat32 ? _mm256_max_epu32(a, b) : _mm256_max_epu16(a, b); };
+  auto max = [](__m256i a, __m256i b) {
+    return kIn == FloatType::kFloat32 ? _mm256_max_epu32(a, b) : _mm256_max_epu16(a, b);
+  };
   // 256 -> 128 bits per block: vector k = [block 2k | block 2k+1]
   for (int k = 0; k < 4; ++k) {
     lanes[k] = max(_mm256_permute2x128_si256(lanes[2 * k], lanes[2 * k + 1], 0x20),
@@ -143,7 +144,8 @@ static inline __m256i reduce_8_blocks(__m256i lanes[8]) {
   }
   // 128 -> 64: 128-bit lane l of vector k = [block 4k + l, block 4k + 2 + l]
   for (int k = 0; k < 2; ++k) {
-    lanes[k] = max(_mm256_unpacklo_epi64(lanes[2 * k], lanes[2 * k + 1]), _mm256_unpackhi_epi64(lanes[2 * k], lanes[2 * k + 1]));
+    lanes[k] = max(_mm256_unpacklo_epi64(lanes[2 * k], lanes[2 * k + 1]),
+                   _mm256_unpackhi_epi64(lanes[2 * k], lanes[2 * k + 1]));
   }
   // 64 -> 32: 32-bit lane 4l + m = block l + 2m
   const __m256 first = _mm256_castsi256_ps(lanes[0]), second = _mm256_castsi256_ps(lanes[1]);
@@ -156,7 +158,8 @@ static inline __m256i reduce_8_blocks(__m256i lanes[8]) {
   if constexpr (kIn == FloatType::kBFloat16) return _mm256_slli_epi32(half, 16);
   const __m256i widened = _mm256_castps_si256(
       _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1))));
-  return _mm256_blendv_epi8(widened, _mm256_set1_epi32(0x7fffffff), _mm256_cmpgt_epi32(half, _mm256_set1_epi32(0x7bff)));
+  return _mm256_blendv_epi8(widened, _mm256_set1_epi32(0x7fffffff),
+                            _mm256_cmpgt_epi32(half, _mm256_set1_epi32(0x7bff)));
 }
 
 template <FloatType kIn, QuantType kQuant>
@@ -173,14 +176,17 @@ static void quantize_4bit_blocks_simd(const void* in, int64_t n, int64_t blocksi
       const __m256i bits = reduce_8_blocks<kIn>(lanes);  // <= 0x7fffffff: signed compares are safe
       const __m256 block_max = _mm256_castsi256_ps(bits);
       const __m256i nonfinite = _mm256_cmpgt_epi32(bits, _mm256_set1_epi32(0x7f7fffff));
-      _mm256_storeu_ps(absmax + block, _mm256_blendv_ps(block_max, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
-                                                        _mm256_castsi256_ps(nonfinite)));
+      _mm256_storeu_ps(absmax + block,
+                       _mm256_blendv_ps(block_max, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                                        _mm256_castsi256_ps(nonfinite)));
       // block_scale, lane-wise: the same operations on the same values (a zero block divides 1 by 1, unused)
       const __m256 zero = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, _mm256_setzero_si256()));
-      const __m256 subnormal = _mm256_andnot_ps(zero, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), bits)));
+      const __m256 subnormal =
+          _mm256_andnot_ps(zero, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), bits)));
       const __m256 one = _mm256_set1_ps(1.0f);
       const __m256 prescale = _mm256_blendv_ps(one, _mm256_set1_ps(18446744073709551616.0f), subnormal);
-      const __m256 inv_absmax = _mm256_andnot_ps(zero, _mm256_div_ps(one, _mm256_blendv_ps(_mm256_mul_ps(block_max, prescale), one, zero)));
+      const __m256 inv_absmax =
+          _mm256_andnot_ps(zero, _mm256_div_ps(one, _mm256_blendv_ps(_mm256_mul_ps(block_max, prescale), one, zero)));
       alignas(32) float prescales[kGroup], inv_absmaxes[kGroup];
       _mm256_store_ps(prescales, prescale);
       _mm256_store_ps(inv_absmaxes, inv_absmax);
@@ -192,7 +198,8 @@ static void quantize_4bit_blocks_simd(const void* in, int64_t n, int64_t blocksi
           std::memset(packed + start / 2, zero_byte << 4 | zero_byte, static_cast<size_t>(blocksize / 2));
           continue;
         }
-        quantize_4bit_block_codes<kIn, kQuant>(in, start, start + blocksize, {prescales[b], inv_absmaxes[b]}, search, packed);
+        quantize_4bit_block_codes<kIn, kQuant>(in, start, start + blocksize, {prescales[b], inv_absmaxes[b]}, search,
+                                               packed);
       }
     }
   }
@@ -230,7 +237,8 @@ static void dequantize_4bit_blocks_simd(const uint8_t* packed, const float* absm
       for (; i + 16 <= end; i += 16) {
         // 8 packed bytes -> 16 nibble indices in element order (high nibble first)
         const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2));
-        const __m128i index = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
+        const __m128i index =
+            _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
         for (int half = 0; half < 2; ++half) {
           const __m256i lanes = _mm256_cvtepu8_epi32(half == 0 ? index : _mm_srli_si128(index, 8));
           // permutevar8x32 reads 3 index bits; bit 3, moved to the sign, picks the high half of the table
@@ -250,12 +258,13 @@ static void dequantize_4bit_blocks_simd(const uint8_t* packed, const float* absm
       if constexpr (kOut == FloatType::kFloat16) {
         rounded = _mm256_set_m128i(fp16_bits_8(values_high), fp16_bits_8(values_low));
       } else {
-        rounded = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_8(values_low), bf16_bits_8(values_high)), 0xd8);
+        rounded =
+            _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits_8(values_low), bf16_bits_8(values_high)), 0xd8);
       }
       // pshufb tables: the low bytes and the high bytes of the 16 results, in both 128-bit lanes
-      const __m256i split = _mm256_shuffle_epi8(
-          rounded, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3,
-                                    5, 7, 9, 11, 13, 15));
+      const __m256i split =
+          _mm256_shuffle_epi8(rounded, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4,
+                                                        6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
       const __m256i low_bytes = _mm256_permute4x64_epi64(split, 0x88);
       const __m256i high_bytes = _mm256_permute4x64_epi64(split, 0xdd);
       for (; i + 32 <= end; i += 32) {

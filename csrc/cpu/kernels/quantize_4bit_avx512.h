@@ -12,8 +12,8 @@
 // fp4_code gives -0 no sign) |x| > t <=> x < -t <=> !(x > nextafter(-t, -inf)), so that pivot is used and the
 // two codes swap, each with the sign bit.
 struct CodeSearch {
-  __m512 pivots_low, pivots_high;  // slots 0..15 (cells 0..15) and 16..31 (cells -16..-1)
-  __m512i codes_low, codes_high;   // code when !(x > pivot)
+  __m512 pivots_low, pivots_high;                 // slots 0..15 (cells 0..15) and 16..31 (cells -16..-1)
+  __m512i codes_low, codes_high;                  // code when !(x > pivot)
   __m512i codes_greater_low, codes_greater_high;  // code when x > pivot
 };
 
@@ -57,7 +57,7 @@ static inline CodeSearch make_code_search() {
       codes[slot] = kFP4BucketToCode[std::min(exceeded + 1, 7)] | 0b1000;
     }
   }
-  return {_mm512_load_ps(pivots), _mm512_load_ps(pivots + 16), _mm512_load_si512(codes),
+  return {_mm512_load_ps(pivots),        _mm512_load_ps(pivots + 16),      _mm512_load_si512(codes),
           _mm512_load_si512(codes + 16), _mm512_load_si512(codes_greater), _mm512_load_si512(codes_greater + 16)};
 }
 
@@ -73,8 +73,8 @@ static inline __m512i codes_16(__m512 x, const CodeSearch& search) {
   if constexpr (kQuant == QuantType::kNF4) {
     return _mm512_mask_add_epi32(code, greater, code, _mm512_set1_epi32(1));
   } else {
-    return _mm512_mask_blend_epi32(greater, code,
-                                   _mm512_permutex2var_epi32(search.codes_greater_low, cell, search.codes_greater_high));
+    return _mm512_mask_blend_epi32(
+        greater, code, _mm512_permutex2var_epi32(search.codes_greater_low, cell, search.codes_greater_high));
   }
 }
 
@@ -103,9 +103,7 @@ static inline void quantize_4bit_block_codes_scaled(const void* in, int64_t star
                                                     float inv_absmax_value, const CodeSearch& search, uint8_t* packed) {
   const __m512 prescale = _mm512_set1_ps(prescale_value);
   const __m512 inv_absmax = _mm512_set1_ps(inv_absmax_value);
-  auto scaled = [&](__m512 x) {
-    return _mm512_mul_ps(kPrescale ? _mm512_mul_ps(x, prescale) : x, inv_absmax);
-  };
+  auto scaled = [&](__m512 x) { return _mm512_mul_ps(kPrescale ? _mm512_mul_ps(x, prescale) : x, inv_absmax); };
   int64_t i = start;
   if constexpr (kIn == FloatType::kBFloat16) {
     // 32-bit lane j of a 64-byte load holds elements 2j (low half) and 2j+1 (high half): shifting or
@@ -131,7 +129,8 @@ static inline void quantize_4bit_block_codes_scaled(const void* in, int64_t star
   for (; i < end; i += 16) {
     const int64_t count = std::min<int64_t>(16, end - i);
     const __m512 x = load_16_as_float_masked<kIn>(in, i, first_lanes_16(count));
-    _mm_mask_storeu_epi8(packed + i / 2, first_lanes_16((count + 1) / 2), pack_16_codes(codes_16<kQuant>(scaled(x), search)));
+    _mm_mask_storeu_epi8(packed + i / 2, first_lanes_16((count + 1) / 2),
+                         pack_16_codes(codes_16<kQuant>(scaled(x), search)));
   }
 }
 
@@ -141,7 +140,8 @@ static inline void quantize_4bit_block_codes(const void* in, int64_t start, int6
   if (prescale_value == 1.0f) {
     quantize_4bit_block_codes_scaled<kIn, kQuant, false>(in, start, end, 1.0f, inv_absmax_value, search, packed);
   } else {
-    quantize_4bit_block_codes_scaled<kIn, kQuant, true>(in, start, end, prescale_value, inv_absmax_value, search, packed);
+    quantize_4bit_block_codes_scaled<kIn, kQuant, true>(in, start, end, prescale_value, inv_absmax_value, search,
+                                                        packed);
   }
 }
 
@@ -165,7 +165,9 @@ static inline __m512i block_max_lanes(const void* in, int64_t start, int64_t blo
 // block's segment and merges two vectors into one.
 template <FloatType kIn>
 static inline __m512i reduce_16_blocks(__m512i lanes[16]) {
-  auto max = [](__m512i a, __m512i b) { return kIn == FloatType::kFloat32 ? _mm512_max_epu32(a, b) : _mm512_max_epu16(a, b); };
+  auto max = [](__m512i a, __m512i b) {
+    return kIn == FloatType::kFloat32 ? _mm512_max_epu32(a, b) : _mm512_max_epu16(a, b);
+  };
   // 512 -> 256 bits per block: vector k = [block 2k | block 2k+1]
   for (int k = 0; k < 8; ++k) {
     lanes[k] = max(_mm512_shuffle_i64x2(lanes[2 * k], lanes[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
@@ -178,7 +180,8 @@ static inline __m512i reduce_16_blocks(__m512i lanes[16]) {
   }
   // 128 -> 64: 128-bit lane l of vector k = [block 8k + l, block 8k + 4 + l]
   for (int k = 0; k < 2; ++k) {
-    lanes[k] = max(_mm512_unpacklo_epi64(lanes[2 * k], lanes[2 * k + 1]), _mm512_unpackhi_epi64(lanes[2 * k], lanes[2 * k + 1]));
+    lanes[k] = max(_mm512_unpacklo_epi64(lanes[2 * k], lanes[2 * k + 1]),
+                   _mm512_unpackhi_epi64(lanes[2 * k], lanes[2 * k + 1]));
   }
   // 64 -> 32: 32-bit lane 4l + m = block l + 4m
   const __m512 first = _mm512_castsi512_ps(lanes[0]), second = _mm512_castsi512_ps(lanes[1]);
@@ -190,9 +193,9 @@ static inline __m512i reduce_16_blocks(__m512i lanes[16]) {
   const __m512i half = _mm512_max_epu16(bits, _mm512_srli_epi32(bits, 16));
   if constexpr (kIn == FloatType::kBFloat16) return _mm512_slli_epi32(half, 16);
   const __m512i widened = _mm512_castps_si512(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(half)));
-  return _mm512_mask_mov_epi32(widened, _mm512_cmpgt_epu32_mask(_mm512_and_si512(half, _mm512_set1_epi32(0xffff)),
-                                                                  _mm512_set1_epi32(0x7bff)),
-                               _mm512_set1_epi32(-1));
+  return _mm512_mask_mov_epi32(
+      widened, _mm512_cmpgt_epu32_mask(_mm512_and_si512(half, _mm512_set1_epi32(0xffff)), _mm512_set1_epi32(0x7bff)),
+      _mm512_set1_epi32(-1));
 }
 
 template <FloatType kIn, QuantType kQuant>
@@ -209,13 +212,15 @@ static void quantize_4bit_blocks_simd(const void* in, int64_t n, int64_t blocksi
       const __m512i bits = reduce_16_blocks<kIn>(lanes);
       const __m512 block_max = _mm512_castsi512_ps(bits);
       const __mmask16 nonfinite = _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(0x7f7fffff));
-      _mm512_storeu_ps(absmax + block,
-                       _mm512_mask_mov_ps(block_max, nonfinite, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
+      _mm512_storeu_ps(absmax + block, _mm512_mask_mov_ps(block_max, nonfinite,
+                                                          _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN())));
       // block_scale, lane-wise: the same operations on the same values
       const __mmask16 zero = _mm512_cmpeq_epu32_mask(bits, _mm512_setzero_si512());
       const __mmask16 subnormal = _mm512_cmplt_epu32_mask(bits, _mm512_set1_epi32(0x00800000)) & ~zero;
-      const __m512 prescale = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), subnormal, _mm512_set1_ps(18446744073709551616.0f));
-      const __m512 inv_absmax = _mm512_maskz_div_ps(static_cast<__mmask16>(~zero), _mm512_set1_ps(1.0f), _mm512_mul_ps(block_max, prescale));
+      const __m512 prescale =
+          _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), subnormal, _mm512_set1_ps(18446744073709551616.0f));
+      const __m512 inv_absmax =
+          _mm512_maskz_div_ps(static_cast<__mmask16>(~zero), _mm512_set1_ps(1.0f), _mm512_mul_ps(block_max, prescale));
       alignas(64) float prescales[kGroup], inv_absmaxes[kGroup];
       _mm512_store_ps(prescales, prescale);
       _mm512_store_ps(inv_absmaxes, inv_absmax);
@@ -226,7 +231,8 @@ static void quantize_4bit_blocks_simd(const void* in, int64_t n, int64_t blocksi
           std::memset(packed + start / 2, zero_byte << 4 | zero_byte, static_cast<size_t>(blocksize / 2));
           continue;
         }
-        quantize_4bit_block_codes<kIn, kQuant>(in, start, start + blocksize, prescales[b], inv_absmaxes[b], search, packed);
+        quantize_4bit_block_codes<kIn, kQuant>(in, start, start + blocksize, prescales[b], inv_absmaxes[b], search,
+                                               packed);
       }
     }
   }
@@ -279,22 +285,24 @@ static void dequantize_4bit_blocks_simd(const uint8_t* packed, const float* absm
       for (; i < end; i += 16) {
         const int64_t count = std::min<int64_t>(16, end - i);
         // 64-bit lane j: index of element 2j (byte >> 4) low, of element 2j+1 (byte, low 4 bits used) high
-        const __m512i bytes = _mm512_cvtepu8_epi64(_mm_maskz_loadu_epi8(first_lanes_16((count + 1) / 2), packed + i / 2));
+        const __m512i bytes =
+            _mm512_cvtepu8_epi64(_mm_maskz_loadu_epi8(first_lanes_16((count + 1) / 2), packed + i / 2));
         const __m512i index = _mm512_or_si512(_mm512_srli_epi64(bytes, 4), _mm512_slli_epi64(bytes, 32));
         _mm512_mask_storeu_ps(dst + i, first_lanes_16(count), _mm512_permutexvar_ps(index, values));
       }
     } else {
       uint16_t* dst = static_cast<uint16_t*>(out);
-      const __m256i rounded = kOut == FloatType::kFloat16 ? fp16_bits_16(values) : _mm512_cvtepi32_epi16(bf16_bits_16(values));
+      const __m256i rounded =
+          kOut == FloatType::kFloat16 ? fp16_bits_16(values) : _mm512_cvtepi32_epi16(bf16_bits_16(values));
       // 32 entries, the 16 rounded products twice: vpermw reads 5 index bits
       const __m512i lookup = _mm512_inserti64x4(_mm512_castsi256_si512(rounded), rounded, 1);
       for (; i < end; i += 32) {
         const int64_t count = std::min<int64_t>(32, end - i);
         // 32-bit lane j: index of element 2j (byte >> 4) in the low 16 bits, of element 2j+1 (the byte,
         // whose bit 4 picks the second copy of the table) in the high 16 bits
-        const __m128i packed_bytes =
-            count == 32 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2))
-                        : _mm_maskz_loadu_epi8(first_lanes_16((count + 1) / 2), packed + i / 2);
+        const __m128i packed_bytes = count == 32
+                                         ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2))
+                                         : _mm_maskz_loadu_epi8(first_lanes_16((count + 1) / 2), packed + i / 2);
         const __m512i bytes = _mm512_cvtepu8_epi32(packed_bytes);
         const __m512i index = _mm512_or_si512(_mm512_srli_epi32(bytes, 4), _mm512_slli_epi32(bytes, 16));
         const __m512i result = _mm512_permutexvar_epi16(index, lookup);

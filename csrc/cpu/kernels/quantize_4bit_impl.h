@@ -39,8 +39,8 @@ static inline void store_nonfinite_block(int64_t block, int64_t start, int64_t e
 }
 
 template <FloatType kIn>
-static void quantize_4bit_generic(const void* in, int64_t n, int64_t blocksize, QuantType quant_type,
-                                  uint8_t* packed, float* absmax, int64_t block_begin, int64_t block_end) {
+static void quantize_4bit_generic(const void* in, int64_t n, int64_t blocksize, QuantType quant_type, uint8_t* packed,
+                                  float* absmax, int64_t block_begin, int64_t block_end) {
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t start = block * blocksize;
     const int64_t end = std::min(n, start + blocksize);
@@ -57,8 +57,8 @@ static void quantize_4bit_generic(const void* in, int64_t n, int64_t blocksize, 
 
 // out[begin, end) = table[code] * block_max, rounded once to kOut; begin is even.
 template <FloatType kOut>
-static inline void dequantize_4bit_range(const uint8_t* packed, const float table[16], float block_max,
-                                         int64_t begin, int64_t end, void* out) {
+static inline void dequantize_4bit_range(const uint8_t* packed, const float table[16], float block_max, int64_t begin,
+                                         int64_t end, void* out) {
   for (int64_t i = begin; i < end; ++i) {
     const uint8_t byte = packed[i / 2];
     const uint8_t code = (i & 1) ? (byte & 0x0f) : (byte >> 4);
@@ -141,11 +141,14 @@ static void quantize_4bit(FloatType in_type, const void* in, int64_t n, int64_t 
                           uint8_t* packed, float* absmax, int64_t block_begin, int64_t block_end) {
   switch (in_type) {
     case FloatType::kFloat32:
-      return BNBX_4BIT_KERNEL(quantize_4bit)<FloatType::kFloat32>(in, n, blocksize, quant_type, packed, absmax, block_begin, block_end);
+      return BNBX_4BIT_KERNEL(quantize_4bit)<FloatType::kFloat32>(in, n, blocksize, quant_type, packed, absmax,
+                                                                  block_begin, block_end);
     case FloatType::kFloat16:
-      return BNBX_4BIT_KERNEL(quantize_4bit)<FloatType::kFloat16>(in, n, blocksize, quant_type, packed, absmax, block_begin, block_end);
+      return BNBX_4BIT_KERNEL(quantize_4bit)<FloatType::kFloat16>(in, n, blocksize, quant_type, packed, absmax,
+                                                                  block_begin, block_end);
     case FloatType::kBFloat16:
-      return BNBX_4BIT_KERNEL(quantize_4bit)<FloatType::kBFloat16>(in, n, blocksize, quant_type, packed, absmax, block_begin, block_end);
+      return BNBX_4BIT_KERNEL(quantize_4bit)<FloatType::kBFloat16>(in, n, blocksize, quant_type, packed, absmax,
+                                                                   block_begin, block_end);
   }
 }
 
@@ -154,11 +157,14 @@ static void dequantize_4bit(FloatType out_type, const uint8_t* packed, const flo
                             int64_t block_end) {
   switch (out_type) {
     case FloatType::kFloat32:
-      return BNBX_4BIT_KERNEL(dequantize_4bit)<FloatType::kFloat32>(packed, absmax, n, blocksize, quant_type, out, block_begin, block_end);
+      return BNBX_4BIT_KERNEL(dequantize_4bit)<FloatType::kFloat32>(packed, absmax, n, blocksize, quant_type, out,
+                                                                    block_begin, block_end);
     case FloatType::kFloat16:
-      return BNBX_4BIT_KERNEL(dequantize_4bit)<FloatType::kFloat16>(packed, absmax, n, blocksize, quant_type, out, block_begin, block_end);
+      return BNBX_4BIT_KERNEL(dequantize_4bit)<FloatType::kFloat16>(packed, absmax, n, blocksize, quant_type, out,
+                                                                    block_begin, block_end);
     case FloatType::kBFloat16:
-      return BNBX_4BIT_KERNEL(dequantize_4bit)<FloatType::kBFloat16>(packed, absmax, n, blocksize, quant_type, out, block_begin, block_end);
+      return BNBX_4BIT_KERNEL(dequantize_4bit)<FloatType::kBFloat16>(packed, absmax, n, blocksize, quant_type, out,
+                                                                     block_begin, block_end);
   }
 }
 
@@ -166,6 +172,7 @@ static void dequantize_4bit(FloatType out_type, const uint8_t* packed, const flo
 
 }  // namespace BNBX_ISA
 
-const Quantize4bitKernels BNBX_TABLE(quantize_4bit) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_4bit, &BNBX_ISA::dequantize_4bit};
+const Quantize4bitKernels BNBX_TABLE(quantize_4bit) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_4bit,
+                                                       &BNBX_ISA::dequantize_4bit};
 
 }  // namespace bnbx::cpu

@@ -8,26 +8,13 @@ namespace BNBX_ISA {
 
 #include "simd.h"
 
-// Nearest code: index = number of midpoints m with x > m (ties go to the lower code), the rule of
-// bitsandbytes' torch.bucketize path. midpoints[i] = (code[i] + code[i+1]) / 2 in fp32; the code is sorted.
-static inline uint8_t nearest_code_index(const float* midpoints, float x) {
-  // branch-free binary search over 255 midpoints, padded to 256 with +inf at index 255
-  int index = 0;
-  for (int step = 128; step > 0; step >>= 1) index += (x > midpoints[index + step - 1]) ? step : 0;
-  return static_cast<uint8_t>(index);
-}
-
-static inline void fill_midpoints(const float* code, float midpoints[256]) {
-  for (int i = 0; i < 255; ++i) midpoints[i] = (code[i] + code[i + 1]) / 2.0f;
-  midpoints[255] = std::numeric_limits<float>::infinity();
-}
+// The code of one scaled value: dynamic_code_index (common/rules.h), bitsandbytes' CUDA search; the code is
+// sorted (checked by the host code).
 
 template <FloatType kIn>
-static void quantize_blockwise_generic(const void* in, int64_t n, int64_t blocksize, const float* code,
-                                       uint8_t* out, float* absmax, int64_t block_begin, int64_t block_end) {
-  float midpoints[256];
-  fill_midpoints(code, midpoints);
-  const uint8_t zero = nearest_code_index(midpoints, 0.0f);
+static void quantize_blockwise_generic(const void* in, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
+                                       float* absmax, int64_t block_begin, int64_t block_end) {
+  const uint8_t zero = dynamic_code_index(code, 0.0f);
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t start = block * blocksize;
     const int64_t end = std::min(n, start + blocksize);
@@ -41,7 +28,7 @@ static void quantize_blockwise_generic(const void* in, int64_t n, int64_t blocks
     absmax[block] = block_max;
     const BlockScale scale = block_scale(block_max);
     for (int64_t i = start; i < end; ++i) {
-      out[i] = nearest_code_index(midpoints, load_as_float<kIn>(in, i) * scale.prescale * scale.inv_absmax);
+      out[i] = dynamic_code_index(code, load_as_float<kIn>(in, i) * scale.prescale * scale.inv_absmax);
     }
   }
 }
@@ -106,49 +93,79 @@ static void dequantize_blockwise_simd(const uint8_t* in, const float* absmax, co
 }
 #endif
 
-// SIMD quantize: the binary search of nearest_code_index with the same probes (so the same index even for
-// a code whose midpoints are not increasing, e.g. NaN from -inf and +inf neighbours), 16 or 8 lanes at a
-// time. The pivot probed at a level with step s is midpoints[prefix * 2s + s - 1]: one of 128 / s values,
-// looked up by permutes from per-level tables (AVX-512) or, for the large levels, gathered (AVX2). absmax
-// and the scale come from simd.h and common/rules.h, which give block_absmax/block_scale's results.
+// SIMD quantize: dynamic_code_index, 16 or 8 lanes at a time, with the same probes. Its 7 search steps
+// probe code[index + s - 1] for s = 128, 64, ..., 2 (index = the even pivot reached so far, starting at 0;
+// the rule's pivot 127 + 64 + ... is this index + s - 1): one of 128 / s values at each level, looked up by
+// permutes from per-level tables (AVX-512) or, for the large levels, gathered (AVX2). The final midpoint
+// test of the rule is
+//   index + (x > upper_mid[index]) - (x < lower_mid[index])
+// with upper_mid = (code[index + 1] + code[index]) * 0.5f and lower_mid = (code[index - 1] + code[index]) *
+// 0.5f (-inf at index 0): for a sorted code lower_mid <= code[index] <= upper_mid (or a midpoint is NaN,
+// which compares false), so at most one of the two tests holds, the one of the rule's branch. absmax and
+// the scale are simd.h's and rules.h's, which give block_absmax/block_scale's results.
 #if defined(__AVX512F__) || defined(__AVX2__)
-// pivots[2^L + k] = the k-th pivot of level L (step 128 >> L), L = 1..7.
-static inline void fill_level_pivots(const float midpoints[256], float pivots[256]) {
+// pivots[2^L + k] = the k-th probe of level L (step 128 >> L), L = 1..6, read from the code.
+static inline void fill_level_pivots(const float* code, float pivots[128]) {
   pivots[0] = pivots[1] = 0.0f;
-  for (int level = 1; level < 8; ++level) {
+  for (int level = 1; level < 7; ++level) {
     const int step = 128 >> level;
-    for (int k = 0; k < (1 << level); ++k) pivots[(1 << level) + k] = midpoints[k * 2 * step + step - 1];
+    for (int k = 0; k < (1 << level); ++k) pivots[(1 << level) + k] = code[k * 2 * step + step - 1];
+  }
+}
+
+// The final test's midpoints by pivot: [k] for index 2k.
+static inline void fill_final_midpoints(const float* code, float upper[128], float lower[128]) {
+  for (int k = 0; k < 128; ++k) {
+    upper[k] = (code[2 * k + 1] + code[2 * k]) * 0.5f;
+    lower[k] = k == 0 ? -std::numeric_limits<float>::infinity() : (code[2 * k - 1] + code[2 * k]) * 0.5f;
   }
 }
 #endif
 
 #if defined(__AVX512F__)
+// A 128-entry fp32 table in 8 vectors, looked up by a 7-bit index (permutex2var reads 5 bits, two blend
+// levels the other two).
+static inline __m512 lookup_128(const __m512 table[8], __m512i index) {
+  const __mmask16 bit5 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(32));
+  const __mmask16 bit6 = _mm512_test_epi32_mask(index, _mm512_set1_epi32(64));
+  const __m512 low = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(table[0], index, table[1]),
+                                          _mm512_permutex2var_ps(table[2], index, table[3]));
+  const __m512 high = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(table[4], index, table[5]),
+                                           _mm512_permutex2var_ps(table[6], index, table[7]));
+  return _mm512_mask_blend_ps(bit6, low, high);
+}
+
 template <FloatType kIn>
 static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
                                     float* absmax, int64_t block_begin, int64_t block_end) {
   if (denormals_flushed()) {
     return quantize_blockwise_generic<kIn>(in, n, blocksize, code, out, absmax, block_begin, block_end);
   }
-  alignas(64) float midpoints[256], pivots[256];
-  fill_midpoints(code, midpoints);
-  fill_level_pivots(midpoints, pivots);
-  const uint8_t zero = nearest_code_index(midpoints, 0.0f);
-  const __m512 pivot0 = _mm512_set1_ps(midpoints[127]);
+  alignas(64) float pivots[128], upper_mid[128], lower_mid[128];
+  fill_level_pivots(code, pivots);
+  fill_final_midpoints(code, upper_mid, lower_mid);
+  const uint8_t zero = dynamic_code_index(code, 0.0f);
+  const __m512 pivot0 = _mm512_set1_ps(code[127]);
   // levels 1..4 fit one vector (the lanes past 2^L hold other levels' pivots and are never indexed)
   const __m512 level1 = _mm512_load_ps(pivots), level2 = _mm512_load_ps(pivots), level3 = _mm512_loadu_ps(pivots + 8);
   const __m512 level4 = _mm512_load_ps(pivots + 16);
-  __m512 level5[2], level6[4], level7[8];
+  __m512 level5[2], level6[4], upper[8], lower[8];
   for (int j = 0; j < 2; ++j) level5[j] = _mm512_load_ps(pivots + 32 + 16 * j);
   for (int j = 0; j < 4; ++j) level6[j] = _mm512_load_ps(pivots + 64 + 16 * j);
-  for (int j = 0; j < 8; ++j) level7[j] = _mm512_load_ps(pivots + 128 + 16 * j);
+  for (int j = 0; j < 8; ++j) upper[j] = _mm512_load_ps(upper_mid + 16 * j);
+  for (int j = 0; j < 8; ++j) lower[j] = _mm512_load_ps(lower_mid + 16 * j);
   // level 1's pivots sit at offset 2, level 2's at 4: shift the prefix there instead of the table
   auto step = [](__m512i index, __m512 x, __m512 pivot, int size) {
     return _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(x, pivot, _CMP_GT_OQ), index, _mm512_set1_epi32(size));
   };
   auto search = [&](__m512 x) {
     __m512i index = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, pivot0, _CMP_GT_OQ), _mm512_set1_epi32(128));
-    index = step(index, x, _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 7), _mm512_set1_epi32(2)), level1), 64);
-    index = step(index, x, _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 6), _mm512_set1_epi32(4)), level2), 32);
+    index =
+        step(index, x,
+             _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 7), _mm512_set1_epi32(2)), level1), 64);
+    index =
+        step(index, x,
+             _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(index, 6), _mm512_set1_epi32(4)), level2), 32);
     index = step(index, x, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 5), level3), 16);
     index = step(index, x, _mm512_permutexvar_ps(_mm512_srli_epi32(index, 4), level4), 8);
     __m512i prefix = _mm512_srli_epi32(index, 3);
@@ -160,13 +177,10 @@ static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize
                                       _mm512_permutex2var_ps(level6[2], prefix, level6[3])),
                  2);
     prefix = _mm512_srli_epi32(index, 1);
-    const __mmask16 bit5 = _mm512_test_epi32_mask(prefix, _mm512_set1_epi32(32));
-    const __mmask16 bit6 = _mm512_test_epi32_mask(prefix, _mm512_set1_epi32(64));
-    const __m512 low = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(level7[0], prefix, level7[1]),
-                                            _mm512_permutex2var_ps(level7[2], prefix, level7[3]));
-    const __m512 high = _mm512_mask_blend_ps(bit5, _mm512_permutex2var_ps(level7[4], prefix, level7[5]),
-                                             _mm512_permutex2var_ps(level7[6], prefix, level7[7]));
-    return step(index, x, _mm512_mask_blend_ps(bit6, low, high), 1);
+    index = _mm512_mask_add_epi32(index, _mm512_cmp_ps_mask(x, lookup_128(upper, prefix), _CMP_GT_OQ), index,
+                                  _mm512_set1_epi32(1));
+    return _mm512_mask_sub_epi32(index, _mm512_cmp_ps_mask(x, lookup_128(lower, prefix), _CMP_LT_OQ), index,
+                                 _mm512_set1_epi32(1));
   };
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t start = block * blocksize;
@@ -195,27 +209,36 @@ static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize
   if (denormals_flushed()) {
     return quantize_blockwise_generic<kIn>(in, n, blocksize, code, out, absmax, block_begin, block_end);
   }
-  alignas(32) float midpoints[256], pivots[256];
-  fill_midpoints(code, midpoints);
-  fill_level_pivots(midpoints, pivots);
-  const uint8_t zero = nearest_code_index(midpoints, 0.0f);
-  const __m256 pivot0 = _mm256_set1_ps(midpoints[127]);
+  alignas(32) float pivots[128], upper_mid[128], lower_mid[128];
+  fill_level_pivots(code, pivots);
+  fill_final_midpoints(code, upper_mid, lower_mid);
+  const uint8_t zero = dynamic_code_index(code, 0.0f);
+  const __m256 pivot0 = _mm256_set1_ps(code[127]);
   const __m256 level1 = _mm256_load_ps(pivots), level2 = _mm256_load_ps(pivots), level3 = _mm256_load_ps(pivots + 8);
   // one level: index += x > pivot ? size : 0 (a true compare is all ones)
   auto step = [](__m256i index, __m256 x, __m256 pivot, int size) {
-    return _mm256_add_epi32(index, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, pivot, _CMP_GT_OQ)),
-                                                    _mm256_set1_epi32(size)));
+    return _mm256_add_epi32(
+        index, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, pivot, _CMP_GT_OQ)), _mm256_set1_epi32(size)));
   };
   auto search = [&](__m256 x) {
     __m256i index = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(x, pivot0, _CMP_GT_OQ)), _mm256_set1_epi32(128));
-    index = step(index, x, _mm256_permutevar8x32_ps(level1, _mm256_add_epi32(_mm256_srli_epi32(index, 7), _mm256_set1_epi32(2))), 64);
-    index = step(index, x, _mm256_permutevar8x32_ps(level2, _mm256_add_epi32(_mm256_srli_epi32(index, 6), _mm256_set1_epi32(4))), 32);
+    index =
+        step(index, x,
+             _mm256_permutevar8x32_ps(level1, _mm256_add_epi32(_mm256_srli_epi32(index, 7), _mm256_set1_epi32(2))), 64);
+    index =
+        step(index, x,
+             _mm256_permutevar8x32_ps(level2, _mm256_add_epi32(_mm256_srli_epi32(index, 6), _mm256_set1_epi32(4))), 32);
     index = step(index, x, _mm256_permutevar8x32_ps(level3, _mm256_srli_epi32(index, 5)), 16);
-    for (int size = 8; size > 0; size >>= 1) {
+    for (int size = 8; size > 1; size >>= 1) {
       const __m256i probe = _mm256_add_epi32(index, _mm256_set1_epi32(size - 1));
-      index = step(index, x, _mm256_i32gather_ps(midpoints, probe, 4), size);
+      index = step(index, x, _mm256_i32gather_ps(code, probe, 4), size);
     }
-    return index;
+    const __m256i pivot = _mm256_srli_epi32(index, 1);
+    // + (x > upper) and - (x < lower): a true compare is -1
+    index = _mm256_sub_epi32(
+        index, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_i32gather_ps(upper_mid, pivot, 4), _CMP_GT_OQ)));
+    return _mm256_add_epi32(
+        index, _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_i32gather_ps(lower_mid, pivot, 4), _CMP_LT_OQ)));
   };
   for (int64_t block = block_begin; block < block_end; ++block) {
     const int64_t start = block * blocksize;
@@ -239,7 +262,7 @@ static void quantize_blockwise_simd(const void* in, int64_t n, int64_t blocksize
       _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm256_castsi256_si128(ordered));
     }
     for (; i < end; ++i) {
-      out[i] = nearest_code_index(midpoints, load_as_float<kIn>(in, i) * scale.prescale * scale.inv_absmax);
+      out[i] = dynamic_code_index(code, load_as_float<kIn>(in, i) * scale.prescale * scale.inv_absmax);
     }
   }
 }
@@ -286,6 +309,7 @@ static void dequantize_blockwise(FloatType out_type, const uint8_t* in, const fl
 
 }  // namespace BNBX_ISA
 
-const Quantize8bitKernels BNBX_TABLE(quantize_8bit) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_blockwise, &BNBX_ISA::dequantize_blockwise};
+const Quantize8bitKernels BNBX_TABLE(quantize_8bit) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_blockwise,
+                                                       &BNBX_ISA::dequantize_blockwise};
 
 }  // namespace bnbx::cpu

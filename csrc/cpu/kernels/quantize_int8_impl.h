@@ -147,7 +147,8 @@ static void dequantize_int8_simd(const int8_t* q, const float* scale, const int3
   if (denormals_flushed()) {
     return dequantize_int8_generic<kOut>(q, scale, zero_point, n, group_size, out, group_begin, group_end);
   }
-  const __m512 limit = _mm512_set1_ps(kInt8DequantizeLimit<kOut>), negative_limit = _mm512_set1_ps(-kInt8DequantizeLimit<kOut>);
+  const __m512 limit = _mm512_set1_ps(kInt8DequantizeLimit<kOut>),
+               negative_limit = _mm512_set1_ps(-kInt8DequantizeLimit<kOut>);
   for (int64_t group = group_begin; group < group_end; ++group) {
     const int64_t start = group * group_size;
     const int64_t end = std::min(n, start + group_size);
@@ -155,14 +156,16 @@ static void dequantize_int8_simd(const int8_t* q, const float* scale, const int3
     const __m512 group_scale = _mm512_set1_ps(scale[group]), zp_vector = _mm512_set1_ps(zp);
     int64_t i = start;
     for (; i + 16 <= end; i += 16) {
-      const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+      const __m512 codes =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
       const __m512 value = _mm512_mul_ps(_mm512_sub_ps(codes, zp_vector), group_scale);
       // std::min(value, limit) = limit < value ? limit : value; std::max(r, -limit) = -limit > r ? -limit : r
       const __m512 clamped = _mm512_max_ps(negative_limit, _mm512_min_ps(limit, value));
       if constexpr (kOut == FloatType::kFloat32) {
         _mm512_storeu_ps(static_cast<float*>(out) + i, clamped);
       } else {
-        const __m256i rounded = kOut == FloatType::kFloat16 ? fp16_bits_16(clamped) : _mm512_cvtepi32_epi16(bf16_bits_16(clamped));
+        const __m256i rounded =
+            kOut == FloatType::kFloat16 ? fp16_bits_16(clamped) : _mm512_cvtepi32_epi16(bf16_bits_16(clamped));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), rounded);
       }
     }
@@ -234,7 +237,8 @@ static void dequantize_int8_simd(const int8_t* q, const float* scale, const int3
   if (denormals_flushed()) {
     return dequantize_int8_generic<kOut>(q, scale, zero_point, n, group_size, out, group_begin, group_end);
   }
-  const __m256 limit = _mm256_set1_ps(kInt8DequantizeLimit<kOut>), negative_limit = _mm256_set1_ps(-kInt8DequantizeLimit<kOut>);
+  const __m256 limit = _mm256_set1_ps(kInt8DequantizeLimit<kOut>),
+               negative_limit = _mm256_set1_ps(-kInt8DequantizeLimit<kOut>);
   for (int64_t group = group_begin; group < group_end; ++group) {
     const int64_t start = group * group_size;
     const int64_t end = std::min(n, start + group_size);
@@ -242,7 +246,8 @@ static void dequantize_int8_simd(const int8_t* q, const float* scale, const int3
     const __m256 group_scale = _mm256_set1_ps(scale[group]), zp_vector = _mm256_set1_ps(zp);
     int64_t i = start;
     for (; i + 8 <= end; i += 8) {
-      const __m256 codes = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i))));
+      const __m256 codes =
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i))));
       const __m256 value = _mm256_mul_ps(_mm256_sub_ps(codes, zp_vector), group_scale);
       // std::min(value, limit) = limit < value ? limit : value; std::max(r, -limit) = -limit > r ? -limit : r
       const __m256 clamped = _mm256_max_ps(negative_limit, _mm256_min_ps(limit, value));
@@ -271,11 +276,14 @@ static void quantize_int8(FloatType in_type, const void* in, int64_t n, int64_t 
                           float* scale, int32_t* zero_point, int64_t group_begin, int64_t group_end) {
   switch (in_type) {
     case FloatType::kFloat32:
-      return BNBX_INT8_KERNEL(quantize_int8)<FloatType::kFloat32>(in, n, group_size, symmetric, q, scale, zero_point, group_begin, group_end);
+      return BNBX_INT8_KERNEL(quantize_int8)<FloatType::kFloat32>(in, n, group_size, symmetric, q, scale, zero_point,
+                                                                  group_begin, group_end);
     case FloatType::kFloat16:
-      return BNBX_INT8_KERNEL(quantize_int8)<FloatType::kFloat16>(in, n, group_size, symmetric, q, scale, zero_point, group_begin, group_end);
+      return BNBX_INT8_KERNEL(quantize_int8)<FloatType::kFloat16>(in, n, group_size, symmetric, q, scale, zero_point,
+                                                                  group_begin, group_end);
     case FloatType::kBFloat16:
-      return BNBX_INT8_KERNEL(quantize_int8)<FloatType::kBFloat16>(in, n, group_size, symmetric, q, scale, zero_point, group_begin, group_end);
+      return BNBX_INT8_KERNEL(quantize_int8)<FloatType::kBFloat16>(in, n, group_size, symmetric, q, scale, zero_point,
+                                                                   group_begin, group_end);
   }
 }
 
@@ -283,11 +291,14 @@ static void dequantize_int8(FloatType out_type, const int8_t* q, const float* sc
                             int64_t n, int64_t group_size, void* out, int64_t group_begin, int64_t group_end) {
   switch (out_type) {
     case FloatType::kFloat32:
-      return BNBX_INT8_KERNEL(dequantize_int8)<FloatType::kFloat32>(q, scale, zero_point, n, group_size, out, group_begin, group_end);
+      return BNBX_INT8_KERNEL(dequantize_int8)<FloatType::kFloat32>(q, scale, zero_point, n, group_size, out,
+                                                                    group_begin, group_end);
     case FloatType::kFloat16:
-      return BNBX_INT8_KERNEL(dequantize_int8)<FloatType::kFloat16>(q, scale, zero_point, n, group_size, out, group_begin, group_end);
+      return BNBX_INT8_KERNEL(dequantize_int8)<FloatType::kFloat16>(q, scale, zero_point, n, group_size, out,
+                                                                    group_begin, group_end);
     case FloatType::kBFloat16:
-      return BNBX_INT8_KERNEL(dequantize_int8)<FloatType::kBFloat16>(q, scale, zero_point, n, group_size, out, group_begin, group_end);
+      return BNBX_INT8_KERNEL(dequantize_int8)<FloatType::kBFloat16>(q, scale, zero_point, n, group_size, out,
+                                                                     group_begin, group_end);
   }
 }
 
@@ -295,6 +306,7 @@ static void dequantize_int8(FloatType out_type, const int8_t* q, const float* sc
 
 }  // namespace BNBX_ISA
 
-const QuantizeInt8Kernels BNBX_TABLE(quantize_int8) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_int8, &BNBX_ISA::dequantize_int8};
+const QuantizeInt8Kernels BNBX_TABLE(quantize_int8) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_int8,
+                                                       &BNBX_ISA::dequantize_int8};
 
 }  // namespace bnbx::cpu

@@ -11,9 +11,9 @@ static inline __m256i bf16_bits_8(__m256 value) {
 
 static inline __m128i fp16_bits_8(__m256 value) {
   const __m128i half = _mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256i nan_bits = _mm256_or_si256(
-      _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(value), 16), _mm256_set1_epi32(0x8000)),
-      _mm256_set1_epi32(0x7e00));
+  const __m256i nan_bits =
+      _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(value), 16), _mm256_set1_epi32(0x8000)),
+                      _mm256_set1_epi32(0x7e00));
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
   // 32-bit lanes -> 16-bit lanes, in order (values fit: no saturation)
   const __m128i nan_bits16 = _mm_packus_epi32(_mm256_castsi256_si128(nan_bits), _mm256_extracti128_si256(nan_bits, 1));
@@ -42,8 +42,10 @@ static inline uint32_t block_absmax_bits(const void* in, int64_t start, int64_t 
     const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
     __m256i max0 = _mm256_setzero_si256(), max1 = _mm256_setzero_si256();
     for (; i + 16 <= end; i += 16) {
-      max0 = _mm256_max_epu32(max0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)), magnitude));
-      max1 = _mm256_max_epu32(max1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 8)), magnitude));
+      max0 = _mm256_max_epu32(
+          max0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)), magnitude));
+      max1 = _mm256_max_epu32(
+          max1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 8)), magnitude));
     }
     const __m256i max256 = _mm256_max_epu32(max0, max1);
     __m128i max = _mm_max_epu32(_mm256_castsi256_si128(max256), _mm256_extracti128_si256(max256, 1));
@@ -57,13 +59,16 @@ static inline uint32_t block_absmax_bits(const void* in, int64_t start, int64_t 
     const __m256i magnitude = _mm256_set1_epi16(0x7fff);
     __m256i max0 = _mm256_setzero_si256(), max1 = _mm256_setzero_si256();
     for (; i + 32 <= end; i += 32) {
-      max0 = _mm256_max_epu16(max0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)), magnitude));
-      max1 = _mm256_max_epu16(max1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 16)), magnitude));
+      max0 = _mm256_max_epu16(
+          max0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)), magnitude));
+      max1 = _mm256_max_epu16(
+          max1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 16)), magnitude));
     }
     const __m256i max256 = _mm256_max_epu16(max0, max1);
     const __m128i max128 = _mm_max_epu16(_mm256_castsi256_si128(max256), _mm256_extracti128_si256(max256, 1));
     // the largest of 8 = the complement of the smallest complement (phminposuw)
-    uint16_t bits = static_cast<uint16_t>(~_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(max128, _mm_set1_epi32(-1)))));
+    uint16_t bits =
+        static_cast<uint16_t>(~_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(max128, _mm_set1_epi32(-1)))));
     for (; i < end; ++i) bits = std::max<uint16_t>(bits, src[i] & 0x7fffu);
     if constexpr (kIn == FloatType::kBFloat16) return static_cast<uint32_t>(bits) << 16;
     return bits > 0x7bffu ? 0xffffffffu : float_to_bits(fp16_to_float(bits));

@@ -14,11 +14,10 @@ static inline __m512i bf16_bits_16(__m512 value) {
 // sign | 0x7e00, so NaN lanes are patched.
 static inline __m256i fp16_bits_16(__m512 value) {
   const __m256i half = _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512i nan_bits = _mm512_or_si512(
-      _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(value), 16), _mm512_set1_epi32(0x8000)),
-      _mm512_set1_epi32(0x7e00));
-  return _mm256_mask_mov_epi16(half, _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q),
-                               _mm512_cvtepi32_epi16(nan_bits));
+  const __m512i nan_bits =
+      _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(value), 16), _mm512_set1_epi32(0x8000)),
+                      _mm512_set1_epi32(0x7e00));
+  return _mm256_mask_mov_epi16(half, _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q), _mm512_cvtepi32_epi16(nan_bits));
 }
 
 template <FloatType kIn>
@@ -83,7 +82,8 @@ static inline uint32_t block_absmax_bits(const void* in, int64_t start, int64_t 
     const __m256i max256 = _mm256_max_epu16(_mm512_castsi512_si256(max512), _mm512_extracti64x4_epi64(max512, 1));
     const __m128i max128 = _mm_max_epu16(_mm256_castsi256_si128(max256), _mm256_extracti128_si256(max256, 1));
     // the largest of 8 = the complement of the smallest complement (phminposuw)
-    const uint16_t bits = static_cast<uint16_t>(~_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(max128, _mm_set1_epi32(-1)))));
+    const uint16_t bits =
+        static_cast<uint16_t>(~_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(max128, _mm_set1_epi32(-1)))));
     if constexpr (kIn == FloatType::kBFloat16) return static_cast<uint32_t>(bits) << 16;
     return bits > 0x7bffu ? 0xffffffffu : float_to_bits(fp16_to_float(bits));
   }
