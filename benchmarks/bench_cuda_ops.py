@@ -55,43 +55,91 @@ def rows(device: torch.device, shape: tuple[int, int], copies: int):
     q4 = [F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4") for w in W]
     q4n = [F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True) for w in W]
     q8 = [F.quantize_blockwise(w, blocksize=256) for w in W]
-    qi = {g: [F.quantize_int8(w, g, **kw) for w in W] for g, kw in
-          [("tensor", {}), ("channel", {"axis": 0}), ("group", {"group_size": 128})]}
+    qi = {
+        g: [F.quantize_int8(w, g, **kw) for w in W]
+        for g, kw in [("tensor", {}), ("channel", {"axis": 0}), ("group", {"group_size": 128})]
+    }
     outs = [torch.empty_like(w) for w in W]
     code = F._table("dynamic", device)
     blocks = -(-n // BLOCKSIZE)
     b16, b4 = 2 * n, n // 2
     r = range(copies)
     yield "copy (bf16 .copy_)", [lambda i=i: outs[i].copy_(W[i]) for i in r], 2 * b16
-    yield "op quantize_4bit nf4", [lambda i=i: torch.ops.bnbx.quantize_4bit(W[i], BLOCKSIZE, "nf4", torch.uint8)
-                                   for i in r], b16 + b4 + 4 * blocks
-    yield "op quantize_4bit fp4", [lambda i=i: torch.ops.bnbx.quantize_4bit(W[i], BLOCKSIZE, "fp4", torch.uint8)
-                                   for i in r], b16 + b4 + 4 * blocks
-    yield "F.quantize_4bit nf4", [lambda i=i: F.quantize_4bit(W[i], blocksize=BLOCKSIZE, quant_type="nf4") for i in r], \
-        b16 + b4 + 4 * blocks
-    yield "F.quantize_4bit nf4 nested", [lambda i=i: F.quantize_4bit(W[i], blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
-                                         for i in r], b16 + b4 + blocks
-    yield "op dequantize_4bit.out", [
-        lambda i=i: torch.ops.bnbx.dequantize_4bit.out(q4[i][0], q4[i][1].absmax, BLOCKSIZE, "nf4", list(shape),
-                                                       torch.bfloat16, out=outs[i]) for i in r], b16 + b4 + 4 * blocks
-    yield "op dequantize_4bit (new out)", [
-        lambda i=i: torch.ops.bnbx.dequantize_4bit(q4[i][0], q4[i][1].absmax, BLOCKSIZE, "nf4", list(shape),
-                                                   torch.bfloat16) for i in r], b16 + b4 + 4 * blocks
-    yield "F.dequantize_4bit out=", [lambda i=i: F.dequantize_4bit(q4[i][0], q4[i][1], out=outs[i]) for i in r], \
-        b16 + b4 + 4 * blocks
-    yield "F.dequantize_4bit nested out=", [lambda i=i: F.dequantize_4bit(q4n[i][0], q4n[i][1], out=outs[i])
-                                            for i in r], b16 + b4 + blocks
-    yield "op quantize_blockwise (256)", [lambda i=i: torch.ops.bnbx.quantize_blockwise(W[i], code, 256) for i in r], \
-        b16 + n + 4 * (n // 256)
-    yield "op dequantize_blockwise", [
-        lambda i=i: torch.ops.bnbx.dequantize_blockwise(q8[i][0], q8[i][1].absmax, code, 256, torch.bfloat16)
-        for i in r], b16 + n + 4 * (n // 256)
+    yield (
+        "op quantize_4bit nf4",
+        [lambda i=i: torch.ops.bnbx.quantize_4bit(W[i], BLOCKSIZE, "nf4", torch.uint8) for i in r],
+        b16 + b4 + 4 * blocks,
+    )
+    yield (
+        "op quantize_4bit fp4",
+        [lambda i=i: torch.ops.bnbx.quantize_4bit(W[i], BLOCKSIZE, "fp4", torch.uint8) for i in r],
+        b16 + b4 + 4 * blocks,
+    )
+    yield (
+        "F.quantize_4bit nf4",
+        [lambda i=i: F.quantize_4bit(W[i], blocksize=BLOCKSIZE, quant_type="nf4") for i in r],
+        b16 + b4 + 4 * blocks,
+    )
+    yield (
+        "F.quantize_4bit nf4 nested",
+        [lambda i=i: F.quantize_4bit(W[i], blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True) for i in r],
+        b16 + b4 + blocks,
+    )
+    yield (
+        "op dequantize_4bit.out",
+        [
+            lambda i=i: torch.ops.bnbx.dequantize_4bit.out(
+                q4[i][0], q4[i][1].absmax, BLOCKSIZE, "nf4", list(shape), torch.bfloat16, out=outs[i]
+            )
+            for i in r
+        ],
+        b16 + b4 + 4 * blocks,
+    )
+    yield (
+        "op dequantize_4bit (new out)",
+        [
+            lambda i=i: torch.ops.bnbx.dequantize_4bit(
+                q4[i][0], q4[i][1].absmax, BLOCKSIZE, "nf4", list(shape), torch.bfloat16
+            )
+            for i in r
+        ],
+        b16 + b4 + 4 * blocks,
+    )
+    yield (
+        "F.dequantize_4bit out=",
+        [lambda i=i: F.dequantize_4bit(q4[i][0], q4[i][1], out=outs[i]) for i in r],
+        b16 + b4 + 4 * blocks,
+    )
+    yield (
+        "F.dequantize_4bit nested out=",
+        [lambda i=i: F.dequantize_4bit(q4n[i][0], q4n[i][1], out=outs[i]) for i in r],
+        b16 + b4 + blocks,
+    )
+    yield (
+        "op quantize_blockwise (256)",
+        [lambda i=i: torch.ops.bnbx.quantize_blockwise(W[i], code, 256) for i in r],
+        b16 + n + 4 * (n // 256),
+    )
+    yield (
+        "op dequantize_blockwise",
+        [
+            lambda i=i: torch.ops.bnbx.dequantize_blockwise(q8[i][0], q8[i][1].absmax, code, 256, torch.bfloat16)
+            for i in r
+        ],
+        b16 + n + 4 * (n // 256),
+    )
     for g, kw in [("tensor", {}), ("channel", {"axis": 0}), ("group", {"group_size": 128})]:
         yield f"F.quantize_int8 {g}", [lambda i=i, g=g, kw=kw: F.quantize_int8(W[i], g, **kw) for i in r], b16 + n
-        yield f"F.dequantize_int8 {g}", [lambda i=i, g=g: F.dequantize_int8(qi[g][i][0], qi[g][i][1]) for i in r], \
-            b16 + n
-    yield "op quantize_int8 (group 128, asym)", [lambda i=i: torch.ops.bnbx.quantize_int8(W[i], 128, False)
-                                                 for i in r], b16 + n + 8 * (n // 128)
+        yield (
+            f"F.dequantize_int8 {g}",
+            [lambda i=i, g=g: F.dequantize_int8(qi[g][i][0], qi[g][i][1]) for i in r],
+            b16 + n,
+        )
+    yield (
+        "op quantize_int8 (group 128, asym)",
+        [lambda i=i: torch.ops.bnbx.quantize_int8(W[i], 128, False) for i in r],
+        b16 + n + 8 * (n // 128),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,8 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     copies = max(2, min(8, (256 << 20) // max(weight_bytes, 1)))
     timer = Timer(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device: {name}; weight {args.shape} bf16, blocksize {BLOCKSIZE}; {copies} rotating copies; "
-          f"median of {args.repeat}")
+    print(
+        f"device: {name}; weight {args.shape} bf16, blocksize {BLOCKSIZE}; {copies} rotating copies; "
+        f"median of {args.repeat}"
+    )
     table, copy_gbs = [], None
     for row, fns, moved in rows(device, shape, copies):
         ms = timer.median_ms(fns, args.repeat)

@@ -116,7 +116,6 @@ def main() -> None:
             objs = make()
             with torch.inference_mode():
                 ms = median_ms(lambda i: call(objs[i % len(objs)]), repeat)
-            del objs
             times[name] = ms
             rows.append((name, ms, wbytes, peer))
 

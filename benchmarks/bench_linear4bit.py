@@ -5,7 +5,8 @@
 All three compute ``x @ W^T + b`` for bf16 ``x [M, K]`` and ``W [N, K]``: bnbx ``Linear4bit`` (NF4, double
 quantization, compute_dtype bf16), ``torch.nn.functional.linear`` with the bf16 weight, and bitsandbytes'
 ``Linear4bit`` with the same settings (eval mode, no gradient: its fastest CPU path). Columns:
-- ms: median wall time (time.perf_counter; --clock cpu: CPU time of all threads) after a warm-up, rotating several copies of each layer so that the
+- ms: median wall time (time.perf_counter; --clock cpu: CPU time of all threads) after a warm-up, rotating several
+  copies of each layer so that the
   weight is not still in a cache (bnbx: 4 copies of 23 MB; torch and bitsandbytes: 2 of 90 / 23 MB).
 - vs torch, vs bnb: how many times faster bnbx is (their ms / bnbx ms), measured in the same run.
 - GB/s: bnbx's packed weight bytes (codes + statistics as stored) / time; % copy: that over this machine's
@@ -105,9 +106,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per bnbx cell (median reported)")
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
-    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                        help="cpu: CPU time of all threads (time.process_time), steadier than wall time on a machine "
-                             "others load; GB/s and %% copy then describe CPU-seconds, not elapsed time")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: CPU time of all threads (time.process_time), steadier than wall time on a machine "
+        "others load; GB/s and %% copy then describe CPU-seconds, not elapsed time",
+    )
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -152,13 +157,19 @@ def main() -> None:
     name, flags = cpu_description()
     params = N * K
     nf4_plain = (params // 2 + 4 * -(-params // 64)) / params
-    print(f"bnbx {bnbx.__version__}, torch {torch.__version__}, bitsandbytes {bnb.__version__ if bnb else 'n/a'}; "
-          f"x bf16 [M, {K}] @ W^T [{K}, {N}] + b; NF4 + double quantization, blocksize 64, compute bf16; "
-          f"clock {args.clock}")
-    print(f"cpu: {name}; {torch.get_num_threads()} threads; ISA: {' '.join(flags) or 'unknown'}; "
-          f"bnbx kernels {_library.cpu_capability()}; copy bandwidth {copy_gbs:.1f} GB/s")
-    print(f"weight bytes per parameter: fp32 4, bf16 2, NF4 {nf4_plain:.4f}, NF4 + double quant "
-          f"{packed_bytes / params:.4f}")
+    print(
+        f"bnbx {bnbx.__version__}, torch {torch.__version__}, bitsandbytes {bnb.__version__ if bnb else 'n/a'}; "
+        f"x bf16 [M, {K}] @ W^T [{K}, {N}] + b; NF4 + double quantization, blocksize 64, compute bf16; "
+        f"clock {args.clock}"
+    )
+    print(
+        f"cpu: {name}; {torch.get_num_threads()} threads; ISA: {' '.join(flags) or 'unknown'}; "
+        f"bnbx kernels {_library.cpu_capability()}; copy bandwidth {copy_gbs:.1f} GB/s"
+    )
+    print(
+        f"weight bytes per parameter: fp32 4, bf16 2, NF4 {nf4_plain:.4f}, NF4 + double quant "
+        f"{packed_bytes / params:.4f}"
+    )
     header = ["M", "bnbx ms", "torch bf16 ms", "bnb ms", "vs torch", "vs bnb", "GB/s", "% copy", "TFLOP/s"]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))

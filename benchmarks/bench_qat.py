@@ -19,6 +19,7 @@ Columns:
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -82,10 +83,10 @@ def main() -> None:
             out = torch.empty_like(inputs[0])
             copy_ms = median_ms(out.copy_, inputs, args.repeat)
             copy_gbs = 2 * nbytes / copy_ms / 1e6
-            ours = lambda x, g=granularity: fake_quantize(x, 8, True, g)
+            ours = functools.partial(fake_quantize, bits=8, symmetric=True, granularity=granularity)
             for pass_name in ("fwd", "fwd+bwd"):
                 if pass_name == "fwd":
-                    run = lambda fn: (lambda x: fn(x))
+                    run = lambda fn: fn  # noqa: E731
                     moved = 2 * nbytes
                     grad_inputs = inputs
                 else:

@@ -41,12 +41,17 @@ class Report:
     def run(self, step: str, argv: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
         """Run one command from the repository root; returns (exit status, output), recorded in the report."""
         print(f"[{step}] $ {' '.join(argv)}", flush=True)
-        full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
         start = time.perf_counter()
         try:
-            proc = subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
-                                  check=False)
+            proc = subprocess.run(
+                argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+            )
             status, output = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as error:
             status = 124
@@ -70,8 +75,7 @@ class Report:
     def write(self) -> None:
         mode = "dry run (no GPU steps executed)" if self.dry_run else "GPU run"
         stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {platform.node()}, python {platform.python_version()}"
-        lines = [f"# bnbx GPU check: {mode}", "", stamp, "",
-                 "| step | result | seconds |", "|---|---|---:|"]
+        lines = [f"# bnbx GPU check: {mode}", "", stamp, "", "| step | result | seconds |", "|---|---|---:|"]
         lines += [f"| {s} | {o} | {t:.1f} |" for s, o, t in self.results]
         lines += ["", "## Details", ""] + self.sections
         self.path.write_text("\n".join(lines))
@@ -101,13 +105,17 @@ def find_compute_sanitizer() -> str | None:
     if found:
         return found
     candidates = [os.path.join(os.environ.get(v, ""), "bin", "compute-sanitizer") for v in ("CUDA_HOME", "CUDA_PATH")]
-    candidates += ["/usr/local/cuda/bin/compute-sanitizer", *sorted(glob.glob("/usr/local/cuda*/bin/compute-sanitizer")),
-                   *sorted(glob.glob("/opt/nvidia/**/compute-sanitizer", recursive=True))]
+    candidates += [
+        "/usr/local/cuda/bin/compute-sanitizer",
+        *sorted(glob.glob("/usr/local/cuda*/bin/compute-sanitizer")),
+        *sorted(glob.glob("/opt/nvidia/**/compute-sanitizer", recursive=True)),
+    ]
     # The PyPI wheels nvidia-cuda-sanitizer-api(-cu12) install under site-packages/nvidia/cuda_sanitizer_api;
     # the 12.8 wheel holds only the sanitizer API libraries, so a binary there is used when a version has one.
     for site in sys.path:
-        candidates += sorted(glob.glob(os.path.join(site, "nvidia", "cuda_sanitizer_api", "**", "compute-sanitizer"),
-                                       recursive=True))
+        candidates += sorted(
+            glob.glob(os.path.join(site, "nvidia", "cuda_sanitizer_api", "**", "compute-sanitizer"), recursive=True)
+        )
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(str(Path(nvcc).resolve().parent / "compute-sanitizer"))
@@ -116,8 +124,9 @@ def find_compute_sanitizer() -> str | None:
 
 def step_env(report: Report, args) -> str:
     if shutil.which("nvidia-smi"):
-        report.run("env", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                           "--format=csv"], 60)
+        report.run(
+            "env", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv"], 60
+        )
     else:
         report.note("env", "nvidia-smi not found")
     probe = (
@@ -132,17 +141,36 @@ def step_env(report: Report, args) -> str:
 def step_build(report: Report, args) -> str:
     arch = gpu_arch()
     build = ROOT / "build" / "gpu-check"
-    configure = ["cmake", "-S", str(ROOT), "-B", str(build), "-DBNBX_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch or 90}",
-                 f"-DPython_EXECUTABLE={python()}", "-DBNBX_COPY_TO_SOURCE=ON"]
+    configure = [
+        "cmake",
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        "-DBNBX_CUDA=ON",
+        f"-DCMAKE_CUDA_ARCHITECTURES={arch or 90}",
+        f"-DPython_EXECUTABLE={python()}",
+        "-DBNBX_COPY_TO_SOURCE=ON",
+    ]
     compile_ = ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)]
     if args.dry_run:
         if shutil.which("nvcc") is None or shutil.which("cmake") is None:
-            report.note("build", f"dry run: would run {' '.join(configure)} && {' '.join(compile_)} "
-                                 "(nvcc or cmake missing here, not configured)")
+            report.note(
+                "build",
+                f"dry run: would run {' '.join(configure)} && {' '.join(compile_)} "
+                "(nvcc or cmake missing here, not configured)",
+            )
             return "dry (not configured)"
         # configure only, into a scratch directory, when this machine has a CUDA torch to configure against
-        status, output = report.run("build", configure[:4] + [str(Path(args.scratch) / "gpu-check-build")]
-                                    + configure[5:7] + ["-DBNBX_COPY_TO_SOURCE=OFF"] + configure[7:8], 600)
+        status, output = report.run(
+            "build",
+            configure[:4]
+            + [str(Path(args.scratch) / "gpu-check-build")]
+            + configure[5:7]
+            + ["-DBNBX_COPY_TO_SOURCE=OFF"]
+            + configure[7:8],
+            600,
+        )
         if status != 0 and "CPU build" in output:
             return "dry (CPU torch here: configure refused as expected)"
         return "dry (configured)" if status == 0 else "FAILED"
@@ -158,15 +186,30 @@ def step_build(report: Report, args) -> str:
 def step_tests(report: Report, args) -> str:
     files = ["tests/test_cuda_parity.py", "tests/test_no_sync.py"]
     if args.dry_run:
-        status, _ = report.run("tests", [python(), "-m", "pytest", "-q", "--collect-only", "-p",
-                                              "no:cacheprovider", *files], 300)
+        status, _ = report.run(
+            "tests", [python(), "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *files], 300
+        )
         return "dry (collected)" if status == 0 else "FAILED"
-    status1, _ = report.run("tests", [python(), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files],
-                            900)
+    status1, _ = report.run("tests", [python(), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files], 900)
     # every other test parametrized over devices, on the GPU
-    status2, _ = report.run("tests", [python(), "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "tests",
-                                      "-k", "cuda and not emulation", "--ignore=tests/test_cuda_parity.py",
-                                      "--ignore=tests/test_no_sync.py"], 600)
+    status2, _ = report.run(
+        "tests",
+        [
+            python(),
+            "-m",
+            "pytest",
+            "-q",
+            "-rfE",
+            "-p",
+            "no:cacheprovider",
+            "tests",
+            "-k",
+            "cuda and not emulation",
+            "--ignore=tests/test_cuda_parity.py",
+            "--ignore=tests/test_no_sync.py",
+        ],
+        600,
+    )
     return "ok" if status1 == 0 and status2 in (0, 5) else "FAILED"
 
 
@@ -175,9 +218,12 @@ def step_sanitizer(report: Report, args) -> str:
     tool = find_compute_sanitizer()
     if args.dry_run:
         status, _ = report.run("sanitizer", cases + ["--device", "cpu"], 600)
-        report.note("sanitizer", f"compute-sanitizer here: {tool or 'not found'}; on the GPU each of memcheck, "
-                                 f"racecheck, synccheck runs: compute-sanitizer --tool TOOL --error-exitcode 99 "
-                                 f"{' '.join(cases)}")
+        report.note(
+            "sanitizer",
+            f"compute-sanitizer here: {tool or 'not found'}; on the GPU each of memcheck, "
+            f"racecheck, synccheck runs: compute-sanitizer --tool TOOL --error-exitcode 99 "
+            f"{' '.join(cases)}",
+        )
         return "dry (cases ran on cpu)" if status == 0 else "FAILED"
     if tool is None:
         report.note("sanitizer", "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda, pip wheels)")
@@ -185,19 +231,26 @@ def step_sanitizer(report: Report, args) -> str:
     outcomes = []
     for check in ("memcheck", "racecheck", "synccheck"):
         extra = ["--leak-check", "no"] if check == "memcheck" else []
-        status, _ = report.run("sanitizer", [tool, "--tool", check, "--error-exitcode", "99", *extra, *cases],
-                                    args.sanitizer_timeout)
+        status, _ = report.run(
+            "sanitizer", [tool, "--tool", check, "--error-exitcode", "99", *extra, *cases], args.sanitizer_timeout
+        )
         outcomes.append(f"{check} {'ok' if status == 0 else 'FAILED' if status != 124 else 'timeout'}")
     return ", ".join(outcomes)
 
 
 def step_bench(report: Report, args) -> str:
     if args.dry_run:
-        status, _ = report.run("bench", [python(), "benchmarks/bench_cuda_ops.py", "--device", "cpu", "--shape",
-                                         "64x256", "--repeat", "2"], 300)
+        status, _ = report.run(
+            "bench",
+            [python(), "benchmarks/bench_cuda_ops.py", "--device", "cpu", "--shape", "64x256", "--repeat", "2"],
+            300,
+        )
         return "dry (cpu, tiny)" if status == 0 else "FAILED"
-    status, _ = report.run("bench", [python(), "benchmarks/bench_cuda_ops.py", "--device", "cuda", "--shape",
-                                     "11008x4096", "--repeat", "50"], 600)
+    status, _ = report.run(
+        "bench",
+        [python(), "benchmarks/bench_cuda_ops.py", "--device", "cuda", "--shape", "11008x4096", "--repeat", "50"],
+        600,
+    )
     return "ok" if status == 0 else "FAILED"
 
 
@@ -210,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sanitizer-timeout", type=float, default=240, help="seconds per compute-sanitizer tool")
     args = parser.parse_args(argv)
     report = Report(Path(args.report), args.dry_run)
-    steps = {"env": step_env, "build": step_build, "tests": step_tests, "sanitizer": step_sanitizer,
-             "bench": step_bench}
+    steps = {
+        "env": step_env,
+        "build": step_build,
+        "tests": step_tests,
+        "sanitizer": step_sanitizer,
+        "bench": step_bench,
+    }
     failed = False
     for name in STEPS:
         if name in args.skip:
@@ -225,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         report.result(name, outcome, time.perf_counter() - start)
         failed |= "FAILED" in outcome
         if name == "build" and "FAILED" in outcome and not args.dry_run:
-            for rest in STEPS[STEPS.index(name) + 1:]:
+            for rest in STEPS[STEPS.index(name) + 1 :]:
                 report.result(rest, "not run (build failed)", 0.0)
             break
     report.write()

@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         for n, blocksize in ((1, 64), (33, 32), (4097, 64), (4097, 4096), (20000, 128)):
             A = special_input(n, dtype, blocksize, g)
             for quant_type in ("nf4", "fp4"):
-                p_ref, s_ref = F.quantize_4bit(A, blocksize=blocksize, quant_type=quant_type, compress_statistics=n > 4000)
-                p, s = F.quantize_4bit(A.to(device), blocksize=blocksize, quant_type=quant_type, compress_statistics=n > 4000)
+                p_ref, s_ref = F.quantize_4bit(
+                    A, blocksize=blocksize, quant_type=quant_type, compress_statistics=n > 4000
+                )
+                p, s = F.quantize_4bit(
+                    A.to(device), blocksize=blocksize, quant_type=quant_type, compress_statistics=n > 4000
+                )
                 assert_same_bits(p, p_ref, "4-bit packed")
                 out = torch.empty(n, device=device, dtype=dtype)
                 assert_same_bits(F.dequantize_4bit(p, s, out=out), F.dequantize_4bit(p_ref, s_ref), "4-bit out")

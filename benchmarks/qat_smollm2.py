@@ -82,7 +82,9 @@ def main() -> None:
         p.requires_grad_(False)
     with open(EVAL_TEXT, encoding="utf-8") as f:
         eval_ids = tokenizer(f.read(), return_tensors="pt").input_ids[0][: args.eval_len * args.eval_blocks]
-    print(f"eval: {EVAL_TEXT}, {eval_ids.numel()} tokens in blocks of {args.eval_len}; threads {torch.get_num_threads()}")
+    print(
+        f"eval: {EVAL_TEXT}, {eval_ids.numel()} tokens in blocks of {args.eval_len}; threads {torch.get_num_threads()}"
+    )
 
     rows = []
     t0 = cpu_time()
@@ -102,8 +104,9 @@ def main() -> None:
         for p in student.parameters():
             p.requires_grad_(True)
         # LSQ starts from the MinMax scales, so the RTN row is the same model either way
-        prepare(student, QATConfig(w_bits=w, a_bits=a, kv_bits=kv, method=args.method,
-                                   kv_granularity=args.kv_granularity))
+        prepare(
+            student, QATConfig(w_bits=w, a_bits=a, kv_bits=kv, method=args.method, kv_granularity=args.kv_granularity)
+        )
         t0 = cpu_time()
         rtn = perplexity(student, eval_ids, args.eval_len)
         rtn_time = cpu_time() - t0
@@ -113,23 +116,42 @@ def main() -> None:
             del student
             continue
         t0 = cpu_time()
-        losses = distill(student, teacher, data, seq_len=args.seq_len, batch_size=args.batch, max_steps=args.steps,
-                         lr=args.lr, scale_lr=args.scale_lr, progress=False)
+        losses = distill(
+            student,
+            teacher,
+            data,
+            seq_len=args.seq_len,
+            batch_size=args.batch,
+            max_steps=args.steps,
+            lr=args.lr,
+            scale_lr=args.scale_lr,
+            progress=False,
+        )
         train_time = cpu_time() - t0
         qat = perplexity(student, eval_ids, args.eval_len)
         recovered = (rtn - qat) / (rtn - fp) * 100 if rtn > fp else float("nan")
-        rows.append((setting, f"{rtn:.3f}", f"{qat:.3f}", f"{recovered:.0f}%", f"{rtn_time:.0f}",
-                     f"{train_time:.0f} ({losses[0]:.3f} -> {losses[-1]:.3f})"))
+        rows.append(
+            (
+                setting,
+                f"{rtn:.3f}",
+                f"{qat:.3f}",
+                f"{recovered:.0f}%",
+                f"{rtn_time:.0f}",
+                f"{train_time:.0f} ({losses[0]:.3f} -> {losses[-1]:.3f})",
+            )
+        )
         print(rows[-1], flush=True)
         del student
 
     header = ("W-A-KV", "RTN ppl", "QAT ppl", "gap recovered", "RTN eval CPU s", "QAT train CPU s (KD loss)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines.append(f"\nfull precision ppl {fp:.3f}; data generation {gen_time:.0f} s CPU ({len(data)} x {args.gen_len} "
-                 f"tokens); {args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, scale lr "
-                 f"{args.scale_lr}, weights {args.method} per channel, KV per {args.kv_granularity}; "
-                 f"eval {eval_ids.numel()} tokens")
+    lines.append(
+        f"\nfull precision ppl {fp:.3f}; data generation {gen_time:.0f} s CPU ({len(data)} x {args.gen_len} "
+        f"tokens); {args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, scale lr "
+        f"{args.scale_lr}, weights {args.method} per channel, KV per {args.kv_granularity}; "
+        f"eval {eval_ids.numel()} tokens"
+    )
     table = "\n".join(lines)
     print(table)
     if args.out:

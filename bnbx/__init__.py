@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 # LLM.int8(): functional ops (also in bnbx.functional), the differentiable matmul and the layer
-from . import matmul_int8  # noqa: E402  (registers the autograd of bnbx::int8_mixed_linear)
+from . import matmul_int8  # noqa: E402,F401  (registers the autograd of bnbx::int8_mixed_linear)
 from .functional_int8 import (  # noqa: E402
     int8_linear_matmul,
     int8_mixed_linear,

@@ -80,9 +80,7 @@ def packed_4bit_bytes(n: int, storage_itemsize: int) -> int:
 
 def check_code(op: str, code: torch.Tensor) -> None:
     torch._check_type(code.dtype == torch.float32, lambda: f"{op}: code must be float32, got {_dtype_name(code.dtype)}")
-    torch._check_value(
-        code.numel() == DYNAMIC_MAP_SIZE, lambda: f"{op}: code must hold 256 values, got {code.numel()}"
-    )
+    torch._check_value(code.numel() == DYNAMIC_MAP_SIZE, lambda: f"{op}: code must hold 256 values, got {code.numel()}")
 
 
 @torch.library.register_fake("bnbx::quantize_4bit")
@@ -128,8 +126,10 @@ def _(A, absmax, blocksize: int, quant_type: str, shape: Sequence[int], dtype: t
     _check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype)
     torch._check_value(
         tuple(out.shape) == tuple(shape) and out.dtype == dtype,
-        lambda: f"dequantize_4bit: out must have shape {list(shape)} and dtype {_dtype_name(dtype)}, "
-        f"got {list(out.shape)} and {_dtype_name(out.dtype)}",
+        lambda: (
+            f"dequantize_4bit: out must have shape {list(shape)} and dtype {_dtype_name(dtype)}, "
+            f"got {list(out.shape)} and {_dtype_name(out.dtype)}"
+        ),
     )
     torch._check_value(out.is_contiguous(), lambda: "dequantize_4bit: out must be contiguous")
     check_same_device("dequantize_4bit", A, "A", out, "out")
@@ -193,8 +193,9 @@ def _(A: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size
 # --- gemm_4bit: products with a packed 4-bit weight ------------------------------------------------------------
 
 
-def _check_gemm_4bit(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset,
-                     nested_blocksize) -> tuple[int, int]:
+def _check_gemm_4bit(
+    A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize
+) -> tuple[int, int]:
     op = "gemm_4bit"
     check_float_dtype(op, "A", A.dtype)
     check_blocksize(op, blocksize)
@@ -252,15 +253,29 @@ def _check_gemm_4bit(A, B, absmax, blocksize, quant_type, shape, bias, nested_ab
 
 
 @torch.library.register_fake("bnbx::gemm_4bit")
-def _(A, B, absmax, blocksize: int, quant_type: str, shape: Sequence[int], bias=None, nested_absmax=None,
-      nested_code=None, nested_offset=None, nested_blocksize: int = 256):
-    N, _ = _check_gemm_4bit(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code,
-                            nested_offset, nested_blocksize)
+def _(
+    A,
+    B,
+    absmax,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    bias=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_offset=None,
+    nested_blocksize: int = 256,
+):
+    N, _ = _check_gemm_4bit(
+        A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize
+    )
     return A.new_empty((*A.shape[:-1], N))
 
 
 def _gemm_4bit_setup_context(ctx, inputs, output) -> None:
-    A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = inputs
+    A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax, nested_code, nested_offset, nested_blocksize = (
+        inputs
+    )
     ctx.save_for_backward(B, absmax, nested_absmax, nested_code, nested_offset)
     ctx.args = (blocksize, quant_type, tuple(shape), nested_blocksize, A.dtype, bias is not None)
 
@@ -273,8 +288,9 @@ def _gemm_4bit_backward(ctx, grad):
     grad_A = grad_bias = None
     if ctx.needs_input_grad[0]:
         if nested_absmax is not None:
-            absmax = torch.ops.bnbx.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize,
-                                                         torch.float32) + nested_offset.reshape(())
+            absmax = torch.ops.bnbx.dequantize_blockwise(
+                absmax, nested_absmax, nested_code, nested_blocksize, torch.float32
+            ) + nested_offset.reshape(())
         weight = torch.ops.bnbx.dequantize_4bit(B, absmax, blocksize, quant_type, list(shape), dtype)
         grad_A = torch.matmul(grad.to(dtype), weight)
     if has_bias and ctx.needs_input_grad[6]:
@@ -389,6 +405,8 @@ def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias=None, threshold
     _check_bias(op, bias, CB.shape[0], A)
     check_threshold(op, threshold)
     return torch.empty((*A.shape[:-1], CB.shape[0]), dtype=A.dtype, device=A.device)
+
+
 # --- fake_quant (QAT) -------------------------------------------------------------------------------------
 # Fake kernel with the checks of csrc/common/checks_fake_quant.h, and the straight-through gradient: the one
 # differentiable bnbx op. Scales and zero points are statistics (no gradient); the learnable-scale path

@@ -89,7 +89,12 @@ def perplexity(
         scored += log_probs.numel() - first
         scored_until = end
     seconds = time.perf_counter() - begin_time
-    return {"perplexity": math.exp(nll / scored), "tokens": scored, "seconds": seconds, "tokens_per_s": scored / seconds}
+    return {
+        "perplexity": math.exp(nll / scored),
+        "tokens": scored,
+        "seconds": seconds,
+        "tokens_per_s": scored / seconds,
+    }
 
 
 def generation_config(
@@ -139,7 +144,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, **generate_kwargs: Any) ->
     start = time.perf_counter()
     output = model.generate(**encoded, pad_token_id=pad, **kwargs)
     seconds = time.perf_counter() - start
-    new = output[0, encoded.input_ids.shape[1]:]
+    new = output[0, encoded.input_ids.shape[1] :]
     return {
         "text": tokenizer.decode(new, skip_special_tokens=True),
         "new_tokens": int(new.numel()),

@@ -32,9 +32,10 @@ TORCH_LIBRARY(bnbx, m) {
   // quant_storage, bytes ceil(N*K/2)) with absmax fp32 [ceil(N*K/blocksize)], or with double quantization
   // absmax uint8 decoded as nested_code[absmax] * nested_absmax[block / nested_blocksize] + nested_offset.
   // Accumulates in fp32 (GEMV for small M) or in A's dtype's GEMM on dequantized tiles (larger M).
-  m.def("gemm_4bit(Tensor A, Tensor B, Tensor absmax, int blocksize, str quant_type, int[] shape, "
-        "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
-        "int nested_blocksize=256) -> Tensor");
+  m.def(
+      "gemm_4bit(Tensor A, Tensor B, Tensor absmax, int blocksize, str quant_type, int[] shape, "
+      "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? nested_offset=None, "
+      "int nested_blocksize=256) -> Tensor");
 
   // ---- LLM.int8() (bitsandbytes' names and semantics) ----
   // A float [..., K] -> q int8 like A, row_stats fp32 [rows] (absmax over |x| < threshold), outlier_cols
@@ -45,8 +46,9 @@ TORCH_LIBRARY(bnbx, m) {
   // A int8 [..., K], B int8 [N, K] -> int32 [..., N] = A @ B^T, exact
   m.def("int8_linear_matmul(Tensor A, Tensor B) -> Tensor");
   // A int32 [..., N] -> A * row_stats * col_stats / 127^2 + bias, in dtype (None: float16, as bitsandbytes)
-  m.def("int8_mm_dequant(Tensor A, Tensor row_stats, Tensor col_stats, ScalarType? dtype=None, Tensor? bias=None)"
-        " -> Tensor");
+  m.def(
+      "int8_mm_dequant(Tensor A, Tensor row_stats, Tensor col_stats, ScalarType? dtype=None, Tensor? bias=None)"
+      " -> Tensor");
   // The whole layer: A float [..., K], weight CB int8 [N, K] with row absmax SCB fp32 [N] -> A.dtype [..., N];
   // int8 product of the normal columns + fp32 product of the outlier columns, bias, one write.
   m.def("int8_mixed_linear(Tensor A, Tensor CB, Tensor SCB, Tensor? bias=None, float threshold=0.0) -> Tensor");
@@ -57,8 +59,9 @@ TORCH_LIBRARY(bnbx, m) {
   // rules in common/rules.h (8 bits: exactly quantize_int8 + dequantize_int8). Differentiable (bnbx/_ops.py):
   // straight-through, masked where the code was clamped (mask 'range'), where |x| >= clip ('absolute'), or
   // not at all ('none').
-  m.def("fake_quantize(Tensor x, int group_size, int bits, bool symmetric, bool full_range, str mask, float clip)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fake_quantize(Tensor x, int group_size, int bits, bool symmetric, bool full_range, str mask, float clip)"
+      " -> (Tensor, Tensor, Tensor)");
   // --- double quantization (QLoRA's compress_statistics) ---
   // absmax fp32 (any shape) -> q uint8 shaped like absmax, absmax2 fp32 [ceil(n/blocksize)], offset fp32 []:
   // offset = mean of the non-NaN values (accumulated in double, 0 when there are none), then
@@ -82,10 +85,10 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
-  for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
-                           "dequantize_blockwise", "quantize_int8", "dequantize_int8", "double_quantize",
-                           "gemm_4bit", "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul",
-                           "int8_mm_dequant", "int8_mixed_linear", "fake_quantize"}) {
+  for (const char* name :
+       {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise", "dequantize_blockwise",
+        "quantize_int8", "dequantize_int8", "double_quantize", "gemm_4bit", "int8_vectorwise_quant",
+        "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant", "int8_mixed_linear", "fake_quantize"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }

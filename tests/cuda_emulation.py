@@ -25,8 +25,20 @@ EMULATION = CSRC / "cuda" / "emulation"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 QUANT_TYPE_CODES = {"nf4": 0, "fp4": 1}
 
-FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-DBNBX_CUDA_EMULATION", "-ffp-contract=off", "-Wall", "-Wextra",
-         "-Werror", "-Wno-unknown-pragmas", "-Wno-unused-parameter", f"-I{CSRC}"]
+FLAGS = [
+    "-std=c++20",
+    "-O1",
+    "-g",
+    "-fPIC",
+    "-DBNBX_CUDA_EMULATION",
+    "-ffp-contract=off",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-Wno-unknown-pragmas",
+    "-Wno-unused-parameter",
+    f"-I{CSRC}",
+]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 
 
@@ -81,8 +93,15 @@ class Emulator:
         self.lib = ctypes.CDLL(str(path))
         self.lib.bnbx_emu_error.restype = ctypes.c_char_p
         i64 = ctypes.c_int64
-        for name in ("bnbx_emu_selftest", "bnbx_emu_quantize_4bit", "bnbx_emu_dequantize_4bit", "bnbx_emu_quantize_blockwise",
-                     "bnbx_emu_dequantize_blockwise", "bnbx_emu_quantize_int8", "bnbx_emu_dequantize_int8"):
+        for name in (
+            "bnbx_emu_selftest",
+            "bnbx_emu_quantize_4bit",
+            "bnbx_emu_dequantize_4bit",
+            "bnbx_emu_quantize_blockwise",
+            "bnbx_emu_dequantize_blockwise",
+            "bnbx_emu_quantize_int8",
+            "bnbx_emu_dequantize_int8",
+        ):
             getattr(self.lib, name).restype = ctypes.c_int
         self.i64 = i64
 
@@ -100,18 +119,35 @@ class Emulator:
         packed = torch.full(((n + 1) // 2,), 0xAA, dtype=torch.uint8)  # poisoned: every byte must be written
         absmax = torch.full((-(-n // blocksize),), float("nan"), dtype=torch.float32)
         if n:
-            self._check(self.lib.bnbx_emu_quantize_4bit(
-                DTYPE_CODES[A.dtype], QUANT_TYPE_CODES[quant_type], self._ptr(A), self.i64(n), self.i64(blocksize),
-                self._ptr(packed), self._ptr(absmax)))
+            self._check(
+                self.lib.bnbx_emu_quantize_4bit(
+                    DTYPE_CODES[A.dtype],
+                    QUANT_TYPE_CODES[quant_type],
+                    self._ptr(A),
+                    self.i64(n),
+                    self.i64(blocksize),
+                    self._ptr(packed),
+                    self._ptr(absmax),
+                )
+            )
         return packed, absmax
 
-    def dequantize_4bit(self, packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int, quant_type: str,
-                        dtype: torch.dtype) -> torch.Tensor:
+    def dequantize_4bit(
+        self, packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int, quant_type: str, dtype: torch.dtype
+    ) -> torch.Tensor:
         out = torch.full((n,), 12345.0, dtype=dtype)
         if n:
-            self._check(self.lib.bnbx_emu_dequantize_4bit(
-                DTYPE_CODES[dtype], QUANT_TYPE_CODES[quant_type], self._ptr(packed), self._ptr(absmax), self.i64(n),
-                self.i64(blocksize), self._ptr(out)))
+            self._check(
+                self.lib.bnbx_emu_dequantize_4bit(
+                    DTYPE_CODES[dtype],
+                    QUANT_TYPE_CODES[quant_type],
+                    self._ptr(packed),
+                    self._ptr(absmax),
+                    self.i64(n),
+                    self.i64(blocksize),
+                    self._ptr(out),
+                )
+            )
         return out
 
     def quantize_blockwise(self, A: torch.Tensor, code: torch.Tensor, blocksize: int):
@@ -119,18 +155,34 @@ class Emulator:
         codes = torch.full((n,), 0xAA, dtype=torch.uint8)
         absmax = torch.full((-(-n // blocksize),), float("nan"), dtype=torch.float32)
         if n:
-            self._check(self.lib.bnbx_emu_quantize_blockwise(
-                DTYPE_CODES[A.dtype], self._ptr(A), self._ptr(code), self.i64(n), self.i64(blocksize),
-                self._ptr(codes), self._ptr(absmax)))
+            self._check(
+                self.lib.bnbx_emu_quantize_blockwise(
+                    DTYPE_CODES[A.dtype],
+                    self._ptr(A),
+                    self._ptr(code),
+                    self.i64(n),
+                    self.i64(blocksize),
+                    self._ptr(codes),
+                    self._ptr(absmax),
+                )
+            )
         return codes, absmax
 
     def dequantize_blockwise(self, codes, absmax, code, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
         n = codes.numel()
         out = torch.full((n,), 12345.0, dtype=dtype)
         if n:
-            self._check(self.lib.bnbx_emu_dequantize_blockwise(
-                DTYPE_CODES[dtype], self._ptr(codes), self._ptr(absmax), self._ptr(code), self.i64(n),
-                self.i64(blocksize), self._ptr(out)))
+            self._check(
+                self.lib.bnbx_emu_dequantize_blockwise(
+                    DTYPE_CODES[dtype],
+                    self._ptr(codes),
+                    self._ptr(absmax),
+                    self._ptr(code),
+                    self.i64(n),
+                    self.i64(blocksize),
+                    self._ptr(out),
+                )
+            )
         return out
 
     def quantize_int8(self, A: torch.Tensor, group_size: int, symmetric: bool):
@@ -140,18 +192,35 @@ class Emulator:
         scale = torch.full((groups,), float("nan"), dtype=torch.float32)
         zero_point = torch.full((groups,), -99, dtype=torch.int32)
         if n:
-            self._check(self.lib.bnbx_emu_quantize_int8(
-                DTYPE_CODES[A.dtype], self._ptr(A), self.i64(n), self.i64(group_size), int(symmetric),
-                self._ptr(q), self._ptr(scale), self._ptr(zero_point)))
+            self._check(
+                self.lib.bnbx_emu_quantize_int8(
+                    DTYPE_CODES[A.dtype],
+                    self._ptr(A),
+                    self.i64(n),
+                    self.i64(group_size),
+                    int(symmetric),
+                    self._ptr(q),
+                    self._ptr(scale),
+                    self._ptr(zero_point),
+                )
+            )
         return q, scale, zero_point
 
     def dequantize_int8(self, q, scale, zero_point, group_size: int, dtype: torch.dtype) -> torch.Tensor:
         n = q.numel()
         out = torch.full((n,), 12345.0, dtype=dtype)
         if n:
-            self._check(self.lib.bnbx_emu_dequantize_int8(
-                DTYPE_CODES[dtype], self._ptr(q), self._ptr(scale), self._ptr(zero_point), self.i64(n),
-                self.i64(group_size), self._ptr(out)))
+            self._check(
+                self.lib.bnbx_emu_dequantize_int8(
+                    DTYPE_CODES[dtype],
+                    self._ptr(q),
+                    self._ptr(scale),
+                    self._ptr(zero_point),
+                    self.i64(n),
+                    self.i64(group_size),
+                    self._ptr(out),
+                )
+            )
         return out
 
 

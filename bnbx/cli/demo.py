@@ -66,7 +66,7 @@ def run_demo(out_dir: str | Path = "bnbx-demo", max_tokens: int = 512, window: i
     report_path = out / "report.json"
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     files["report"] = str(report_path)
-    print(f"\nsize MB: the whole model as saved (embeddings stay float32); bits/w: stored bits per weight of the "
+    print("\nsize MB: the whole model as saved (embeddings stay float32); bits/w: stored bits per weight of the "
           "quantized linear layers (statistics included); gen tok/s: greedy generation speed on this machine.")
     print("wrote " + ", ".join(files.values()) + f" ({report['seconds']:.0f} s in all)")
     return report

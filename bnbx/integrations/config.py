@@ -27,8 +27,13 @@ else:  # no transformers: a plain object
     _Base = object
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_STORAGES = {"uint8": torch.uint8, "int8": torch.int8, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}
+_STORAGES = {
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
 WEIGHT_ONLY = ("absmax8", "zeropoint8", "blockwise8")
 
 
@@ -91,10 +96,13 @@ class BnbxConfig(_Base):
             import logging
 
             logging.getLogger("bnbx").info("BnbxConfig: ignoring unknown keys %s", sorted(kwargs))
-        for name, value in (("load_in_8bit", load_in_8bit), ("load_in_4bit", load_in_4bit),
-                            ("llm_int8_enable_fp32_cpu_offload", llm_int8_enable_fp32_cpu_offload),
-                            ("llm_int8_has_fp16_weight", llm_int8_has_fp16_weight),
-                            ("bnb_4bit_use_double_quant", bnb_4bit_use_double_quant)):
+        for name, value in (
+            ("load_in_8bit", load_in_8bit),
+            ("load_in_4bit", load_in_4bit),
+            ("llm_int8_enable_fp32_cpu_offload", llm_int8_enable_fp32_cpu_offload),
+            ("llm_int8_has_fp16_weight", llm_int8_has_fp16_weight),
+            ("bnb_4bit_use_double_quant", bnb_4bit_use_double_quant),
+        ):
             if not isinstance(value, bool):
                 raise TypeError(f"BnbxConfig: {name} must be a bool, got {value!r}")
         if bits is not None:
@@ -103,18 +111,24 @@ class BnbxConfig(_Base):
             load_in_4bit, load_in_8bit = bits == 4, bits == 8
         if weight_only is not None:
             if weight_only not in WEIGHT_ONLY:
-                raise ValueError(f"BnbxConfig: weight_only must be one of {', '.join(WEIGHT_ONLY)}, got {weight_only!r}")
+                raise ValueError(
+                    f"BnbxConfig: weight_only must be one of {', '.join(WEIGHT_ONLY)}, got {weight_only!r}"
+                )
             load_in_4bit, load_in_8bit = False, True
         if load_in_4bit and load_in_8bit:
             raise ValueError("BnbxConfig: load_in_4bit and load_in_8bit are both True; choose one")
         if not (load_in_4bit or load_in_8bit):
             raise ValueError("BnbxConfig: set load_in_4bit=True or load_in_8bit=True (or weight_only=...)")
-        if not isinstance(llm_int8_threshold, (int, float)) or isinstance(llm_int8_threshold, bool) \
-                or llm_int8_threshold < 0:
+        if (
+            not isinstance(llm_int8_threshold, (int, float))
+            or isinstance(llm_int8_threshold, bool)
+            or llm_int8_threshold < 0
+        ):
             raise ValueError(f"BnbxConfig: llm_int8_threshold must be a number >= 0, got {llm_int8_threshold!r}")
         if llm_int8_skip_modules is not None and (
-                not isinstance(llm_int8_skip_modules, (list, tuple))
-                or not all(isinstance(name, str) for name in llm_int8_skip_modules)):
+            not isinstance(llm_int8_skip_modules, (list, tuple))
+            or not all(isinstance(name, str) for name in llm_int8_skip_modules)
+        ):
             raise TypeError(f"BnbxConfig: llm_int8_skip_modules must be a list of names, got {llm_int8_skip_modules!r}")
         if bnb_4bit_quant_type not in ("fp4", "nf4"):
             raise ValueError(f"BnbxConfig: bnb_4bit_quant_type must be 'fp4' or 'nf4', got {bnb_4bit_quant_type!r}")
@@ -176,12 +190,24 @@ class BnbxConfig(_Base):
         return self.bnb_4bit_quant_type if self.load_in_4bit else "llm_int8"
 
     @classmethod
-    def for_method(cls, method: str, double_quant: bool = False, blocksize: Optional[int] = None,
-                   compute_dtype: Any = None, **kwargs: Any) -> "BnbxConfig":
+    def for_method(
+        cls,
+        method: str,
+        double_quant: bool = False,
+        blocksize: Optional[int] = None,
+        compute_dtype: Any = None,
+        **kwargs: Any,
+    ) -> "BnbxConfig":
         """The config of a method name (``bnbx quantize --method``)."""
         if method in ("nf4", "fp4"):
-            return cls(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_use_double_quant=double_quant,
-                       blocksize=blocksize, bnb_4bit_compute_dtype=compute_dtype, **kwargs)
+            return cls(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=method,
+                bnb_4bit_use_double_quant=double_quant,
+                blocksize=blocksize,
+                bnb_4bit_compute_dtype=compute_dtype,
+                **kwargs,
+            )
         if double_quant:
             raise ValueError(f"double quantization applies to nf4 and fp4, not {method!r}")
         if method in ("int8", "llm.int8"):
@@ -197,9 +223,18 @@ class BnbxConfig(_Base):
     def from_bitsandbytes_config(cls, config: Any, blocksize: Optional[int] = None) -> "BnbxConfig":
         """The same settings as a transformers ``BitsAndBytesConfig`` (or its dict)."""
         values = config if isinstance(config, dict) else config.to_dict()
-        keys = ("load_in_8bit", "load_in_4bit", "llm_int8_threshold", "llm_int8_skip_modules",
-                "llm_int8_enable_fp32_cpu_offload", "llm_int8_has_fp16_weight", "bnb_4bit_compute_dtype",
-                "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage")
+        keys = (
+            "load_in_8bit",
+            "load_in_4bit",
+            "llm_int8_threshold",
+            "llm_int8_skip_modules",
+            "llm_int8_enable_fp32_cpu_offload",
+            "llm_int8_has_fp16_weight",
+            "bnb_4bit_compute_dtype",
+            "bnb_4bit_quant_type",
+            "bnb_4bit_use_double_quant",
+            "bnb_4bit_quant_storage",
+        )
         return cls(**{key: values[key] for key in keys if key in values}, blocksize=blocksize)
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,8 +265,11 @@ class BnbxConfig(_Base):
 
     def to_diff_dict(self) -> dict[str, Any]:
         defaults = BnbxConfig(load_in_4bit=True).to_dict()
-        return {key: value for key, value in self.to_dict().items()
-                if key in ("quant_method", "bits") or value != defaults.get(key)}
+        return {
+            key: value
+            for key, value in self.to_dict().items()
+            if key in ("quant_method", "bits") or value != defaults.get(key)
+        }
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -57,7 +57,9 @@ def require_method(method: str) -> type:
     layer = method_layer(method)
     if layer is None:
         needed = "Linear4bit" if method in ("nf4", "fp4") else "Linear8bitLt"
-        raise RuntimeError(f"method {method!r} is not available in this bnbx: bnbx.nn.{needed} is not part of this build")
+        raise RuntimeError(
+            f"method {method!r} is not available in this bnbx: bnbx.nn.{needed} is not part of this build"
+        )
     return layer
 
 
@@ -124,8 +126,9 @@ def _new_layer(linear: nn.Linear, config: Any) -> nn.Module:
             blocksize=config.blocksize,
         )
     if method in ("int8", "llm.int8"):
-        return layer.from_linear(linear, threshold=config.llm_int8_threshold,
-                                 has_fp16_weights=config.llm_int8_has_fp16_weight)
+        return layer.from_linear(
+            linear, threshold=config.llm_int8_threshold, has_fp16_weights=config.llm_int8_has_fp16_weight
+        )
     if method == "blockwise8":
         return layer.from_linear(linear, blocksize=config.blocksize)
     return layer.from_linear(linear)
@@ -157,8 +160,11 @@ def replace_linear(
         skip += default_skip_modules(model)
     keep = keep_in_fp32_modules if keep_in_fp32_modules is not None else getattr(model, "_keep_in_fp32_modules", None)
     skip += list(keep or [])
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and not _matches(name, skip)]
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not _matches(name, skip)
+    ]
     if not targets:
         logger.warning("replace_linear: no nn.Linear layer to quantize (skipped: %s)", skip)
     try:
@@ -196,8 +202,7 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
         if not isinstance(module, types):
             continue
         weight = dequantize_layer(module, dtype)
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device="meta")
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().to(weight.dtype).clone(), requires_grad=False)

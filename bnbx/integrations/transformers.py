@@ -27,7 +27,6 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from ..nn import weight_only
 from . import quantize as _quantize
 from .config import BnbxConfig
 

@@ -38,6 +38,7 @@ except ImportError:  # tqdm is optional (pip install bnbx[qat]); without it ther
         def close(self) -> None:
             pass
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -235,8 +236,9 @@ def distill(
 
     ``data``: a jsonl path or a list of ``{"input_ids": ...}`` / token-id lists (what :func:`generate_data`
     returns); sequences are packed into blocks of ``seq_len``. AdamW with cosine decay (``warmup_steps`` linear
-    warm-up), gradient clipping at ``max_grad_norm``; LSQ scales (``*.weight_scale``) use ``scale_lr`` if given; loss :func:`kd_loss` (no ground-truth term). Both models
-    must be Hugging Face causal LMs (``get_decoder()`` and ``get_output_embeddings()``). Returns the loss of
+    warm-up), gradient clipping at ``max_grad_norm``; LSQ scales (``*.weight_scale``) use ``scale_lr`` if given;
+    loss :func:`kd_loss` (no ground-truth term). Both models must be Hugging Face causal LMs
+    (``get_decoder()`` and ``get_output_embeddings()``). Returns the loss of
     every step.
     """
     blocks = _blocks(_load_sequences(data), seq_len)

@@ -24,7 +24,9 @@ _INNER = ("sdpa", "eager")
 class KVFakeQuant(nn.Module):
     """Fake quantization of one attention module's keys and values; attached as ``attn.kv_quantizer``."""
 
-    def __init__(self, bits: int, granularity: str = "token", symmetric: bool = True, range: str = "restricted") -> None:
+    def __init__(
+        self, bits: int, granularity: str = "token", symmetric: bool = True, range: str = "restricted"
+    ) -> None:
         super().__init__()
         if granularity not in ("token", "head"):
             raise ValueError(f"KVFakeQuant: granularity must be 'token' or 'head', got {granularity!r}")

@@ -17,8 +17,14 @@ from .ops import fake_quantize, fake_quantize_4bit, fake_quantize_lsq, lsq_init_
 class ActFakeQuant(nn.Module):
     """Dynamic MinMax fake quantization of activations (per token by default), straight-through gradient."""
 
-    def __init__(self, bits: int, granularity: str = "token", symmetric: bool = True, range: str = "restricted",
-                 mask: str = "none") -> None:
+    def __init__(
+        self,
+        bits: int,
+        granularity: str = "token",
+        symmetric: bool = True,
+        range: str = "restricted",
+        mask: str = "none",
+    ) -> None:
         super().__init__()
         self.bits, self.granularity, self.symmetric, self.range, self.mask = bits, granularity, symmetric, range, mask
 
@@ -40,33 +46,49 @@ class FakeQuantLinear(nn.Linear):
     is exactly the weight the forward uses, and what :func:`bnbx.qat.convert` stores.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, config: Optional[QATConfig] = None,
-                 device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        config: Optional[QATConfig] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.config = config if config is not None else QATConfig()
         c = self.config
-        self.act_quant = ActFakeQuant(c.a_bits, c.act_granularity, c.symmetric, c.range, c.mask) if c.quantize_acts else None
+        self.act_quant = (
+            ActFakeQuant(c.a_bits, c.act_granularity, c.symmetric, c.range, c.mask) if c.quantize_acts else None
+        )
         if c.method == "lsq":
             shape = (out_features, 1) if c.weight_granularity == "channel" else (1,)
             self.weight_scale = nn.Parameter(torch.ones(shape, device=device, dtype=torch.float32))
         else:
             self.register_parameter("weight_scale", None)
         if c.weight_granularity == "group" and c.weight_dtype == "int" and in_features % c.group_size:
-            raise ValueError(
-                f"FakeQuantLinear: group_size {c.group_size} does not divide in_features ({in_features})"
-            )
+            raise ValueError(f"FakeQuantLinear: group_size {c.group_size} does not divide in_features ({in_features})")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QATConfig) -> FakeQuantLinear:
         """A FakeQuantLinear sharing ``linear``'s weight and bias tensors (no copy)."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            config,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
         layer.weight = linear.weight
         layer.bias = linear.bias
         if layer.weight_scale is not None:
             with torch.no_grad():
-                layer.weight_scale.copy_(lsq_init_scale(linear.weight, config.w_bits, config.weight_granularity,
-                                                        "minmax", config.range).reshape(layer.weight_scale.shape))
+                layer.weight_scale.copy_(
+                    lsq_init_scale(
+                        linear.weight, config.w_bits, config.weight_granularity, "minmax", config.range
+                    ).reshape(layer.weight_scale.shape)
+                )
         return layer
 
     def quantized_weight(self) -> torch.Tensor:
@@ -79,8 +101,9 @@ class FakeQuantLinear(nn.Linear):
             scale = self.weight_scale.clamp_min(1e-8)
             return fake_quantize_lsq(self.weight, scale, bits=c.w_bits, range=c.range)
         granularity = "channel" if c.weight_granularity == "channel" else c.weight_granularity
-        return fake_quantize(self.weight, c.w_bits, True, granularity, axis=0, group_size=c.group_size,
-                             range=c.range, mask=c.mask)
+        return fake_quantize(
+            self.weight, c.w_bits, True, granularity, axis=0, group_size=c.group_size, range=c.range, mask=c.mask
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
@@ -90,8 +113,10 @@ class FakeQuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         c = self.config
         w = c.weight_dtype if c.weight_dtype != "int" else f"int{c.w_bits}" if c.quantize_weights else "fp"
-        return (f"{super().extra_repr()}, weight={w} {c.weight_granularity} ({c.method}), "
-                f"input={'int%d %s' % (c.a_bits, c.act_granularity) if c.quantize_acts else 'fp'}")
+        return (
+            f"{super().extra_repr()}, weight={w} {c.weight_granularity} ({c.method}), "
+            f"input={'int%d %s' % (c.a_bits, c.act_granularity) if c.quantize_acts else 'fp'}"
+        )
 
 
 class QuantizedLinear(nn.Module):
@@ -105,8 +130,16 @@ class QuantizedLinear(nn.Module):
     FakeQuantLinear it came from, bit for bit.
     """
 
-    def __init__(self, in_features: int, out_features: int, weight_q: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: Optional[torch.Tensor], config: QATConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight_q: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        config: QATConfig,
+        dtype: torch.dtype,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.config, self.dtype = in_features, out_features, config, dtype
         self.register_buffer("weight_q", weight_q)
@@ -119,12 +152,20 @@ class QuantizedLinear(nn.Module):
         c = self.config
         if c.weight_dtype != "int":
             out = torch.empty((self.out_features, self.in_features), dtype=self.dtype, device=self.weight_q.device)
-            return dequantize_4bit(self.weight_q, absmax=self.weight_scale, out=out, blocksize=c.group_size,
-                                   quant_type=c.weight_dtype)
+            return dequantize_4bit(
+                self.weight_q, absmax=self.weight_scale, out=out, blocksize=c.group_size, quant_type=c.weight_dtype
+            )
         granularity = c.weight_granularity
         scale = self.weight_scale
-        state = Int8QuantState(scale, torch.zeros_like(scale, dtype=torch.int32), granularity, 0,
-                               c.group_size if granularity == "group" else 128, True, self.dtype)
+        state = Int8QuantState(
+            scale,
+            torch.zeros_like(scale, dtype=torch.int32),
+            granularity,
+            0,
+            c.group_size if granularity == "group" else 128,
+            True,
+            self.dtype,
+        )
         return dequantize_int8(self.weight_q, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,8 +196,9 @@ class QuantizedLinear(nn.Module):
                 scale = scale.reshape(-1)
         else:
             granularity = c.weight_granularity
-            _, scale, _ = fake_quantize(w, c.w_bits, True, granularity, axis=0, group_size=c.group_size,
-                                        range=c.range, return_params=True)
+            _, scale, _ = fake_quantize(
+                w, c.w_bits, True, granularity, axis=0, group_size=c.group_size, range=c.range, return_params=True
+            )
         # the codes by the kernel's rule: round(w * (1 / scale)) half to even, clamped (subnormal scales divide)
         if c.weight_granularity == "group":
             s = scale.reshape(w.shape[0], -1, 1)

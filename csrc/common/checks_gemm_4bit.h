@@ -28,15 +28,15 @@ inline Gemm4bitArgs check_gemm_4bit_args(const at::Tensor& A, const at::Tensor& 
   TORCH_CHECK_VALUE(shape.size() == 2, op, ": shape must be [out_features, in_features], got ", shape);
   const int64_t n = checked_numel(op, shape);
   const int64_t N = shape[0], K = shape[1];
-  TORCH_CHECK_VALUE(A.dim() >= 1 && A.size(-1) == K, op, ": A's last dimension must equal in_features (",
-                    K, "), got A of shape ", A.sizes());
+  TORCH_CHECK_VALUE(A.dim() >= 1 && A.size(-1) == K, op, ": A's last dimension must equal in_features (", K,
+                    "), got A of shape ", A.sizes());
   check_quant_storage(op, B.scalar_type());
   check_same_device(op, A, "A", B, "B");
   check_same_device(op, A, "A", absmax, "absmax");
   const int64_t bytes = B.numel() * static_cast<int64_t>(B.element_size());
   const int64_t needed = ceil_div(n, 2);
-  TORCH_CHECK_VALUE(bytes >= needed && bytes - needed < static_cast<int64_t>(B.element_size()), op, ": B holds ",
-                    bytes, " bytes of packed codes but shape ", shape, " needs ", needed);
+  TORCH_CHECK_VALUE(bytes >= needed && bytes - needed < static_cast<int64_t>(B.element_size()), op, ": B holds ", bytes,
+                    " bytes of packed codes but shape ", shape, " needs ", needed);
   const int64_t blocks = ceil_div(n, blocksize);
   const bool nested = nested_absmax.has_value();
   TORCH_CHECK_VALUE(nested == nested_code.has_value() && nested == nested_offset.has_value(), op,

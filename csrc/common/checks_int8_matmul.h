@@ -33,10 +33,9 @@ inline void check_stats(const char* op, const char* name, const at::Tensor& stat
                         const at::Tensor& A) {
   TORCH_CHECK_TYPE(stats.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
                    dtype_name(stats.scalar_type()));
-  TORCH_CHECK_VALUE(stats.numel() == expected, op, ": ", name, " must hold ", expected, " values, got ",
-                    stats.numel());
-  TORCH_CHECK(stats.device() == A.device(), op, ": expected all tensors on the same device, got A on ",
-              A.device(), " and ", name, " on ", stats.device());
+  TORCH_CHECK_VALUE(stats.numel() == expected, op, ": ", name, " must hold ", expected, " values, got ", stats.numel());
+  TORCH_CHECK(stats.device() == A.device(), op, ": expected all tensors on the same device, got A on ", A.device(),
+              " and ", name, " on ", stats.device());
 }
 
 inline void check_int8_vectorwise_quant_args(const at::Tensor& A, double threshold) {
@@ -56,12 +55,10 @@ inline void check_int8_vectorwise_dequant_args(const at::Tensor& A, const at::Te
 inline void check_int8_weight(const char* op, const char* name, const at::Tensor& B, int64_t K, const at::Tensor& A) {
   TORCH_CHECK_TYPE(B.scalar_type() == at::kChar, op, ": ", name, " must be int8, got ", dtype_name(B.scalar_type()));
   TORCH_CHECK_VALUE(B.dim() == 2, op, ": ", name, " must be 2-D [N, K], got ", B.dim(), " dimensions");
-  TORCH_CHECK_VALUE(B.size(1) == K, op, ": ", name, " must be [N, K] with K = A.shape[-1] = ", K, ", got ",
-                    B.sizes());
-  TORCH_CHECK_VALUE(K <= kInt8MaxK, op, ": K must be at most ", kInt8MaxK, " so int32 sums cannot overflow, got ",
-                    K);
-  TORCH_CHECK(B.device() == A.device(), op, ": expected all tensors on the same device, got A on ", A.device(),
-              " and ", name, " on ", B.device());
+  TORCH_CHECK_VALUE(B.size(1) == K, op, ": ", name, " must be [N, K] with K = A.shape[-1] = ", K, ", got ", B.sizes());
+  TORCH_CHECK_VALUE(K <= kInt8MaxK, op, ": K must be at most ", kInt8MaxK, " so int32 sums cannot overflow, got ", K);
+  TORCH_CHECK(B.device() == A.device(), op, ": expected all tensors on the same device, got A on ", A.device(), " and ",
+              name, " on ", B.device());
 }
 
 inline void check_int8_linear_matmul_args(const at::Tensor& A, const at::Tensor& B) {

@@ -132,7 +132,7 @@ namespace bnbx {
 
 struct AffineParams {
   float scale;
-  float inv_scale;  // 1 / scale; 0 for a zero-range or non-finite group
+  float inv_scale;   // 1 / scale; 0 for a zero-range or non-finite group
   float zero_point;  // an integer in [qmin, qmax]
   bool nonfinite;    // the group holds a NaN or an Inf: every value becomes NaN, as int8 dequantize gives
 };

@@ -17,9 +17,9 @@ namespace {
 
 constexpr int64_t kSegment = 1 << 16;  // elements per task of a split group (256 KiB of fp32)
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, int64_t group_size,
-                                                                 int64_t bits, bool symmetric, bool full_range,
-                                                                 c10::string_view mask, double clip) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, int64_t group_size, int64_t bits,
+                                                                 bool symmetric, bool full_range, c10::string_view mask,
+                                                                 double clip) {
   check_fake_quantize_args(x, group_size, bits, mask, clip);
   const at::Tensor input = x.contiguous();
   const int64_t n = input.numel();
@@ -29,8 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tenso
   at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
   if (n == 0) return {out, scale, zero_point};
 
-  const cpu::FakeQuantKernels& kernels = cpu::select_kernels(cpu::fake_quant_scalar, cpu::fake_quant_avx2,
-                                                             cpu::fake_quant_avx512);
+  const cpu::FakeQuantKernels& kernels =
+      cpu::select_kernels(cpu::fake_quant_scalar, cpu::fake_quant_avx2, cpu::fake_quant_avx512);
   const FakeQuantGrid grid = fake_quant_grid(bits, symmetric, full_range);
   const FloatType type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();

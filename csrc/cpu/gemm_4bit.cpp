@@ -98,8 +98,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     return out32.to(A.scalar_type()).view(out_shape);
   }
 
-  if (A.scalar_type() == at::kBFloat16 && kernels.gemm_amx != nullptr && M <= amx_max_rows() &&
-      cpu::cpu_has_amx() && cpu::cpu_has_avx512_bf16()) {
+  if (A.scalar_type() == at::kBFloat16 && kernels.gemm_amx != nullptr && M <= amx_max_rows() && cpu::cpu_has_amx() &&
+      cpu::cpu_has_avx512_bf16()) {
     const int64_t Mp = ceil_div(M, 16) * 16, Kp = ceil_div(K, 32) * 32;
     at::Tensor x = at::empty({Mp * Kp}, A.options());
     uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());
@@ -139,7 +139,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t begin, int64_t end) {
       kernels.decode_absmax(scales, first_block + begin, first_block + end, tile_scales.data() + begin);
       base.dequantize(tile_type, tile_packed, tile_scales.data(), elements, blocksize, args.type,
-                           tile.mutable_data_ptr(), begin, end);
+                      tile.mutable_data_ptr(), begin, end);
     });
     at::Tensor dst = out.narrow(1, n0, rows);
     at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());

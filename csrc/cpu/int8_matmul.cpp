@@ -33,9 +33,12 @@ GemmRoute gemm_route(const cpu::Int8MatmulKernels& kt, int64_t M) {
   const bool amx = kt.gemm_amx != nullptr && cpu::cpu_has_amx();
   const bool vnni = kt.gemm_vnni != nullptr && cpu::cpu_has_avx512_vnni();
   switch (static_cast<GemmRoute>(g_forced_route.load())) {
-    case GemmRoute::kAmx: return amx ? GemmRoute::kAmx : GemmRoute::kBase;
-    case GemmRoute::kVnni: return vnni ? GemmRoute::kVnni : GemmRoute::kBase;
-    case GemmRoute::kBase: return GemmRoute::kBase;
+    case GemmRoute::kAmx:
+      return amx ? GemmRoute::kAmx : GemmRoute::kBase;
+    case GemmRoute::kVnni:
+      return vnni ? GemmRoute::kVnni : GemmRoute::kBase;
+    case GemmRoute::kBase:
+      return GemmRoute::kBase;
     default:
       return amx && (M >= kAmxMinRows || !vnni) ? GemmRoute::kAmx : vnni ? GemmRoute::kVnni : GemmRoute::kBase;
   }
@@ -43,9 +46,12 @@ GemmRoute gemm_route(const cpu::Int8MatmulKernels& kt, int64_t M) {
 
 const char* route_name(GemmRoute route, const cpu::Int8MatmulKernels& kt) {
   switch (route) {
-    case GemmRoute::kAmx: return "amx";
-    case GemmRoute::kVnni: return "avx512_vnni";
-    default: return kt.name;
+    case GemmRoute::kAmx:
+      return "amx";
+    case GemmRoute::kVnni:
+      return "avx512_vnni";
+    default:
+      return kt.name;
   }
 }
 
@@ -82,8 +88,8 @@ int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.size
 int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1)); }
 
 // Row-wise quantization of the contiguous A[rows, K]; fills q, stats and (threshold > 0) the outlier columns.
-std::vector<int64_t> vectorwise_quant_into(const at::Tensor& input, int64_t rows, int64_t K, float threshold,
-                                           int8_t* q, float* stats) {
+std::vector<int64_t> vectorwise_quant_into(const at::Tensor& input, int64_t rows, int64_t K, float threshold, int8_t* q,
+                                           float* stats) {
   const cpu::Int8MatmulKernels& kt = int8_kernels();
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
@@ -145,8 +151,8 @@ at::Tensor int8_vectorwise_dequant_cpu(const at::Tensor& A, const at::Tensor& st
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const cpu::Int8MatmulKernels& kt = int8_kernels();
   at::parallel_for(0, rows, grain_rows(K), [&](int64_t b, int64_t e) {
-    kt.vectorwise_dequant(q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), K, out.mutable_data_ptr<float>(),
-                          b, e);
+    kt.vectorwise_dequant(q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), K, out.mutable_data_ptr<float>(), b,
+                          e);
   });
   return out;
 }
@@ -176,8 +182,8 @@ void mm_dequant_into(const int32_t* C, const float* row_stats, const float* col_
   const void* bias_ptr = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
   const FloatType bias_type = bias_c.defined() ? to_float_type(bias_c.scalar_type()) : FloatType::kFloat32;
   at::parallel_for(0, rows, grain_rows(N), [&](int64_t b, int64_t e) {
-    kt.mm_dequant(C, row_stats, col_stats, bias_type, bias_ptr, a_out, b_out, n_out, to_float_type(dtype), out, N,
-                  b, e);
+    kt.mm_dequant(C, row_stats, col_stats, bias_type, bias_ptr, a_out, b_out, n_out, to_float_type(dtype), out, N, b,
+                  e);
   });
 }
 
@@ -191,8 +197,8 @@ at::Tensor int8_mm_dequant_cpu(const at::Tensor& A, const at::Tensor& row_stats,
   const int64_t N = C.size(-1);
   const int64_t rows = leading_rows(C);
   at::Tensor out = at::empty(C.sizes(), C.options().dtype(out_dtype));
-  mm_dequant_into(C.const_data_ptr<int32_t>(), rs.const_data_ptr<float>(), cs.const_data_ptr<float>(), bias,
-                  nullptr, nullptr, 0, out_dtype, out.mutable_data_ptr(), rows, N);
+  mm_dequant_into(C.const_data_ptr<int32_t>(), rs.const_data_ptr<float>(), cs.const_data_ptr<float>(), bias, nullptr,
+                  nullptr, 0, out_dtype, out.mutable_data_ptr(), rows, N);
   return out;
 }
 
@@ -226,8 +232,8 @@ at::Tensor int8_mixed_linear_cpu(const at::Tensor& A, const at::Tensor& CB, cons
   if (n_out > 0) {
     const at::Tensor idx = cols_tensor(cols, input);
     a_out = input.reshape({rows, K}).index_select(1, idx).to(at::kFloat).contiguous();
-    b_out = weight.index_select(1, idx).to(at::kFloat).mul(scb.reshape({N, 1})).mul_(7.874015718698502e-3)
-.t().contiguous();
+    b_out =
+        weight.index_select(1, idx).to(at::kFloat).mul(scb.reshape({N, 1})).mul_(7.874015718698502e-3).t().contiguous();
   }
   if (n_out > kFusedOutliers) {
     at::Tensor out32 = at::empty({rows, N}, input.options().dtype(at::kFloat));

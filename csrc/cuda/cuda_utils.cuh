@@ -31,21 +31,22 @@
 // The NaN/Inf/subnormal contract needs IEEE arithmetic: CMakeLists.txt refuses fast-math flags for the kernels,
 // and this stops a build that slipped one in some other way.
 #if defined(__FAST_MATH__) || defined(__USE_FAST_MATH__)
-#error "bnbx: the CUDA kernels must be compiled without fast-math (-use_fast_math / -ffast-math): NaN, Inf and subnormal blocks would change"
+#error \
+    "bnbx: the CUDA kernels must be compiled without fast-math (-use_fast_math / -ffast-math): NaN, Inf and subnormal blocks would change"
 #endif
 
 // Internal invariants of the launchers (user input is checked before, in csrc/common/checks.h).
 #if defined(BNBX_CUDA_EMULATION)
-#define BNBX_CUDA_ASSERT(cond, what) \
-  do {                               \
+#define BNBX_CUDA_ASSERT(cond, what)      \
+  do {                                    \
     if (!(cond)) ::bnbx::emu::fail(what); \
   } while (0)
 #define BNBX_CUDA_CALL(expr) BNBX_CUDA_ASSERT((expr) == cudaSuccess, #expr " failed")
 #else
 #define BNBX_CUDA_ASSERT(cond, what) TORCH_INTERNAL_ASSERT(cond, what)
-#define BNBX_CUDA_CALL(expr)                                                             \
-  do {                                                                                   \
-    const cudaError_t bnbx_error = (expr);                                               \
+#define BNBX_CUDA_CALL(expr)                                                            \
+  do {                                                                                  \
+    const cudaError_t bnbx_error = (expr);                                              \
     TORCH_CHECK(bnbx_error == cudaSuccess, #expr ": ", cudaGetErrorString(bnbx_error)); \
   } while (0)
 #endif

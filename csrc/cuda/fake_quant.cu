@@ -118,8 +118,8 @@ __device__ __forceinline__ AffineParams fq_stored_params(float scale, int32_t ze
 
 template <typename T>
 __global__ void fake_quant_segment_apply_kernel(const T* in, T* out, int64_t n, int64_t group_size, int64_t per_group,
-                                                int64_t segments, FakeQuantGrid grid, float limit,
-                                                const float* scale, const int32_t* zero_point) {
+                                                int64_t segments, FakeQuantGrid grid, float limit, const float* scale,
+                                                const int32_t* zero_point) {
   for (int64_t segment = blockIdx.x; segment < segments; segment += gridDim.x) {
     int64_t start, stop;
     fq_segment_bounds(segment, per_group, n, group_size, &start, &stop);
@@ -128,8 +128,8 @@ __global__ void fake_quant_segment_apply_kernel(const T* in, T* out, int64_t n, 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& x, int64_t group_size,
-                                                                  int64_t bits, bool symmetric, bool full_range,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& x, int64_t group_size, int64_t bits,
+                                                                  bool symmetric, bool full_range,
                                                                   c10::string_view mask, double clip) {
   check_fake_quantize_args(x, group_size, bits, mask, clip);
   const c10::cuda::CUDAGuard guard(x.device());

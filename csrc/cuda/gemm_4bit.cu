@@ -45,7 +45,7 @@ __global__ void gemv_4bit_kernel(const T* __restrict__ A,        // [M, K]
                                  const uint8_t* __restrict__ W,  // packed [ceil(N * K / 2)]
                                  Scales scales, CodeValues codes, const T* __restrict__ bias,  // [N] or nullptr
                                  int M, int64_t K, int64_t N, int shift,  // shift = log2(blocksize)
-                                 T* __restrict__ out) {                    // [M, N]
+                                 T* __restrict__ out) {                   // [M, N]
   const int lane = threadIdx.x % kWarpSize;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarpSize;
   if (n >= N) return;
@@ -100,8 +100,7 @@ __global__ void gemv_4bit_kernel(const T* __restrict__ A,        // [M, K]
 
 at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& absmax, int64_t blocksize,
                           c10::string_view quant_type, at::IntArrayRef shape, const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& nested_absmax,
-                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
                           const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
   const Gemm4bitArgs args = check_gemm_4bit_args(A, B, absmax, blocksize, quant_type, shape, bias, nested_absmax,
                                                  nested_code, nested_offset, nested_blocksize);
@@ -123,15 +122,13 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
     at::Tensor decoded = stats;
     if (args.nested) {
       // the CPU's arithmetic: code[q] * nested_absmax[block / nested_blocksize], then + offset
-      const at::Tensor per_block =
-          nested_absmax->repeat_interleave(nested_blocksize).narrow(0, 0, args.blocks);
+      const at::Tensor per_block = nested_absmax->repeat_interleave(nested_blocksize).narrow(0, 0, args.blocks);
       decoded = nested_code->index_select(0, stats.to(at::kLong)).mul(per_block).add(nested_offset->reshape({}));
     }
-    static const auto dequantize =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("bnbx::dequantize_4bit", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view, at::IntArrayRef,
-                              at::ScalarType)>();
+    static const auto dequantize = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("bnbx::dequantize_4bit", "")
+                                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
+                                                         c10::string_view, at::IntArrayRef, at::ScalarType)>();
     const at::Tensor weight = dequantize.call(packed, decoded, blocksize, quant_type, {N, K}, A.scalar_type());
     at::Tensor out = at::mm(a2, weight.t());
     if (bias.has_value()) out.add_(*bias);
@@ -160,9 +157,9 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
     using T = decltype(tag);
     const unsigned int grid = static_cast<unsigned int>(ceil_div(N, int64_t{kGemvWarps}));
     gemv_4bit_kernel<T><<<grid, kGemvWarps * kWarpSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const T*>(a2.const_data_ptr()), static_cast<const uint8_t*>(packed.const_data_ptr()), scales,
-        codes, bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, static_cast<int>(M), K,
-        N, log2_exact(blocksize), static_cast<T*>(out.mutable_data_ptr()));
+        static_cast<const T*>(a2.const_data_ptr()), static_cast<const uint8_t*>(packed.const_data_ptr()), scales, codes,
+        bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, static_cast<int>(M), K, N,
+        log2_exact(blocksize), static_cast<T*>(out.mutable_data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out.view(out_shape);

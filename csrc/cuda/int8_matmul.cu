@@ -50,7 +50,8 @@ __global__ void __launch_bounds__(kRowThreads)
       amax = fmaxf(amax, ax);
     }
   }
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
   __shared__ float warp_max[kRowThreads / kWarpSize];
   if (threadIdx.x % kWarpSize == 0) warp_max[threadIdx.x / kWarpSize] = amax;
   const int any_nan = __syncthreads_or(nan);
@@ -74,8 +75,8 @@ __global__ void vectorwise_dequant_kernel(const int8_t* __restrict__ q, const fl
 }
 
 // ---- GEMM: C[M, N] = A[M, K] . B[N, K]^T ----------------------------------------------------------------------
-constexpr int kTile = 64;        // output rows and columns per block
-constexpr int kStepBytes = 64;   // K bytes per shared-memory step
+constexpr int kTile = 64;       // output rows and columns per block
+constexpr int kStepBytes = 64;  // K bytes per shared-memory step
 constexpr int kStepWords = kStepBytes / 4;
 
 // 4 bytes of row `row` of X[rows, K] from column k as one int (little-endian), zeros past the edges.
@@ -91,9 +92,8 @@ __device__ __forceinline__ int load_word(const int8_t* __restrict__ X, int64_t r
   return static_cast<int>(word);
 }
 
-__global__ void __launch_bounds__(256)
-    gemm_dp4a_kernel(const int8_t* __restrict__ A, const int8_t* __restrict__ B, int32_t* __restrict__ C, int64_t M,
-                     int64_t N, int64_t K) {
+__global__ void __launch_bounds__(256) gemm_dp4a_kernel(const int8_t* __restrict__ A, const int8_t* __restrict__ B,
+                                                        int32_t* __restrict__ C, int64_t M, int64_t N, int64_t K) {
   __shared__ int As[kTile][kStepWords + 1];  // +1: rows start in different banks
   __shared__ int Bs[kTile][kStepWords + 1];
   const int64_t m0 = int64_t(blockIdx.x) * kTile;
@@ -161,17 +161,17 @@ __global__ void mm_dequant_kernel(const int32_t* __restrict__ C, const float* __
   }
 }
 
-void mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats,
-                const c10::optional<at::Tensor>& bias, const float* a_out, const float* b_out, int64_t n_out,
-                at::Tensor& out, int64_t rows, int64_t N, cudaStream_t stream) {
+void mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats, const c10::optional<at::Tensor>& bias,
+                const float* a_out, const float* b_out, int64_t n_out, at::Tensor& out, int64_t rows, int64_t N,
+                cudaStream_t stream) {
   if (rows == 0 || N == 0) return;
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bias_ptr = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    mm_dequant_kernel<T><<<grid_size(ceil_div(rows * N, kElementThreads), kElementThreads), kElementThreads, 0,
-                           stream>>>(C, row_stats, col_stats, bias_ptr, a_out, b_out, n_out,
-                                     static_cast<T*>(out.mutable_data_ptr()), rows, N);
+    mm_dequant_kernel<T>
+        <<<grid_size(ceil_div(rows * N, kElementThreads), kElementThreads), kElementThreads, 0, stream>>>(
+            C, row_stats, col_stats, bias_ptr, a_out, b_out, n_out, static_cast<T*>(out.mutable_data_ptr()), rows, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -192,8 +192,9 @@ at::Tensor quant_into(const at::Tensor& input, int64_t rows, int64_t K, float th
     const T* in = static_cast<const T*>(input.const_data_ptr());
     if (threshold > 0.0f) {
       mask = at::zeros({K}, input.options().dtype(at::kByte));
-      outlier_columns_kernel<T><<<grid_size(ceil_div(rows * K, kElementThreads), kElementThreads), kElementThreads,
-                                  0, stream>>>(in, rows * K, K, threshold, mask.mutable_data_ptr<uint8_t>());
+      outlier_columns_kernel<T>
+          <<<grid_size(ceil_div(rows * K, kElementThreads), kElementThreads), kElementThreads, 0, stream>>>(
+              in, rows * K, K, threshold, mask.mutable_data_ptr<uint8_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       cols = at::nonzero(mask).flatten();  // the output size depends on the data: one sync
     }
@@ -233,8 +234,8 @@ at::Tensor int8_vectorwise_dequant_cuda(const at::Tensor& A, const at::Tensor& s
   const int64_t n = q.numel();
   if (n == 0) return out;
   vectorwise_dequant_kernel<<<grid_size(ceil_div(n, kElementThreads), kElementThreads), kElementThreads, 0,
-                              c10::cuda::getCurrentCUDAStream()>>>(q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(),
-                                                                  n, q.size(-1), out.mutable_data_ptr<float>());
+                              c10::cuda::getCurrentCUDAStream()>>>(
+      q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), n, q.size(-1), out.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -281,18 +282,22 @@ at::Tensor int8_mixed_linear_cuda(const at::Tensor& A, const at::Tensor& CB, con
   const at::Tensor cols =
       quant_into(input, rows, K, threshold_in_dtype(threshold, input.scalar_type()), q, stats, stream);
   at::Tensor C = at::empty({rows, N}, input.options().dtype(at::kInt));
-  gemm(q.const_data_ptr<int8_t>(), weight.const_data_ptr<int8_t>(), C.mutable_data_ptr<int32_t>(), rows, N, K,
-       stream);
+  gemm(q.const_data_ptr<int8_t>(), weight.const_data_ptr<int8_t>(), C.mutable_data_ptr<int32_t>(), rows, N, K, stream);
   const int64_t n_out = cols.numel();
   at::Tensor a_out, b_out;
   if (n_out > 0) {
     a_out = input.reshape({rows, K}).index_select(1, cols).to(at::kFloat).contiguous();
-    b_out = weight.index_select(1, cols).to(at::kFloat).mul(scb.reshape({N, 1})).mul_(7.874015718698502e-3).t().contiguous();
+    b_out = weight.index_select(1, cols)
+                .to(at::kFloat)
+                .mul(scb.reshape({N, 1}))
+                .mul_(7.874015718698502e-3)
+                .t()
+                .contiguous();
   }
   if (n_out > kFusedOutliers) {
     at::Tensor out32 = at::empty({rows, N}, input.options().dtype(at::kFloat));
-    mm_dequant(C.const_data_ptr<int32_t>(), stats.const_data_ptr<float>(), scb.const_data_ptr<float>(), bias,
-               nullptr, nullptr, 0, out32, rows, N, stream);
+    mm_dequant(C.const_data_ptr<int32_t>(), stats.const_data_ptr<float>(), scb.const_data_ptr<float>(), bias, nullptr,
+               nullptr, 0, out32, rows, N, stream);
     out32.addmm_(a_out, b_out);
     out.copy_(out32.view(out.sizes()));
     return out;

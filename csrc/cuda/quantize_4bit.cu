@@ -186,7 +186,7 @@ constexpr uint32_t kZeroCode = kType == QuantType::kNF4 ? kNF4ZeroCode : kFP4Zer
 
 // --- kernels -----------------------------------------------------------------------------------------------------
 
-constexpr int kThreads = 256;  // per thread block, unless one quantization block needs more threads
+constexpr int kThreads = 256;      // per thread block, unless one quantization block needs more threads
 constexpr int kDequantUnroll = 2;  // vectors in flight per thread in dequantize (more loads outstanding)
 
 constexpr int kQuantUnroll = 2;  // vectors in flight per thread in quantize
@@ -423,8 +423,8 @@ void launch_dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t 
   fill_code_table(type, table.values);
   const int64_t tiles = ceil_div(ceil_div(n, kVecElems<T>), int64_t{kThreads} * kDequantUnroll);
   const auto kernel = dequantize_4bit_kernel<T>;
-  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, packed, absmax, n,
-                log2_exact(blocksize), table, out);
+  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, packed, absmax, n, log2_exact(blocksize),
+                table, out);
 }
 
 }  // namespace
@@ -460,8 +460,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
 }
 
 // Fills `out` (checked by the caller: shape, dtype, contiguous, on A's device) from checked arguments.
-void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t n, int64_t blocksize,
-                          QuantType type, at::Tensor& out) {
+void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t n, int64_t blocksize, QuantType type,
+                          at::Tensor& out) {
   if (n == 0) return;
   const at::Tensor packed = contiguous_aligned(A);
   const at::Tensor stats = absmax.contiguous();
@@ -469,8 +469,8 @@ void dequantize_4bit_into(const at::Tensor& A, const at::Tensor& absmax, int64_t
   at::Tensor target = is_aligned(out.const_data_ptr(), 16) ? out : at::empty_like(out);
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    launch_dequantize_4bit<T>(static_cast<const uint8_t*>(packed.const_data_ptr()), stats.const_data_ptr<float>(),
-                              n, blocksize, type, static_cast<T*>(target.mutable_data_ptr()), current_stream());
+    launch_dequantize_4bit<T>(static_cast<const uint8_t*>(packed.const_data_ptr()), stats.const_data_ptr<float>(), n,
+                              blocksize, type, static_cast<T*>(target.mutable_data_ptr()), current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!target.is_same(out)) out.copy_(target);

@@ -116,8 +116,8 @@ void launch_quantize_blockwise(const T* in, const float* code, int64_t n, int64_
   const int group = static_cast<int>(blocksize / kVec);  // 4 .. 1024 threads per quantization block
   const int threads = std::max(group, kThreads);
   const auto kernel = quantize_blockwise_kernel<T>;
-  launch_kernel(kernel, grid_size(kernel, ceil_div(ceil_div(n, kVec), threads), threads), threads, stream, in, code,
-                n, log2_exact(group), codes, absmax);
+  launch_kernel(kernel, grid_size(kernel, ceil_div(ceil_div(n, kVec), threads), threads), threads, stream, in, code, n,
+                log2_exact(group), codes, absmax);
 }
 
 // codes[n] (16-byte aligned), absmax, code[256] -> out[n] (16-byte aligned); n > 0.
@@ -159,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, 
 
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    launch_quantize_blockwise<T>(static_cast<const T*>(input.const_data_ptr()), code_values.const_data_ptr<float>(),
-                                 n, blocksize, out.mutable_data_ptr<uint8_t>(), absmax.mutable_data_ptr<float>(),
+    launch_quantize_blockwise<T>(static_cast<const T*>(input.const_data_ptr()), code_values.const_data_ptr<float>(), n,
+                                 blocksize, out.mutable_data_ptr<uint8_t>(), absmax.mutable_data_ptr<float>(),
                                  current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

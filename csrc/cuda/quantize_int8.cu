@@ -18,9 +18,9 @@
 namespace bnbx::cuda {
 namespace {
 
-constexpr int kThreads = 256;           // per thread block, unless one segment's team needs more
-constexpr int64_t kSegment = 16384;     // elements per slice of a split group: 16 per thread of a 1024 team
-constexpr int kElementsPerThread = 8;   // a team has about segment/8 threads (a power of two, 1 .. 1024)
+constexpr int kThreads = 256;          // per thread block, unless one segment's team needs more
+constexpr int64_t kSegment = 16384;    // elements per slice of a split group: 16 per thread of a 1024 team
+constexpr int kElementsPerThread = 8;  // a team has about segment/8 threads (a power of two, 1 .. 1024)
 
 // Where the segments lie. A group is [g * group_size, min(n, (g + 1) * group_size)); segment k of group g is
 // [group_start + k * segment_size, ...) clipped to the group, and may be empty in a short last group.
@@ -116,8 +116,8 @@ __device__ __forceinline__ void for_segment(const T* __restrict__ in, int64_t st
 }
 
 template <typename T>
-__device__ __forceinline__ Range segment_range(const T* __restrict__ in, int64_t start, int64_t end, int lane,
-                                               int team, bool vectorized) {
+__device__ __forceinline__ Range segment_range(const T* __restrict__ in, int64_t start, int64_t end, int lane, int team,
+                                               bool vectorized) {
   Range range{0.0f, 0.0f};
   for_segment(in, start, end, lane, team, vectorized, [&](int64_t, const float* x, int count) {
     const int values = count < 0 ? 4 : count;
@@ -378,8 +378,7 @@ void launch_dequantize_int8(const int8_t* q, const float* scale, const int32_t* 
                             int64_t group_size, T* out, cudaStream_t stream) {
   const int64_t tiles = ceil_div(ceil_div(n, kCodesPerVector), int64_t{kThreads} * kInt8Unroll);
   const auto kernel = dequantize_int8_kernel<T>;
-  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, q, scale, zero_point, n, group_size,
-                out);
+  launch_kernel(kernel, grid_size(kernel, tiles, kThreads), kThreads, stream, q, scale, zero_point, n, group_size, out);
 }
 
 }  // namespace

@@ -68,8 +68,12 @@ def test_generation_config_strategies():
     assert bnbx_eval.generation_config("beam", num_beams=3)["num_beams"] == 3
     sample = bnbx_eval.generation_config("sample", temperature=0.5, top_k=7, top_p=0.8)
     assert (sample["do_sample"], sample["temperature"], sample["top_k"], sample["top_p"]) == (True, 0.5, 7, 0.8)
-    for bad, match in [({"strategy": "nucleus"}, "strategy"), ({"strategy": "beam", "num_beams": 1}, "num_beams"),
-                       ({"strategy": "sample", "temperature": 0}, "temperature"), ({"max_new_tokens": 0}, "max_new")]:
+    for bad, match in [
+        ({"strategy": "nucleus"}, "strategy"),
+        ({"strategy": "beam", "num_beams": 1}, "num_beams"),
+        ({"strategy": "sample", "temperature": 0}, "temperature"),
+        ({"max_new_tokens": 0}, "max_new"),
+    ]:
         with pytest.raises(ValueError, match=match):
             bnbx_eval.generation_config(**bad)
 
@@ -105,7 +109,9 @@ def test_generate_and_speed(tiny_model_dir):
 def test_smollm2_real_model():
     model, tokenizer = smollm.load_smollm2()
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
-    sample = bnbx_eval.generate(model, tokenizer, "The capital of France is", **bnbx_eval.generation_config("greedy", 3))
+    sample = bnbx_eval.generate(
+        model, tokenizer, "The capital of France is", **bnbx_eval.generation_config("greedy", 3)
+    )
     assert "Paris" in sample["text"]
     result = bnbx_eval.perplexity(model, tokenizer, bnbx_eval.heldout_text(), window=129, stride=129, max_tokens=129)
     assert result["tokens"] == 128

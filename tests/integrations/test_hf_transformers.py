@@ -20,8 +20,12 @@ from tiny_models import tiny_llama  # noqa: E402
 
 METHOD_CONFIGS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-    "nf4-dq-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                        bnb_4bit_compute_dtype=torch.bfloat16),
+    "nf4-dq-bf16": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    ),
     "fp4": dict(load_in_4bit=True),
     "llm.int8": dict(load_in_8bit=True),
     "int8": dict(load_in_8bit=True, llm_int8_threshold=0.0),
@@ -57,9 +61,18 @@ def _assert_state_equal(a: dict, b: dict) -> None:
 def test_config_fields_defaults_and_serialisation():
     bnb_defaults = transformers.BitsAndBytesConfig(load_in_4bit=True)
     config = BnbxConfig(load_in_4bit=True)
-    for field in ("llm_int8_threshold", "llm_int8_skip_modules", "llm_int8_enable_fp32_cpu_offload",
-                  "llm_int8_has_fp16_weight", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type",
-                  "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage", "load_in_4bit", "load_in_8bit"):
+    for field in (
+        "llm_int8_threshold",
+        "llm_int8_skip_modules",
+        "llm_int8_enable_fp32_cpu_offload",
+        "llm_int8_has_fp16_weight",
+        "bnb_4bit_compute_dtype",
+        "bnb_4bit_quant_type",
+        "bnb_4bit_use_double_quant",
+        "bnb_4bit_quant_storage",
+        "load_in_4bit",
+        "load_in_8bit",
+    ):
         assert getattr(config, field) == getattr(bnb_defaults, field), field
     assert config.blocksize == 64 and config.method == "fp4"
     data = config.to_dict()
@@ -68,22 +81,30 @@ def test_config_fields_defaults_and_serialisation():
     assert "load_in_4bit" not in data and "load_in_8bit" not in data
     assert BnbxConfig.from_dict(json.loads(json.dumps(data))) == config
     nf4 = BnbxConfig.from_bitsandbytes_config(
-        transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                        bnb_4bit_compute_dtype=torch.bfloat16))
+        transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    )
     assert (nf4.method, nf4.bnb_4bit_use_double_quant, nf4.bnb_4bit_compute_dtype) == ("nf4", True, torch.bfloat16)
     assert BnbxConfig.from_bitsandbytes_config(transformers.BitsAndBytesConfig(load_in_8bit=True)).method == "llm.int8"
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({}, ValueError, "load_in_4bit=True or load_in_8bit"),
-    ({"load_in_4bit": True, "load_in_8bit": True}, ValueError, "both True"),
-    ({"load_in_4bit": 1}, TypeError, "load_in_4bit must be a bool"),
-    ({"load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, ValueError, "bnb_4bit_quant_type"),
-    ({"load_in_4bit": True, "blocksize": 48}, ValueError, "blocksize"),
-    ({"load_in_4bit": True, "bnb_4bit_compute_dtype": "float64"}, ValueError, "bnb_4bit_compute_dtype"),
-    ({"load_in_8bit": True, "llm_int8_threshold": -1}, ValueError, "llm_int8_threshold"),
-    ({"weight_only": "int3"}, ValueError, "weight_only"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({}, ValueError, "load_in_4bit=True or load_in_8bit"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, ValueError, "both True"),
+        ({"load_in_4bit": 1}, TypeError, "load_in_4bit must be a bool"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, ValueError, "bnb_4bit_quant_type"),
+        ({"load_in_4bit": True, "blocksize": 48}, ValueError, "blocksize"),
+        ({"load_in_4bit": True, "bnb_4bit_compute_dtype": "float64"}, ValueError, "bnb_4bit_compute_dtype"),
+        ({"load_in_8bit": True, "llm_int8_threshold": -1}, ValueError, "llm_int8_threshold"),
+        ({"weight_only": "int3"}, ValueError, "weight_only"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, error, match):
     with pytest.raises(error, match=match):
         BnbxConfig(**kwargs)
@@ -106,8 +127,11 @@ def test_from_pretrained_save_reload_bit_identical(name, float_dir, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config)
     layer_type = type(_layer(model))
     assert layer_type in Q.quantized_layer_types()
-    assert all(type(_layer(model, f"model.layers.0.{'self_attn' if p.endswith('proj') and p[0] in 'qkvo' else 'mlp'}.{p}"))
-               is layer_type for p in QUANTIZED)
+    assert all(
+        type(_layer(model, f"model.layers.0.{'self_attn' if p.endswith('proj') and p[0] in 'qkvo' else 'mlp'}.{p}"))
+        is layer_type
+        for p in QUANTIZED
+    )
     assert type(model.lm_head) is torch.nn.Linear  # lm_head stays in full precision
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
     logits = _logits(model, ids)
@@ -124,7 +148,9 @@ def test_from_pretrained_save_reload_bit_identical(name, float_dir, tmp_path):
     reloaded.save_pretrained(tmp_path / "again")  # a reloaded model saves again, to the same bytes
     from safetensors.torch import load_file
 
-    _assert_state_equal(load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors"))
+    _assert_state_equal(
+        load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    )
 
 
 def test_quantized_output_close_to_float(float_dir):
@@ -133,7 +159,9 @@ def test_quantized_output_close_to_float(float_dir):
     expected = _logits(reference, ids)
     errors = {}
     for name in ("absmax8", "llm.int8", "nf4", "fp4"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=BnbxConfig(**METHOD_CONFIGS[name]))
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            float_dir, quantization_config=BnbxConfig(**METHOD_CONFIGS[name])
+        )
         errors[name] = (_logits(model, ids) - expected).abs().max().item()
     # more bits, closer to the float model
     assert errors["absmax8"] < errors["nf4"] and errors["llm.int8"] < errors["fp4"]
@@ -143,11 +171,16 @@ def test_quantized_output_close_to_float(float_dir):
 def test_tied_and_keep_in_fp32_modules_are_skipped(tmp_path):
     path = tmp_path / "tied"
     tiny_llama(vocab_size=64, tie=True).save_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=BnbxConfig(weight_only="absmax8"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=BnbxConfig(weight_only="absmax8")
+    )
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     skip = BnbxConfig(weight_only="absmax8", llm_int8_skip_modules=["lm_head", "down_proj"])
     model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=skip)
-    assert type(_layer(model)) is torch.nn.Linear and type(_layer(model, "model.layers.0.mlp.up_proj")) is not torch.nn.Linear
+    assert (
+        type(_layer(model)) is torch.nn.Linear
+        and type(_layer(model, "model.layers.0.mlp.up_proj")) is not torch.nn.Linear
+    )
     float_model = tiny_llama(vocab_size=64)
     float_model._keep_in_fp32_modules = ["o_proj"]
     bnbx.quantize_model_(float_model, BnbxConfig(load_in_4bit=True))
@@ -157,9 +190,12 @@ def test_tied_and_keep_in_fp32_modules_are_skipped(tmp_path):
 
 def test_memory_footprint_and_dequantize(float_dir):
     dense = transformers.AutoModelForCausalLM.from_pretrained(float_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=BnbxConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4"))
-    quantized_weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnbx.nn.Linear4bit))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=BnbxConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    )
+    quantized_weights = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, bnbx.nn.Linear4bit)
+    )
     saved = dense.get_memory_footprint() - model.get_memory_footprint()
     # fp32 (4 bytes) -> 0.5 byte per weight + one fp32 absmax per 64 weights (0.0625 byte)
     assert saved == pytest.approx(quantized_weights * (4 - 0.5 - 4 / 64), rel=0.02)
@@ -167,12 +203,16 @@ def test_memory_footprint_and_dequantize(float_dir):
 
 @pytest.mark.parametrize("name", ["nf4-dq-bf16", "llm.int8", "absmax8", "blockwise8"])
 def test_dequantize(name, float_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=BnbxConfig(
-        **METHOD_CONFIGS[name]))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=BnbxConfig(**METHOD_CONFIGS[name])
+    )
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(2))
     expected = _logits(model, ids)
-    weights = {n: Q.dequantize_layer(m, torch.float32) for n, m in model.named_modules()
-               if isinstance(m, Q.quantized_layer_types())}
+    weights = {
+        n: Q.dequantize_layer(m, torch.float32)
+        for n, m in model.named_modules()
+        if isinstance(m, Q.quantized_layer_types())
+    }
     dequantized = model.dequantize()
     assert not any(isinstance(m, Q.quantized_layer_types()) for m in dequantized.modules())
     assert not getattr(dequantized, "is_quantized", False) and not hasattr(dequantized.config, "quantization_config")
@@ -188,13 +228,15 @@ def test_bitsandbytes_checkpoint_loads_into_bnbx(bits, tmp_path):
     float_dir = tmp_path / "float"  # bitsandbytes' CPU 4-bit path needs in_features divisible by its block
     tiny_llama(vocab_size=64, seed=4, intermediate=128).save_pretrained(float_dir)
     if bits == 4:
-        bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                     bnb_4bit_use_double_quant=True)
+        bnb_config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        )
     else:
         bnb_config = transformers.BitsAndBytesConfig(load_in_8bit=True)
     try:
-        bnb_model = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=bnb_config,
-                                                                     device_map="cpu")
+        bnb_model = transformers.AutoModelForCausalLM.from_pretrained(
+            float_dir, quantization_config=bnb_config, device_map="cpu"
+        )
     except (RuntimeError, ImportError) as error:  # a bitsandbytes build without a CPU backend
         pytest.skip(f"bitsandbytes cannot quantize here: {error}")
     bnb_model.save_pretrained(tmp_path / "bnb")
@@ -212,15 +254,19 @@ def test_bitsandbytes_checkpoint_loads_into_bnbx(bits, tmp_path):
 
 
 def test_bnbx_checkpoint_without_import_bnbx_fails_clearly(float_dir, tmp_path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=BnbxConfig(load_in_4bit=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        float_dir, quantization_config=BnbxConfig(load_in_4bit=True)
+    )
     model.save_pretrained(tmp_path / "q")
-    code = ("import transformers, sys\n"
-            "try:\n"
-            f"    transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})\n"
-            "except Exception as error:\n"
-            "    print('RAISED', error)\n"
-            "else:\n"
-            "    print('LOADED')\n")
+    code = (
+        "import transformers, sys\n"
+        "try:\n"
+        f"    transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'q')!r})\n"
+        "except Exception as error:\n"
+        "    print('RAISED', error)\n"
+        "else:\n"
+        "    print('LOADED')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert "Unknown quantization type, got bnbx" in output  # transformers' warning

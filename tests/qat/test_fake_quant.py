@@ -37,7 +37,9 @@ def _supported(name: str) -> bool:
         return False
 
 
-ISAS = [pytest.param(n, marks=pytest.mark.skipif(not _supported(n), reason=f"no {n}")) for n in ("scalar", "avx2", "avx512")]
+ISAS = [
+    pytest.param(n, marks=pytest.mark.skipif(not _supported(n), reason=f"no {n}")) for n in ("scalar", "avx2", "avx512")
+]
 SHAPES_GROUPS = [((0,), 5), ((1,), 1), ((7,), 3), ((33, 17), 17), ((5, 130), 10), ((3, 1000), 7), ((2, 4100), 4100)]
 
 
@@ -127,8 +129,9 @@ def test_int8_fake_equals_real(device, dtype, granularity, symmetric):
         real = bnbx.dequantize_int8(q, state)
         assert fake.dtype == real.dtype == dtype
         assert torch.equal(fake, real)
-        _, scale, zp = fake_quantize(x, 8, symmetric, range="restricted" if symmetric else "full",
-                                     return_params=True, **kwargs)
+        _, scale, zp = fake_quantize(
+            x, 8, symmetric, range="restricted" if symmetric else "full", return_params=True, **kwargs
+        )
         assert torch.equal(scale, state.scale) and torch.equal(zp, state.zero_point)
 
 
@@ -138,12 +141,14 @@ def test_int8_fake_equals_real(device, dtype, granularity, symmetric):
 def test_equals_torch_fake_quantize(bits, full, symmetric):
     qmin, qmax = (int(v) for v in grid(bits, full))
     w = torch.randn(24, 50) * torch.rand(24, 1) * 4
-    fake, scale, zp = fake_quantize(w, bits, symmetric, "channel", range="full" if full else "restricted",
-                                    return_params=True)
+    fake, scale, zp = fake_quantize(
+        w, bits, symmetric, "channel", range="full" if full else "restricted", return_params=True
+    )
     expected = torch.fake_quantize_per_channel_affine(w, scale, zp, 0, qmin, qmax)
     assert torch.equal(fake, expected)
-    fake_t, scale_t, zp_t = fake_quantize(w, bits, symmetric, "tensor", range="full" if full else "restricted",
-                                          return_params=True)
+    fake_t, scale_t, zp_t = fake_quantize(
+        w, bits, symmetric, "tensor", range="full" if full else "restricted", return_params=True
+    )
     assert torch.equal(fake_t, torch.fake_quantize_per_tensor_affine(w, float(scale_t), int(zp_t), qmin, qmax))
 
 
@@ -191,7 +196,11 @@ def test_lsq_gradients_match_reference(dtype):
     out = fake_quantize_lsq(x.requires_grad_(), scale, offset, bits=4, grad_scale=g)
     upstream = torch.randn_like(out)
     out.backward(upstream)
-    xr, sr, orf = x.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_(), offset.detach().clone().requires_grad_()
+    xr, sr, orf = (
+        x.detach().clone().requires_grad_(),
+        scale.detach().clone().requires_grad_(),
+        offset.detach().clone().requires_grad_(),
+    )
     ref = lsq_ref(xr, sr, orf, -7.0, 7.0, g)
     ref.backward(upstream)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
@@ -212,7 +221,9 @@ def test_lsq_init():
 # --- opcheck ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,mask", [(torch.float32, "none"), (torch.bfloat16, "range"), (torch.float16, "absolute")])
+@pytest.mark.parametrize(
+    "dtype,mask", [(torch.float32, "none"), (torch.bfloat16, "range"), (torch.float16, "absolute")]
+)
 def test_opcheck_fake_quantize(dtype, mask):
     x = torch.randn(6, 20, dtype=dtype, requires_grad=True)
     torch.library.opcheck(torch.ops.bnbx.fake_quantize.default, (x, 7, 4, False, True, mask, 1.0))

@@ -27,14 +27,23 @@ from bnbx.qat import (
 
 transformers = pytest.importorskip("transformers")
 
-CACHE_ARG = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+)
 
 
 def tiny_llama(seed: int = 0, vocab: int = 96):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      attn_implementation="sdpa")
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -49,9 +58,19 @@ class TinyTokenizer:
 def test_prepare_swaps_projections_only():
     model = prepare(tiny_llama(), QATConfig(w_bits=4, a_bits=8))
     names = {name for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
-    assert names == {f"model.layers.{i}.{p}" for i in range(2) for p in
-                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert names == {
+        f"model.layers.{i}.{p}"
+        for i in range(2)
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     assert type(model.lm_head) is torch.nn.Linear
     assert type(model.model.embed_tokens) is torch.nn.Embedding
     assert "weight=int4 channel" in repr(model.model.layers[0].mlp.up_proj)
@@ -67,15 +86,18 @@ def test_prepare_skip_and_modules():
         prepare(tiny_llama(), QATConfig(modules=("decoder",)))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(w_bits=1), "w_bits must be from 2 to 8"),
-    (dict(a_bits=9), "a_bits must be from 2 to 8"),
-    (dict(kv_bits=12), "kv_bits must be from 2 to 8"),
-    (dict(weight_granularity="row"), "weight_granularity must be one of"),
-    (dict(method="adaround"), "method must be one of"),
-    (dict(weight_dtype="nf4", method="lsq"), "method must be 'minmax'"),
-    (dict(group_size=0), "group_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(w_bits=1), "w_bits must be from 2 to 8"),
+        (dict(a_bits=9), "a_bits must be from 2 to 8"),
+        (dict(kv_bits=12), "kv_bits must be from 2 to 8"),
+        (dict(weight_granularity="row"), "weight_granularity must be one of"),
+        (dict(method="adaround"), "method must be one of"),
+        (dict(weight_dtype="nf4", method="lsq"), "method must be 'minmax'"),
+        (dict(group_size=0), "group_size must be a positive integer"),
+    ],
+)
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QATConfig(**kwargs)
@@ -91,8 +113,9 @@ def test_fake_quant_linear_forward():
     linear = torch.nn.Linear(32, 16)
     layer = FakeQuantLinear.from_linear(linear, QATConfig(w_bits=4, a_bits=8))
     x = torch.randn(2, 5, 32)
-    expected = F.linear(fake_quantize(x, 8, True, "token"), fake_quantize(linear.weight, 4, True, "channel"),
-                        linear.bias)
+    expected = F.linear(
+        fake_quantize(x, 8, True, "token"), fake_quantize(linear.weight, 4, True, "channel"), linear.bias
+    )
     assert torch.equal(layer(x), expected)
     assert layer.weight is linear.weight  # shared, not copied
 
@@ -141,7 +164,9 @@ CONVERT_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", CONVERT_CONFIGS, ids=lambda c: f"{c.weight_dtype}{c.w_bits}-{c.weight_granularity}-{c.method}")
+@pytest.mark.parametrize(
+    "config", CONVERT_CONFIGS, ids=lambda c: f"{c.weight_dtype}{c.w_bits}-{c.weight_granularity}-{c.method}"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_convert_is_exact(config, dtype):
     student = prepare(tiny_llama().to(dtype), config)
@@ -150,7 +175,9 @@ def test_convert_is_exact(config, dtype):
             for m in student.modules():
                 if isinstance(m, FakeQuantLinear):
                     m.weight_scale.mul_(0.8 + 0.4 * torch.rand_like(m.weight_scale))
-    fake_weights = {n: m.quantized_weight().detach() for n, m in student.named_modules() if isinstance(m, FakeQuantLinear)}
+    fake_weights = {
+        n: m.quantized_weight().detach() for n, m in student.named_modules() if isinstance(m, FakeQuantLinear)
+    }
     ids = torch.randint(3, 96, (2, 10))
     with torch.no_grad():
         before = student(ids).logits
@@ -243,8 +270,9 @@ def test_kd_loss_gradcheck():
 
     hs = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fn, (hs,))
-    torch.testing.assert_close(kd_loss(hs.detach(), ht, head_s, head_t, chunk_size=2), fn(hs.detach()).float(),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        kd_loss(hs.detach(), ht, head_s, head_t, chunk_size=2), fn(hs.detach()).float(), rtol=1e-5, atol=1e-6
+    )
 
 
 def _kd_on(student, teacher, ids):
@@ -263,8 +291,9 @@ def test_distill_reduces_kd_loss():
     ids = torch.tensor([d["input_ids"] for d in data])
     before_params = [p.detach().clone() for p in student.parameters()]
     before = _kd_on(student, teacher, ids)
-    losses = distill(student, teacher, data, seq_len=32, batch_size=2, max_steps=12, lr=3e-4, progress=False,
-                     chunk_size=7)
+    losses = distill(
+        student, teacher, data, seq_len=32, batch_size=2, max_steps=12, lr=3e-4, progress=False, chunk_size=7
+    )
     after = _kd_on(student, teacher, ids)
     assert len(losses) == 12
     assert after < 0.6 * before, (before, after)

@@ -15,8 +15,7 @@ struct FakeQuantKernels {
 
   // Folds in[begin, end) into a running range: *low = min(x, *low), *high = max(x, *high) (both start at 0,
   // so the range holds 0), *nonfinite |= a NaN or an Inf was seen.
-  void (*range)(FloatType type, const void* in, int64_t begin, int64_t end, float* low, float* high,
-                bool* nonfinite);
+  void (*range)(FloatType type, const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite);
   // out[begin, end) = affine_fake_quant(in[i], params, qmin, qmax), rounded once to `type` (fp16 saturates at
   // +-65504, as int8 dequantize does). `in` and `out` have the same type.
   void (*apply)(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params,

@@ -36,8 +36,8 @@ static inline float fq_output_limit() {
 }
 
 template <FloatType kType>
-static void apply_generic(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params,
-                          float qmin, float qmax) {
+static void apply_generic(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params, float qmin,
+                          float qmax) {
   const float limit = fq_output_limit<kType>();
   for (int64_t i = begin; i < end; ++i) {
     const float value = affine_fake_quant(load_as_float<kType>(in, i), params, qmin, qmax);
@@ -95,7 +95,8 @@ static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, co
     const __m512 inv = _mm512_set1_ps(params.inv_scale), scale = _mm512_set1_ps(params.scale);
     const __m512 zp = _mm512_set1_ps(params.zero_point);
     const __m512 lowest = _mm512_set1_ps(qmin), highest = _mm512_set1_ps(qmax);
-    const __m512 limit = _mm512_set1_ps(fq_output_limit<kType>()), negative_limit = _mm512_set1_ps(-fq_output_limit<kType>());
+    const __m512 limit = _mm512_set1_ps(fq_output_limit<kType>()),
+                 negative_limit = _mm512_set1_ps(-fq_output_limit<kType>());
     for (; i + 16 <= end; i += 16) {
       const __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(load_16_as_float<kType>(in, i), inv),
                                                   _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
@@ -161,7 +162,8 @@ static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, co
     const __m256 inv = _mm256_set1_ps(params.inv_scale), scale = _mm256_set1_ps(params.scale);
     const __m256 zp = _mm256_set1_ps(params.zero_point);
     const __m256 lowest = _mm256_set1_ps(qmin), highest = _mm256_set1_ps(qmax);
-    const __m256 limit = _mm256_set1_ps(fq_output_limit<kType>()), negative_limit = _mm256_set1_ps(-fq_output_limit<kType>());
+    const __m256 limit = _mm256_set1_ps(fq_output_limit<kType>()),
+                 negative_limit = _mm256_set1_ps(-fq_output_limit<kType>());
     for (; i + 8 <= end; i += 8) {
       const __m256 rounded = _mm256_round_ps(_mm256_mul_ps(load_8_as_float<kType>(in, i), inv),
                                              _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
@@ -183,18 +185,24 @@ static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, co
 static void range(FloatType type, const void* in, int64_t begin, int64_t end, float* low, float* high,
                   bool* nonfinite) {
   switch (type) {
-    case FloatType::kFloat32: return BNBX_FQ_KERNEL(range)<FloatType::kFloat32>(in, begin, end, low, high, nonfinite);
-    case FloatType::kFloat16: return BNBX_FQ_KERNEL(range)<FloatType::kFloat16>(in, begin, end, low, high, nonfinite);
-    case FloatType::kBFloat16: return BNBX_FQ_KERNEL(range)<FloatType::kBFloat16>(in, begin, end, low, high, nonfinite);
+    case FloatType::kFloat32:
+      return BNBX_FQ_KERNEL(range)<FloatType::kFloat32>(in, begin, end, low, high, nonfinite);
+    case FloatType::kFloat16:
+      return BNBX_FQ_KERNEL(range)<FloatType::kFloat16>(in, begin, end, low, high, nonfinite);
+    case FloatType::kBFloat16:
+      return BNBX_FQ_KERNEL(range)<FloatType::kBFloat16>(in, begin, end, low, high, nonfinite);
   }
 }
 
 static void apply(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params,
                   float qmin, float qmax) {
   switch (type) {
-    case FloatType::kFloat32: return BNBX_FQ_KERNEL(apply)<FloatType::kFloat32>(in, out, begin, end, params, qmin, qmax);
-    case FloatType::kFloat16: return BNBX_FQ_KERNEL(apply)<FloatType::kFloat16>(in, out, begin, end, params, qmin, qmax);
-    case FloatType::kBFloat16: return BNBX_FQ_KERNEL(apply)<FloatType::kBFloat16>(in, out, begin, end, params, qmin, qmax);
+    case FloatType::kFloat32:
+      return BNBX_FQ_KERNEL(apply)<FloatType::kFloat32>(in, out, begin, end, params, qmin, qmax);
+    case FloatType::kFloat16:
+      return BNBX_FQ_KERNEL(apply)<FloatType::kFloat16>(in, out, begin, end, params, qmin, qmax);
+    case FloatType::kBFloat16:
+      return BNBX_FQ_KERNEL(apply)<FloatType::kBFloat16>(in, out, begin, end, params, qmin, qmax);
   }
 }
 

@@ -16,10 +16,10 @@ namespace bnbx::cpu {
 // nested_code[q] * nested_absmax[block / nested_blocksize] + offset, in fp32 (QuantState.get_absmax's
 // arithmetic, so the decoded value is bit-identical to bnbx.dequantize_4bit's).
 struct Absmax4bit {
-  const float* absmax = nullptr;          // fp32 [blocks]; nullptr when nested
-  const uint8_t* absmax_q = nullptr;      // uint8 [blocks] when nested
-  const float* nested_absmax = nullptr;   // fp32 [ceil(blocks / nested_blocksize)]
-  const float* nested_code = nullptr;     // fp32 [256]
+  const float* absmax = nullptr;         // fp32 [blocks]; nullptr when nested
+  const uint8_t* absmax_q = nullptr;     // uint8 [blocks] when nested
+  const float* nested_absmax = nullptr;  // fp32 [ceil(blocks / nested_blocksize)]
+  const float* nested_code = nullptr;    // fp32 [256]
   float offset = 0.0f;
   int64_t nested_blocksize = 256;
 };
@@ -33,8 +33,8 @@ struct Gemm4bitKernels {
 
   // out[m * N + n] = sum_k A[m, k] * W[n, k] for n in [n_begin, n_end), every m < M, accumulated in fp32;
   // A as pack_a wrote it. Each block's partial sum is scaled by its absmax once.
-  void (*gemv)(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
-               int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end);
+  void (*gemv)(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax, int64_t blocksize,
+               QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end);
 
   // out[b - block_begin] = the fp32 absmax of block b, for b in [block_begin, block_end).
   void (*decode_absmax)(const Absmax4bit& absmax, int64_t block_begin, int64_t block_end, float* out);

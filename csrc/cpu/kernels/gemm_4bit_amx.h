@@ -42,8 +42,8 @@ static void pack_x_amx(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int6
 
 // Block scales of rows [n0, n0 + 32) of W: row r's blocks start at row_scales + r * stride (stride >= the
 // number of blocks a row touches, K / blocksize + 2).
-static void decode_row_scales(const Absmax4bit& absmax, int64_t K, int shift, int64_t n0, int64_t N,
-                              float* row_scales, int64_t stride) {
+static void decode_row_scales(const Absmax4bit& absmax, int64_t K, int shift, int64_t n0, int64_t N, float* row_scales,
+                              int64_t stride) {
   for (int64_t r = 0; r < kAmxRows && n0 + r < N; ++r) {
     const int64_t n = n0 + r;
     decode_absmax(absmax, (n * K) >> shift, ((n * K + K - 1) >> shift) + 1, row_scales + r * stride);
@@ -139,8 +139,8 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
         if (chunked) {
           const int64_t k = s * 32;
           if (k % kChunk == 0)
-            dequantize_rows_bf16(packed, K, shift, table, n0, N, row_scales, scale_stride, k,
-                                 std::min(Kp, k + kChunk), wbuf, w_stride);
+            dequantize_rows_bf16(packed, K, shift, table, n0, N, row_scales, scale_stride, k, std::min(Kp, k + kChunk),
+                                 wbuf, w_stride);
           w = wbuf + k % kChunk;
           // prefetch the packed bytes of the next chunk (the rows are 32 strided streams the hardware
           // prefetcher follows poorly); 2 cache lines of one row per step, 8 steps per chunk of 256

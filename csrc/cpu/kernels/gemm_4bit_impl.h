@@ -48,9 +48,15 @@ static void convert_a(const void* A, int64_t count, float* out) {
 
 static void convert_a_any(FloatType a_type, const void* A, int64_t count, float* out) {
   switch (a_type) {
-    case FloatType::kFloat32: convert_a<FloatType::kFloat32>(A, count, out); break;
-    case FloatType::kFloat16: convert_a<FloatType::kFloat16>(A, count, out); break;
-    default: convert_a<FloatType::kBFloat16>(A, count, out); break;
+    case FloatType::kFloat32:
+      convert_a<FloatType::kFloat32>(A, count, out);
+      break;
+    case FloatType::kFloat16:
+      convert_a<FloatType::kFloat16>(A, count, out);
+      break;
+    default:
+      convert_a<FloatType::kBFloat16>(A, count, out);
+      break;
   }
 }
 
@@ -160,8 +166,8 @@ static inline VecI lane_blocks(int64_t lanes_per_block) {
 }
 #else
 static inline Vec lane_scales(const float* scales, int64_t count, VecI lane_block) {
-  const VecI mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                                       _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const VecI mask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   return _mm256_permutevar8x32_ps(_mm256_maskload_ps(scales, mask), lane_block);
 }
 static inline VecI lane_blocks(int64_t lanes_per_block) {
@@ -174,9 +180,8 @@ static inline VecI lane_blocks(int64_t lanes_per_block) {
 // group holds whole blocks (blocksize < kGroup) or lies inside one block (blocksize >= kGroup). Each row's
 // block scales are decoded first into row_scales (double quantization decoded here, never stored whole).
 template <int kRows>
-static void gemv_rows(const float* A, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
-                      int64_t blocksize, const float table[16], float* row_scales, float* out, int64_t N,
-                      int64_t n_begin, int64_t n_end) {
+static void gemv_rows(const float* A, int64_t K, const uint8_t* packed, const Absmax4bit& absmax, int64_t blocksize,
+                      const float table[16], float* row_scales, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
   const Vec table_lo = vload(table);
   const Vec table_hi = vload(table + 8);
   const int64_t groups = K / kGroup;
@@ -220,12 +225,20 @@ static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, co
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
     const int64_t n1 = std::min(n_end, n0 + kChunk);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+    for (; m + 4 <= M; m += 4)
+      gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
     switch (M - m) {
-      case 3: gemv_rows<3>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1); break;
-      case 2: gemv_rows<2>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1); break;
-      case 1: gemv_rows<1>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1); break;
-      default: break;
+      case 3:
+        gemv_rows<3>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+        break;
+      case 2:
+        gemv_rows<2>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+        break;
+      case 1:
+        gemv_rows<1>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+        break;
+      default:
+        break;
     }
   }
 }
@@ -243,16 +256,11 @@ static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, co
 }  // namespace BNBX_ISA
 
 const Gemm4bitKernels BNBX_TABLE(gemm_4bit) = {
-    BNBX_ISA_NAME,
-    &BNBX_ISA::pack_a,
-    &BNBX_ISA::gemv,
-    &BNBX_ISA::decode_absmax,
+    BNBX_ISA_NAME,         &BNBX_ISA::pack_a,   &BNBX_ISA::gemv, &BNBX_ISA::decode_absmax,
 #if defined(__AVX512F__)
-    &BNBX_ISA::pack_x_amx,
-    &BNBX_ISA::gemm_amx,
+    &BNBX_ISA::pack_x_amx, &BNBX_ISA::gemm_amx,
 #else
-    nullptr,
-    nullptr,
+    nullptr,       nullptr,
 #endif
 };
 

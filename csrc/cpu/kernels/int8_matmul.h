@@ -20,10 +20,10 @@ struct Int8MatmulKernels {
   void (*outlier_columns)(FloatType in_type, const void* A, int64_t K, float threshold, uint8_t* mask,
                           int64_t row_begin, int64_t row_end);
   // bitsandbytes' rule per row: stats = max |x| over the row's x with |x| < threshold (every x when
-  // threshold == 0), q = round_half_even(x * ((1 / stats) * 127)) (torch's 127 / stats); q = 0 in columns with mask[k] != 0 (mask may be
-  // null), for a zero row, and for every x of a row holding NaN or Inf (stats is then NaN / Inf).
-  void (*vectorwise_quant)(FloatType in_type, const void* A, int64_t K, float threshold, const uint8_t* mask,
-                           int8_t* q, float* stats, int64_t row_begin, int64_t row_end);
+  // threshold == 0), q = round_half_even(x * ((1 / stats) * 127)) (torch's 127 / stats); q = 0 in columns with mask[k]
+  // != 0 (mask may be null), for a zero row, and for every x of a row holding NaN or Inf (stats is then NaN / Inf).
+  void (*vectorwise_quant)(FloatType in_type, const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q,
+                           float* stats, int64_t row_begin, int64_t row_end);
   // out = float(q) * stats[row] * (1/127) in fp32, bitsandbytes' order of operations.
   void (*vectorwise_dequant)(const int8_t* q, const float* stats, int64_t K, float* out, int64_t row_begin,
                              int64_t row_end);
@@ -32,14 +32,13 @@ struct Int8MatmulKernels {
   void (*gemm)(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K, int64_t n_begin,
                int64_t n_end);
   // Same product with AVX512-VNNI (vpdpbusd on A + 128, corrected by 128 * row sums of B); null outside avx512.
-  void (*gemm_vnni)(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
-                    int64_t n_begin, int64_t n_end);
+  void (*gemm_vnni)(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K, int64_t n_begin,
+                    int64_t n_end);
   // AMX-INT8: B is first packed (amx_pack over blocks of 16 rows) into tiles of 64 k x 16 rows in the
   // 4-byte-interleaved layout TDPBSSD takes as its second operand; rows of A are loaded as tiles in place.
   // n_begin is a multiple of 32.
   int64_t (*amx_packed_bytes)(int64_t rows, int64_t K);
-  void (*amx_pack)(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t block_begin,
-                   int64_t block_end);
+  void (*amx_pack)(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t block_begin, int64_t block_end);
   void (*gemm_amx)(const int8_t* A, const uint8_t* packed_B, int32_t* C, int64_t M, int64_t N, int64_t K,
                    int64_t n_begin, int64_t n_end);
 

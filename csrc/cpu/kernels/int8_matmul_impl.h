@@ -60,8 +60,8 @@ float row_stat_generic(const void* A, int64_t base, int64_t K, float threshold) 
 inline int8_t quantize_value(float v) { return v == v ? static_cast<int8_t>(std::nearbyint(v)) : 0; }
 
 template <FloatType kIn>
-void vectorwise_quant_generic(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q,
-                              float* stats, int64_t row_begin, int64_t row_end) {
+void vectorwise_quant_generic(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, float* stats,
+                              int64_t row_begin, int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t base = row * K;
     const float stat = row_stat_generic<kIn>(A, base, K, threshold);
@@ -105,8 +105,8 @@ void outlier_columns_avx512(const void* A, int64_t K, float threshold, uint8_t* 
 }
 
 template <FloatType kIn>
-void vectorwise_quant_avx512(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q,
-                             float* stats, int64_t row_begin, int64_t row_end) {
+void vectorwise_quant_avx512(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, float* stats,
+                             int64_t row_begin, int64_t row_end) {
   const __m512 thr = _mm512_set1_ps(threshold);
   const bool use_thr = threshold != 0.0f;
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -159,14 +159,17 @@ void vectorwise_quant_t(const void* A, int64_t K, float threshold, const uint8_t
 void outlier_columns(FloatType in_type, const void* A, int64_t K, float threshold, uint8_t* mask, int64_t rb,
                      int64_t re) {
   switch (in_type) {
-    case FloatType::kFloat32: return outlier_columns_t<FloatType::kFloat32>(A, K, threshold, mask, rb, re);
-    case FloatType::kFloat16: return outlier_columns_t<FloatType::kFloat16>(A, K, threshold, mask, rb, re);
-    case FloatType::kBFloat16: return outlier_columns_t<FloatType::kBFloat16>(A, K, threshold, mask, rb, re);
+    case FloatType::kFloat32:
+      return outlier_columns_t<FloatType::kFloat32>(A, K, threshold, mask, rb, re);
+    case FloatType::kFloat16:
+      return outlier_columns_t<FloatType::kFloat16>(A, K, threshold, mask, rb, re);
+    case FloatType::kBFloat16:
+      return outlier_columns_t<FloatType::kBFloat16>(A, K, threshold, mask, rb, re);
   }
 }
 
-void vectorwise_quant(FloatType in_type, const void* A, int64_t K, float threshold, const uint8_t* mask,
-                      int8_t* q, float* stats, int64_t rb, int64_t re) {
+void vectorwise_quant(FloatType in_type, const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q,
+                      float* stats, int64_t rb, int64_t re) {
   switch (in_type) {
     case FloatType::kFloat32:
       return vectorwise_quant_t<FloatType::kFloat32>(A, K, threshold, mask, q, stats, rb, re);
@@ -224,8 +227,8 @@ void gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, in
 
 // vpdpbusd multiplies unsigned by signed bytes: sum (a + 128) * b - 128 * sum b = sum a * b. Blocks of 4 rows of
 // B against 4 rows of A share every load; B's tail is zero-filled so A's tail bytes never count.
-BNBX_VNNI void gemm_vnni(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
-                         int64_t n_begin, int64_t n_end) {
+BNBX_VNNI void gemm_vnni(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K, int64_t n_begin,
+                         int64_t n_end) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i ones = _mm512_set1_epi8(1);
   constexpr int64_t kMChunk = 64;  // rows of A kept hot in L2 while B streams
@@ -314,16 +317,16 @@ inline void copy_partial_tile(const int32_t* buffer, int32_t* C, int64_t ldc, in
 
 // Stores accumulator tile `t` (a literal: some compilers' _tile_stored pastes it into the instruction text) to
 // C[m0.., n0..]: straight into C when the 16 x 16 block is inside, else through a buffer.
-#define BNBX_STORE_TILE(t, m0, n0)                                                 \
-  do {                                                                             \
-    if ((m0) < M && (n0) < n_limit) {                                              \
-      if ((m0) + 16 <= M && (n0) + 16 <= n_limit) {                               \
-        _tile_stored(t, C + (m0) * ldc + (n0), ldc * 4);                           \
-      } else {                                                                     \
-        _tile_stored(t, buffer, 64);                                               \
-        copy_partial_tile(buffer, C, ldc, M, n_limit, (m0), (n0));                 \
-      }                                                                            \
-    }                                                                              \
+#define BNBX_STORE_TILE(t, m0, n0)                                 \
+  do {                                                             \
+    if ((m0) < M && (n0) < n_limit) {                              \
+      if ((m0) + 16 <= M && (n0) + 16 <= n_limit) {                \
+        _tile_stored(t, C + (m0) * ldc + (n0), ldc * 4);           \
+      } else {                                                     \
+        _tile_stored(t, buffer, 64);                               \
+        copy_partial_tile(buffer, C, ldc, M, n_limit, (m0), (n0)); \
+      }                                                            \
+    }                                                              \
   } while (0)
 
 // One 32 x 32 (or smaller) block of C over all of K: a0/a1 rows of A with stride as, b0/b1 packed B blocks.
@@ -391,10 +394,14 @@ BNBX_AMX void gemm_amx(const int8_t* A, const uint8_t* packed_B, int32_t* C, int
           as = chunks * 64;
         }
         const bool two_m = m0 + 16 < M;
-        if (two_m && two_n) amx_block<true, true>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
-        else if (two_m) amx_block<true, false>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
-        else if (two_n) amx_block<false, true>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
-        else amx_block<false, false>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
+        if (two_m && two_n)
+          amx_block<true, true>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
+        else if (two_m)
+          amx_block<true, false>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
+        else if (two_n)
+          amx_block<false, true>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
+        else
+          amx_block<false, false>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
       }
     }
   }
@@ -407,8 +414,8 @@ BNBX_AMX void gemm_amx(const int8_t* A, const uint8_t* packed_B, int32_t* C, int
 
 template <FloatType kOut>
 void mm_dequant_generic(const int32_t* C, const float* row_stats, const float* col_stats, FloatType bias_type,
-                        const void* bias, const float* a_out, const float* b_out, int64_t n_out, void* out,
-                        int64_t N, int64_t rb, int64_t re) {
+                        const void* bias, const float* a_out, const float* b_out, int64_t n_out, void* out, int64_t N,
+                        int64_t rb, int64_t re) {
   for (int64_t m = rb; m < re; ++m) {
     const float r = row_stats[m];
     for (int64_t n = 0; n < N; ++n) {
@@ -428,8 +435,8 @@ void mm_dequant_generic(const int32_t* C, const float* row_stats, const float* c
 #if defined(__AVX512F__)
 template <FloatType kOut>
 void mm_dequant_avx512(const int32_t* C, const float* row_stats, const float* col_stats, FloatType bias_type,
-                       const void* bias, const float* a_out, const float* b_out, int64_t n_out, void* out,
-                       int64_t N, int64_t rb, int64_t re) {
+                       const void* bias, const float* a_out, const float* b_out, int64_t n_out, void* out, int64_t N,
+                       int64_t rb, int64_t re) {
   const __m512 k = _mm512_set1_ps(kInv127Sq);
   for (int64_t m = rb; m < re; ++m) {
     const __m512 r = _mm512_set1_ps(row_stats[m]);
@@ -445,8 +452,8 @@ void mm_dequant_avx512(const int32_t* C, const float* row_stats, const float* co
         t = _mm512_add_ps(t, bv);
       }
       for (int64_t j = 0; j < n_out; ++j) {
-        const __m512 prod = _mm512_mul_ps(_mm512_set1_ps(a_out[m * n_out + j]),
-                                          _mm512_maskz_loadu_ps(nm, b_out + j * N + n));
+        const __m512 prod =
+            _mm512_mul_ps(_mm512_set1_ps(a_out[m * n_out + j]), _mm512_maskz_loadu_ps(nm, b_out + j * N + n));
         t = _mm512_add_ps(t, prod);
       }
       if constexpr (kOut == FloatType::kFloat32) {
@@ -458,7 +465,8 @@ void mm_dequant_avx512(const int32_t* C, const float* row_stats, const float* co
         // round to nearest even on the bits, NaN -> 0x7fc0 as float_to_bf16 does
         const __m512i bits = _mm512_castps_si512(t);
         const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
+        __m512i rounded =
+            _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
         rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
         _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + m * N + n, nm, _mm512_cvtepi32_epi16(rounded));
       }
@@ -478,19 +486,19 @@ void mm_dequant_t(const int32_t* C, const float* row_stats, const float* col_sta
 #endif
 }
 
-void mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats, FloatType bias_type,
-                const void* bias, const float* a_out, const float* b_out, int64_t n_out, FloatType out_type,
-                void* out, int64_t N, int64_t rb, int64_t re) {
+void mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats, FloatType bias_type, const void* bias,
+                const float* a_out, const float* b_out, int64_t n_out, FloatType out_type, void* out, int64_t N,
+                int64_t rb, int64_t re) {
   switch (out_type) {
     case FloatType::kFloat32:
-      return mm_dequant_t<FloatType::kFloat32>(C, row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, out,
-                                               N, rb, re);
+      return mm_dequant_t<FloatType::kFloat32>(C, row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, out, N,
+                                               rb, re);
     case FloatType::kFloat16:
-      return mm_dequant_t<FloatType::kFloat16>(C, row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, out,
-                                               N, rb, re);
+      return mm_dequant_t<FloatType::kFloat16>(C, row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, out, N,
+                                               rb, re);
     case FloatType::kBFloat16:
-      return mm_dequant_t<FloatType::kBFloat16>(C, row_stats, col_stats, bias_type, bias, a_out, b_out, n_out,
-                                                out, N, rb, re);
+      return mm_dequant_t<FloatType::kBFloat16>(C, row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, out, N,
+                                                rb, re);
   }
 }
 
@@ -503,16 +511,10 @@ void mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats
 #define BNBX_I8MM_TABLE(isa) BNBX_I8MM_TABLE_(isa)
 
 const Int8MatmulKernels BNBX_I8MM_TABLE(BNBX_ISA) = {
-    BNBX_STRINGIFY(BNBX_ISA),
-    &BNBX_ISA::outlier_columns,
-    &BNBX_ISA::vectorwise_quant,
-    &BNBX_ISA::vectorwise_dequant,
+    BNBX_STRINGIFY(BNBX_ISA), &BNBX_ISA::outlier_columns,  &BNBX_ISA::vectorwise_quant, &BNBX_ISA::vectorwise_dequant,
     &BNBX_ISA::gemm,
 #if defined(__AVX512F__)
-    &BNBX_ISA::gemm_vnni,
-    &BNBX_ISA::amx_packed_bytes,
-    &BNBX_ISA::amx_pack,
-    &BNBX_ISA::gemm_amx,
+    &BNBX_ISA::gemm_vnni,     &BNBX_ISA::amx_packed_bytes, &BNBX_ISA::amx_pack,         &BNBX_ISA::gemm_amx,
 #else
     nullptr,
     nullptr,

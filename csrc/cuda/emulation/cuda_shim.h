@@ -120,10 +120,10 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Ke
   *blocks = by_threads < bnbx::emu::kMaxBlocksPerSM ? by_threads : bnbx::emu::kMaxBlocksPerSM;
   return cudaSuccess;
 }
-inline cudaError_t cudaGetLastError() {
-  return bnbx::emu::last_error().set ? cudaErrorLaunchFailure : cudaSuccess;
+inline cudaError_t cudaGetLastError() { return bnbx::emu::last_error().set ? cudaErrorLaunchFailure : cudaSuccess; }
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "emulated launch failure";
 }
-inline const char* cudaGetErrorString(cudaError_t error) { return error == cudaSuccess ? "no error" : "emulated launch failure"; }
 
 // --- fp16 / bf16 ------------------------------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 
 #include "emulator.h"
 
-extern "C" int bnbx_emu_quantize_blockwise(int dtype, const void* in, const float* code, int64_t n,
-                                           int64_t blocksize, uint8_t* codes, float* absmax) {
+extern "C" int bnbx_emu_quantize_blockwise(int dtype, const void* in, const float* code, int64_t n, int64_t blocksize,
+                                           uint8_t* codes, float* absmax) {
   return bnbx::emu::run(dtype, [&](auto tag) {
     using T = decltype(tag);
     bnbx::cuda::launch_quantize_blockwise<T>(static_cast<const T*>(in), code, n, blocksize, codes, absmax, nullptr);

@@ -11,8 +11,8 @@ extern "C" int bnbx_emu_quantize_int8(int dtype, const void* in, int64_t n, int6
     using T = decltype(tag);
     // exactly the size the launcher asks for, so ASan sees any overrun of the workspace
     std::vector<bnbx::cuda::Range> workspace(bnbx::cuda::quantize_int8_workspace<T>(n, group_size));
-    bnbx::cuda::launch_quantize_int8<T>(static_cast<const T*>(in), n, group_size, symmetric != 0, q, scale,
-                                        zero_point, workspace.data(), nullptr);
+    bnbx::cuda::launch_quantize_int8<T>(static_cast<const T*>(in), n, group_size, symmetric != 0, q, scale, zero_point,
+                                        workspace.data(), nullptr);
   });
 }
 

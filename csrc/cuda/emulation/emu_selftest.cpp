@@ -10,11 +10,11 @@ namespace {
 __global__ void reduce_kernel(const uint32_t* in, uint32_t* out, int mode) {
   __shared__ uint32_t partial[32];
   const unsigned int t = threadIdx.x;
-  if (mode == 3 && t % 32 == 3) __syncthreads();        // one lane waits at a barrier, its warp at a shuffle
+  if (mode == 3 && t % 32 == 3) __syncthreads();  // one lane waits at a barrier, its warp at a shuffle
   uint32_t v = in[blockIdx.x * blockDim.x + t];
-  if (mode == 2 && t % 32 >= 16) return;                // half the warp leaves before the shuffle
+  if (mode == 2 && t % 32 >= 16) return;  // half the warp leaves before the shuffle
   for (int mask = 16; mask > 0; mask /= 2) v += __shfl_xor_sync(0xffffffffu, v, mask);
-  if (mode == 1 && t == 5) return;                      // exits before the barrier below
+  if (mode == 1 && t == 5) return;  // exits before the barrier below
   if (t % 32 == 0) partial[t / 32] = v;
   __syncthreads();
   if (t == 0) {
