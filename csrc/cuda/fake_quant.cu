@@ -10,7 +10,7 @@
 
 #include "../common/checks_fake_quant.h"
 #include "../common/rules.h"
-#include "cuda_utils.cuh"
+#include "cuda_host.h"
 
 namespace bnbx::cuda {
 namespace {
@@ -144,15 +144,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tens
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const FakeQuantGrid grid = fake_quant_grid(bits, symmetric, full_range);
   const float limit = input.scalar_type() == at::kHalf ? 65504.0f : FLT_MAX;
-  const bool split = group_size > kFqSegment && groups < resident_blocks(kFqThreads);
+  const bool split = group_size > kFqSegment && groups < resident_blocks(fake_quant_groups_kernel<float>,
+                                                                         kFqThreads);  // fp32 occupancy as the guide
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* in = static_cast<const T*>(input.const_data_ptr());
     T* out_ptr = static_cast<T*>(out.mutable_data_ptr());
     if (!split) {
-      fake_quant_groups_kernel<T><<<grid_size(groups, kFqThreads), kFqThreads, 0, stream>>>(
-          in, out_ptr, n, group_size, groups, symmetric, grid, limit, scale.mutable_data_ptr<float>(),
-          zero_point.mutable_data_ptr<int32_t>());
+      fake_quant_groups_kernel<T>
+          <<<grid_size(fake_quant_groups_kernel<T>, groups, kFqThreads), kFqThreads, 0, stream>>>(
+              in, out_ptr, n, group_size, groups, symmetric, grid, limit, scale.mutable_data_ptr<float>(),
+              zero_point.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -161,16 +163,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tens
     static_assert(sizeof(FqRange) == 3 * sizeof(float), "ranges are stored as three 4-byte words");
     at::Tensor ranges = at::empty({segments, 3}, input.options().dtype(at::kFloat));
     FqRange* ranges_ptr = reinterpret_cast<FqRange*>(ranges.mutable_data_ptr<float>());
-    fake_quant_segment_range_kernel<T><<<grid_size(segments, kFqThreads), kFqThreads, 0, stream>>>(
-        in, n, group_size, per_group, segments, ranges_ptr);
+    fake_quant_segment_range_kernel<T>
+        <<<grid_size(fake_quant_segment_range_kernel<T>, segments, kFqThreads), kFqThreads, 0, stream>>>(
+            in, n, group_size, per_group, segments, ranges_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fake_quant_params_kernel<<<grid_size(ceil_div(groups, kFqThreads), kFqThreads), kFqThreads, 0, stream>>>(
-        ranges_ptr, per_group, groups, symmetric, grid, scale.mutable_data_ptr<float>(),
-        zero_point.mutable_data_ptr<int32_t>());
+    fake_quant_params_kernel<<<grid_size(fake_quant_params_kernel, ceil_div(groups, kFqThreads), kFqThreads),
+                               kFqThreads, 0, stream>>>(ranges_ptr, per_group, groups, symmetric, grid,
+                                                        scale.mutable_data_ptr<float>(),
+                                                        zero_point.mutable_data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fake_quant_segment_apply_kernel<T><<<grid_size(segments, kFqThreads), kFqThreads, 0, stream>>>(
-        in, out_ptr, n, group_size, per_group, segments, grid, limit, scale.const_data_ptr<float>(),
-        zero_point.const_data_ptr<int32_t>());
+    fake_quant_segment_apply_kernel<T>
+        <<<grid_size(fake_quant_segment_apply_kernel<T>, segments, kFqThreads), kFqThreads, 0, stream>>>(
+            in, out_ptr, n, group_size, per_group, segments, grid, limit, scale.const_data_ptr<float>(),
+            zero_point.const_data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, scale, zero_point};

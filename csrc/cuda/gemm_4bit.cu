@@ -13,7 +13,7 @@
 #include <torch/library.h>
 
 #include "../common/checks_gemm_4bit.h"
-#include "cuda_utils.cuh"
+#include "cuda_host.h"
 
 namespace bnbx::cuda {
 namespace {

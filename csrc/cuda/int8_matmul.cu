@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "../common/checks_int8_matmul.h"
-#include "cuda_utils.cuh"
+#include "cuda_host.h"
 
 namespace bnbx::cuda {
 namespace {
@@ -169,9 +169,9 @@ void mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats
   const float* bias_ptr = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    mm_dequant_kernel<T>
-        <<<grid_size(ceil_div(rows * N, kElementThreads), kElementThreads), kElementThreads, 0, stream>>>(
-            C, row_stats, col_stats, bias_ptr, a_out, b_out, n_out, static_cast<T*>(out.mutable_data_ptr()), rows, N);
+    mm_dequant_kernel<T><<<grid_size(mm_dequant_kernel<T>, ceil_div(rows * N, kElementThreads), kElementThreads),
+                           kElementThreads, 0, stream>>>(C, row_stats, col_stats, bias_ptr, a_out, b_out, n_out,
+                                                         static_cast<T*>(out.mutable_data_ptr()), rows, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -193,8 +193,8 @@ at::Tensor quant_into(const at::Tensor& input, int64_t rows, int64_t K, float th
     if (threshold > 0.0f) {
       mask = at::zeros({K}, input.options().dtype(at::kByte));
       outlier_columns_kernel<T>
-          <<<grid_size(ceil_div(rows * K, kElementThreads), kElementThreads), kElementThreads, 0, stream>>>(
-              in, rows * K, K, threshold, mask.mutable_data_ptr<uint8_t>());
+          <<<grid_size(outlier_columns_kernel<T>, ceil_div(rows * K, kElementThreads), kElementThreads),
+             kElementThreads, 0, stream>>>(in, rows * K, K, threshold, mask.mutable_data_ptr<uint8_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       cols = at::nonzero(mask).flatten();  // the output size depends on the data: one sync
     }
@@ -233,8 +233,8 @@ at::Tensor int8_vectorwise_dequant_cuda(const at::Tensor& A, const at::Tensor& s
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const int64_t n = q.numel();
   if (n == 0) return out;
-  vectorwise_dequant_kernel<<<grid_size(ceil_div(n, kElementThreads), kElementThreads), kElementThreads, 0,
-                              c10::cuda::getCurrentCUDAStream()>>>(
+  vectorwise_dequant_kernel<<<grid_size(vectorwise_dequant_kernel, ceil_div(n, kElementThreads), kElementThreads),
+                              kElementThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), n, q.size(-1), out.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
