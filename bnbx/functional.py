@@ -182,7 +182,7 @@ def quantize_4bit(
 
 def _double_quantize(absmax: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, QuantState]:
     """absmax -> (8-bit codes of absmax - offset, offset, the codes' QuantState), one bnbx::double_quantize call."""
-    code = _formats.DYNAMIC_MAP.to(absmax.device, copy=True)
+    code = _table("dynamic", absmax.device)
     qabsmax, absmax2, offset = torch.ops.bnbx.double_quantize(absmax, code, blocksize)
     state2 = QuantState(absmax2, absmax.shape, code, blocksize, _formats.BLOCKWISE_QUANT_TYPE, absmax.dtype)
     return qabsmax, offset, state2

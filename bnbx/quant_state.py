@@ -143,7 +143,7 @@ class QuantState:
             "quant_type": self.quant_type,
             "absmax": self.absmax,
             "blocksize": self.blocksize,
-            "quant_map": self.code,
+            "quant_map": self.code.clone(),  # states share one cached table; safetensors refuses shared tensors
             "dtype": _dtype_to_name(self.dtype),
             "shape": None if self.shape is None else tuple(self.shape),
         }

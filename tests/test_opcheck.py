@@ -52,6 +52,14 @@ def samples(device: str, dtype: torch.dtype):
         s2 = state.state2
         extra = (s2.absmax, s2.code, state.offset, s2.blocksize) if nested else ()
         yield torch.ops.bnbx.gemm_4bit.default, (A, packed, state.absmax, 64, "nf4", [9, K], None, *extra), {}
+    # QAT fake quantization (more cases in tests/qat/test_fake_quant.py)
+    x = torch.randn(6, 20, dtype=dtype, device=device, requires_grad=True)
+    yield torch.ops.bnbx.fake_quantize.default, (x, 7, 4, False, True, "range", 1.0), {}
+    x = torch.randn(4, 64, dtype=dtype, device=device, requires_grad=True)
+    scale = torch.full((4, 1), 0.2, dtype=dtype, device=device, requires_grad=True)
+    offset = torch.zeros((4, 1), dtype=dtype, device=device, requires_grad=True)
+    yield torch.ops.bnbx.fake_quantize_lsq.default, (x, scale, offset, -7.0, 7.0, 0.1), {}
+    yield torch.ops.bnbx.fake_quantize_4bit.default, (x, 64, "nf4"), {}
 
 
 def sample_id(sample) -> str:
