@@ -33,7 +33,7 @@ test: lint
 
 # ASan + UBSan build of the CPU kernels and of the emulated CUDA kernels, on a fast subset of the tests.
 sanitize: $(VENV)/.installed
-	PYTHON=$(VENV)/bin/python scripts/sanitize.sh
+	PYTHON=$(abspath $(VENV))/bin/python scripts/sanitize.sh
 
 # The prepared GPU check (README: "CUDA status / GPU check"), for a GPU machine: builds for the present GPU
 # with that machine's python3 and torch (no venv, no downloads), runs the CUDA tests, compute-sanitizer and the
