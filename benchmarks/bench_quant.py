@@ -174,7 +174,10 @@ def bench_device(device: torch.device, shapes, args, bnb_functional) -> tuple[li
     bnbx_ms = {}
     for shape, quant_type, compress in configs:
         ws = weights[shape]
-        quantize = [lambda w=w: F.quantize_4bit(w, BLOCKSIZE, quant_type, compress_statistics=compress) for w in ws]
+        quantize = [
+            lambda w=w: F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=quant_type, compress_statistics=compress)
+            for w in ws
+        ]
         q_ms = timer.median_ms(quantize, args.repeat)
         quantized = [fn() for fn in quantize]
         outs = [torch.empty(shape, dtype=WEIGHT_DTYPE, device=device) for _ in range(copies)]
@@ -212,7 +215,8 @@ def bench_device(device: torch.device, shapes, args, bnb_functional) -> tuple[li
         torch_state = [fn() for fn in torch_quantize]
         torch_dq = timer.median_ms(
             [lambda p=p, s=s: plain.dequantize(p, s, shape, quant_type, compress) for p, s in torch_state],
-            args.repeat, BASELINE_BUDGET_S,
+            args.repeat,
+            BASELINE_BUDGET_S,
         )
         del torch_state
         q_ms, dq_ms, dq_new_ms = bnbx_ms[(shape, quant_type, compress)]
@@ -272,8 +276,12 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="all", choices=["cpu", "cuda", "all"],
-                        help="all: the CPU, plus CUDA when a GPU and a CUDA build of bnbx are present")
+    parser.add_argument(
+        "--device",
+        default="all",
+        choices=["cpu", "cuda", "all"],
+        help="all: the CPU, plus CUDA when a GPU and a CUDA build of bnbx are present",
+    )
     parser.add_argument(
         "--shapes", default="4096x11008,4096x4096", help="comma-separated weight shapes, e.g. 4096x11008"
     )

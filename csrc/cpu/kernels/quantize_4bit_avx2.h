@@ -172,6 +172,7 @@ static void quantize_4bit_blocks_simd(const void* in, int64_t n, int64_t blocksi
   if (blocksize <= 256) {
     for (; block + kGroup <= block_end && (block + kGroup) * blocksize <= n; block += kGroup) {
       __m256i lanes[kGroup];
+      prefetch_ahead<kIn>(in, block * blocksize, kGroup * blocksize);
       for (int b = 0; b < kGroup; ++b) lanes[b] = block_max_lanes<kIn>(in, (block + b) * blocksize, blocksize);
       const __m256i bits = reduce_8_blocks<kIn>(lanes);  // <= 0x7fffffff: signed compares are safe
       const __m256 block_max = _mm256_castsi256_ps(bits);
@@ -206,6 +207,7 @@ static void quantize_4bit_blocks_simd(const void* in, int64_t n, int64_t blocksi
   for (; block < block_end; ++block) {
     const int64_t start = block * blocksize;
     const int64_t end = std::min(n, start + blocksize);
+    prefetch_ahead<kIn>(in, start, end - start);
     const uint32_t max_bits = block_absmax_bits<kIn>(in, start, end);
     if (max_bits > 0x7f7fffffu) {
       store_nonfinite_block(block, start, end, kQuant, packed, absmax);

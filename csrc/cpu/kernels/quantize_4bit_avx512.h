@@ -208,6 +208,7 @@ static void quantize_4bit_blocks_simd(const void* in, int64_t n, int64_t blocksi
   if (blocksize <= 256) {
     for (; block + kGroup <= block_end && (block + kGroup) * blocksize <= n; block += kGroup) {
       __m512i lanes[kGroup];
+      prefetch_ahead<kIn>(in, block * blocksize, kGroup * blocksize);
       for (int b = 0; b < kGroup; ++b) lanes[b] = block_max_lanes<kIn>(in, (block + b) * blocksize, blocksize);
       const __m512i bits = reduce_16_blocks<kIn>(lanes);
       const __m512 block_max = _mm512_castsi512_ps(bits);
@@ -239,6 +240,7 @@ static void quantize_4bit_blocks_simd(const void* in, int64_t n, int64_t blocksi
   for (; block < block_end; ++block) {
     const int64_t start = block * blocksize;
     const int64_t end = std::min(n, start + blocksize);
+    prefetch_ahead<kIn>(in, start, end - start);
     const uint32_t max_bits = block_absmax_bits<kIn>(in, start, end);
     if (max_bits > 0x7f7fffffu) {
       store_nonfinite_block(block, start, end, kQuant, packed, absmax);
