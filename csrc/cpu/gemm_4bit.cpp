@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <memory>
 #include <numeric>
 
 #include "../common/checks_gemm_4bit.h"
@@ -44,6 +45,13 @@ constexpr int64_t kAmxMaxRows = 512;  // measured: at M = 128-512 it matched or 
 int64_t amx_max_rows() {
   if (const char* value = std::getenv("BNBX_GEMM_4BIT_AMX_MAX_M")) return std::atoll(value);
   return kAmxMaxRows;
+}
+
+// The AVX512-BF16 GEMV for bf16 inputs (on by default where the CPU has it); BNBX_GEMM_4BIT_BF16_DOT=0 picks the
+// fp32 GEMV instead, so that tests reach both on one machine.
+bool bf16_dot_enabled() {
+  const char* value = std::getenv("BNBX_GEMM_4BIT_BF16_DOT");
+  return value == nullptr || std::atoll(value) != 0;
 }
 
 const cpu::Gemm4bitKernels& gemm_kernels() {
@@ -85,6 +93,20 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
   }
   const cpu::Gemm4bitKernels& kernels = gemm_kernels();
 
+  if (M <= gemv_max_rows() && A.scalar_type() == at::kBFloat16 && K % 128 == 0 && kernels.gemv_bf16 != nullptr &&
+      cpu::cpu_has_avx512_bf16() && bf16_dot_enabled()) {
+    at::Tensor x = at::empty({M, K}, A.options());
+    uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());
+    kernels.pack_a_bf16(reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>()), M, K, x_ptr);
+    at::Tensor out32 = at::empty({M, N}, A.options().dtype(at::kFloat));
+    float* out_ptr = out32.mutable_data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      kernels.gemv_bf16(x_ptr, M, K, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end);
+    });
+    if (bias.has_value()) out32.add_(bias->to(at::kFloat));
+    return out32.to(A.scalar_type()).view(out_shape);
+  }
+
   if (M <= gemv_max_rows()) {
     at::Tensor a32 = at::empty({M, K}, A.options().dtype(at::kFloat));
     kernels.pack_a(to_float_type(A.scalar_type()), a2.const_data_ptr(), M, K, a32.mutable_data_ptr<float>());
@@ -103,14 +125,15 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     const int64_t Mp = ceil_div(M, 16) * 16, Kp = ceil_div(K, 32) * 32;
     at::Tensor x = at::empty({Mp * Kp}, A.options());
     uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());
-    kernels.pack_x_amx(reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>()), M, K, Mp, Kp, x_ptr);
+    kernels.pack_x_amx(reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>()), M, K, Mp, Kp, blocksize,
+                       x_ptr);
     at::Tensor out32 = at::empty({M, N}, A.options().dtype(at::kFloat));
     float* out_ptr = out32.mutable_data_ptr<float>();
     at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t begin, int64_t end) {
-      std::vector<uint16_t> wbuf(static_cast<size_t>(32 * Kp));
+      std::unique_ptr<uint16_t[]> wbuf(new uint16_t[static_cast<size_t>(32 * Kp)]);  // fully written before read
       std::vector<float> row_scales(static_cast<size_t>(32 * (K / blocksize + 2)));
       kernels.gemm_amx(x_ptr, M, Mp, K, Kp, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end,
-                       wbuf.data(), row_scales.data());
+                       wbuf.get(), row_scales.data());
     });
     if (bias.has_value()) out32.add_(bias->to(at::kFloat));
     return out32.to(A.scalar_type()).view(out_shape);

@@ -40,13 +40,21 @@ struct Gemm4bitKernels {
   void (*decode_absmax)(const Absmax4bit& absmax, int64_t block_begin, int64_t block_end, float* out);
 
   // AMX (avx512 table only, nullptr elsewhere; call only when cpu_has_amx() and cpu_has_avx512_bf16()):
-  // pack_x_amx: bf16 x [M, K] -> the B-operand layout, zero-padded to Mp (multiple of 16) rows and Kp (of 32).
-  void (*pack_x_amx)(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t* out);
+  // pack_x_amx: bf16 x [M, K] -> the B-operand layout, zero-padded to Mp (multiple of 16) rows and Kp (of 32),
+  // its columns in gemm_amx's order of the weight's columns for this K and blocksize.
+  void (*pack_x_amx)(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, int64_t blocksize, uint16_t* out);
   // out[m * N + n] = sum_k x[m, k] * bf16(W[n, k]) (fp32 accumulation) for rows of W in the blocks of 32
   // [block_begin, block_end); wbuf (32 * Kp bf16) and row_scales (32 * (K / blocksize + 2) floats) are scratch.
   void (*gemm_amx)(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, const uint8_t* packed,
                    const Absmax4bit& absmax, int64_t blocksize, QuantType quant_type, float* out, int64_t N,
                    int64_t block_begin, int64_t block_end, uint16_t* wbuf, float* row_scales);
+
+  // AVX512-BF16 GEMV (avx512 table only; call only when cpu_has_avx512_bf16() and K % 128 == 0): pack_a_bf16
+  // reorders bf16 x [M, K] for gemv_bf16, which computes what gemv does with the 16 code values rounded to
+  // bf16 and bf16 products summed in fp32 (each block's sum still scaled by its fp32 absmax).
+  void (*pack_a_bf16)(const uint16_t* x, int64_t M, int64_t K, uint16_t* out);
+  void (*gemv_bf16)(const uint16_t* x, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
+                    int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end);
 };
 
 extern const Gemm4bitKernels gemm_4bit_scalar;

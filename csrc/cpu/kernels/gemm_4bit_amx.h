@@ -21,8 +21,23 @@ struct alignas(64) AmxTileConfig {
 
 constexpr int64_t kAmxRows = 32;  // rows of W (and of x) per block: two tiles of 16
 
-// x bf16 [M, K] -> [Mp/16][Kp/32][16 pairs][16 rows][2], zero-padded to Mp (multiple of 16) and Kp (of 32).
-static void pack_x_amx(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, uint16_t* out) {
+// Whether the fast dequantizer (dequantize_rows_groups) applies: whole groups of 128 elements in one or two blocks.
+static inline bool amx_group_order(int64_t K, int64_t blocksize) { return K % 128 == 0 && blocksize >= 64; }
+
+// In the group order, position p of each group of 128 columns holds element 4 (p % 32) + q(p / 32), q = 1, 0, 3, 2
+// (the layout of gemm_4bit_bf16.h: 64 packed bytes read as 32 words, nibble t of each word); element p otherwise.
+static inline int64_t amx_column(int64_t k, bool group_order) {
+  static constexpr int64_t kStepElement[4] = {1, 0, 3, 2};
+  if (!group_order) return k;
+  const int64_t p = k % 128;
+  return k - p + 4 * (p % 32) + kStepElement[p / 32];
+}
+
+// x bf16 [M, K] -> [Mp/16][Kp/32][16 pairs][16 rows][2], zero-padded to Mp (multiple of 16) and Kp (of 32), its
+// columns in the order the weight is dequantized in (amx_column).
+static void pack_x_amx(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, int64_t blocksize,
+                       uint16_t* out) {
+  const bool group_order = amx_group_order(K, blocksize);
   const int64_t steps = Kp / 32;
   for (int64_t c = 0; c < Mp / 16; ++c) {
     for (int64_t s = 0; s < steps; ++s) {
@@ -32,7 +47,7 @@ static void pack_x_amx(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int6
           const int64_t m = c * 16 + r;
           for (int64_t j = 0; j < 2; ++j) {
             const int64_t k = s * 32 + 2 * pair + j;
-            tile[pair * 32 + r * 2 + j] = (m < M && k < K) ? x[m * K + k] : 0;
+            tile[pair * 32 + r * 2 + j] = (m < M && k < K) ? x[m * K + amx_column(k, group_order)] : 0;
           }
         }
       }
@@ -96,6 +111,46 @@ BNBX_AMX_TARGET static void dequantize_rows_bf16(const uint8_t* packed, int64_t 
   }
 }
 
+// dequantize_rows_bf16 when amx_group_order(K, blocksize), in that column order. Per group (64 bytes, 32 words):
+// step t is one 16-bit shift by 4t and one vpermw of a 32-entry bf16 table, code * absmax rounded once to bf16
+// (dequantize_4bit's values): words 0-15 of a step lie in the group's first 64 elements, words 16-31 in the
+// others, so with blocks of 64 the table holds the first block's 16 values then the second's, and bit 4 of the
+// index is set on words 16-31 (vpermw reads 5 bits); with larger blocks both halves are the block's values.
+BNBX_AMX_TARGET static void dequantize_rows_groups(const uint8_t* packed, int64_t K, int shift, const float table[16],
+                                                   int64_t n0, int64_t N, const float* row_scales, int64_t stride,
+                                                   int64_t k0, int64_t k1, uint16_t* dst, int64_t dst_stride) {
+  const __m512 codes = _mm512_loadu_ps(table);
+  const __m512i nibble = _mm512_set1_epi16(15);
+  const __m512i upper = _mm512_maskz_set1_epi16(0xffff0000u, 16);  // 16 in words 16-31
+  const bool two_blocks = shift == 6;                              // blocksize 64
+  const bool whole_rows = k0 == 0 && k1 >= K;
+  for (int64_t r = 0; r < kAmxRows; ++r) {
+    const int64_t n = n0 + r;
+    uint16_t* out = dst + r * dst_stride - k0;
+    if (n >= N) {
+      std::memset(out + k0, 0, static_cast<size_t>(k1 - k0) * sizeof(uint16_t));
+      continue;
+    }
+    const int64_t first = (n * K) >> shift;
+    const float* scales = row_scales + r * stride;
+    const uint8_t* row = packed + n * K / 2;
+    for (int64_t k = k0; k < k1; k += 128) {
+      // whole rows: the rows are one contiguous run of bytes, fetched a row ahead
+      if (whole_rows) _mm_prefetch(reinterpret_cast<const char*>(row + k / 2 + K / 2), _MM_HINT_T0);
+      const float* s = scales + (((n * K + k) >> shift) - first);
+      const __m512 lo = _mm512_mul_ps(codes, _mm512_set1_ps(s[0]));
+      const __m512 hi = two_blocks ? _mm512_mul_ps(codes, _mm512_set1_ps(s[1])) : lo;
+      const __m512i lut = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+      const __m512i bytes = _mm512_loadu_si512(row + k / 2);
+      for (int t = 0; t < 4; ++t) {
+        __m512i index = _mm512_srli_epi16(bytes, 4 * t);
+        if (two_blocks) index = _mm512_ternarylogic_epi32(index, nibble, upper, 0xea);  // (index & 15) | upper
+        _mm512_storeu_si512(out + k + 32 * t, _mm512_permutexvar_epi16(index, lut));
+      }
+    }
+  }
+}
+
 // out[m * N + n] = sum_k x[m, k] * bf16(W[n, k]) for the row blocks [block_begin, block_end) of 32 rows of W
 // and every m < M. x as pack_x_amx wrote it; scratch: wbuf 32 * Kp bf16, row_scales 32 * (K / blocksize + 2)
 // floats.
@@ -116,6 +171,7 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
   const int shift = log2_of(blocksize);
   const int64_t steps = Kp / 32;
   const int64_t scale_stride = (K >> shift) + 2;
+  const auto dequantize = amx_group_order(K, blocksize) ? dequantize_rows_groups : dequantize_rows_bf16;
   // With at most 32 rows of x the accumulators stay in the tiles over all of K, so W is dequantized in
   // chunks of kChunk columns that stay in L1 right before they are multiplied; with more rows the block of
   // W is dequantized whole (32 x Kp, in L2) and reused for every 32 rows of x.
@@ -124,8 +180,12 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
   const int64_t w_stride = chunked ? std::min(kChunk, Kp) : Kp;  // wbuf holds 32 * Kp values
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t n0 = b * kAmxRows;
+    const int64_t next_rows = std::max<int64_t>(0, std::min(N, n0 + 2 * kAmxRows) - (n0 + kAmxRows));
+    const int64_t next_bytes = next_rows * K / 2;
+    const uint8_t* next_block = packed + (n0 + kAmxRows) * K / 2;
+    const int64_t next_lines_per_step = next_bytes > 0 ? ceil_div(next_bytes, 64 * steps) : 0;
     decode_row_scales(absmax, K, shift, n0, N, row_scales, scale_stride);
-    if (!chunked) dequantize_rows_bf16(packed, K, shift, table, n0, N, row_scales, scale_stride, 0, Kp, wbuf, Kp);
+    if (!chunked) dequantize(packed, K, shift, table, n0, N, row_scales, scale_stride, 0, Kp, wbuf, Kp);
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
       const bool pair = m0 + 32 <= Mp;  // else one last chunk of 16 rows of x
       const uint16_t* x0 = x + (m0 / 16) * steps * 512;
@@ -139,9 +199,14 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
         if (chunked) {
           const int64_t k = s * 32;
           if (k % kChunk == 0)
-            dequantize_rows_bf16(packed, K, shift, table, n0, N, row_scales, scale_stride, k, std::min(Kp, k + kChunk),
-                                 wbuf, w_stride);
+            dequantize(packed, K, shift, table, n0, N, row_scales, scale_stride, k, std::min(Kp, k + kChunk), wbuf,
+                       w_stride);
           w = wbuf + k % kChunk;
+          // the next block of 32 rows (one contiguous run of bytes) into L2, spread over this block's steps, so
+          // that its loads never wait on memory
+          if (next_lines_per_step > 0)
+            for (int64_t l = s * next_lines_per_step; l < (s + 1) * next_lines_per_step; ++l)
+              _mm_prefetch(reinterpret_cast<const char*>(next_block + std::min(l * 64, next_bytes - 1)), _MM_HINT_T1);
           // prefetch the packed bytes of the next chunk (the rows are 32 strided streams the hardware
           // prefetcher follows poorly); 2 cache lines of one row per step, 8 steps per chunk of 256
           const int64_t row = (s % 8) * 4;
