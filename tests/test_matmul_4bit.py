@@ -97,10 +97,40 @@ def test_nested_statistics_decode_exactly(M):
     W = torch.randn(48, 256)
     packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
     A = torch.randn(M, 256)
-    nested = torch.ops.bnbx.gemm_4bit(A, packed, state.absmax, 64, "nf4", [48, 256], None, state.state2.absmax,
-                                      state.state2.code, state.offset, state.state2.blocksize)
+    nested = torch.ops.bnbx.gemm_4bit(
+        A,
+        packed,
+        state.absmax,
+        64,
+        "nf4",
+        [48, 256],
+        None,
+        state.state2.absmax,
+        state.state2.code,
+        state.offset,
+        state.state2.blocksize,
+    )
     plain = torch.ops.bnbx.gemm_4bit(A, packed, state.get_absmax(), 64, "nf4", [48, 256])
     assert torch.equal(nested, plain)
+
+
+@pytest.mark.parametrize("path", ["gemv", "amx", "tiles"])
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_nested_statistics_across_nested_blocks(path, blocksize, monkeypatch):
+    # Enough blocks (N * K / blocksize = 2400 or 1200) that the runs of 16 blocks the kernels decode at a time
+    # cross nested blocks of 256 and end in partial runs; bit-identical to the statistics decoded in Python.
+    monkeypatch.setenv("BNBX_GEMM_4BIT_GEMV_MAX_M", "64" if path == "gemv" else "0")
+    monkeypatch.setenv("BNBX_GEMM_4BIT_AMX_MAX_M", "64" if path == "amx" else "0")
+    N, K = 300, 256
+    packed, state = F.quantize_4bit(torch.randn(N, K), blocksize=blocksize, compress_statistics=True)
+    s2 = state.state2
+    for M in (1, 5):
+        A = torch.randn(M, K, dtype=torch.bfloat16)
+        nested = torch.ops.bnbx.gemm_4bit(
+            A, packed, state.absmax, blocksize, "nf4", [N, K], None, s2.absmax, s2.code, state.offset, s2.blocksize
+        )
+        plain = torch.ops.bnbx.gemm_4bit(A, packed, state.get_absmax(), blocksize, "nf4", [N, K])
+        assert torch.equal(nested, plain)
 
 
 def test_any_leading_shape_and_out():
@@ -160,8 +190,11 @@ def test_every_path_at_the_same_m(path, monkeypatch):
     # environment; each path alone must meet the same contract at the same M.
     monkeypatch.setenv("BNBX_GEMM_4BIT_GEMV_MAX_M", "64" if path == "gemv" else "0")
     monkeypatch.setenv("BNBX_GEMM_4BIT_AMX_MAX_M", "64" if path == "amx" else "0")
-    for K, N in [(256, 64), (96, 50), (65, 7)]:
-        packed, state = F.quantize_4bit(torch.randn(N, K), compress_statistics=True)
+    # K = 256 and 384: the AMX kernel's fast dequantization (groups of 128 columns; blocks of 64 hold two
+    # tables per vpermw, larger ones one, 32 takes the per-32-column loop); 96 and 65: the per-32 / per-element
+    # loops. M = 8: chunks of columns in L1; 33: whole blocks of rows.
+    for K, N, blocksize in [(256, 64, 64), (384, 37, 128), (256, 33, 32), (96, 50, 64), (65, 7, 64)]:
+        packed, state = F.quantize_4bit(torch.randn(N, K), blocksize=blocksize, compress_statistics=True)
         for M in (8, 33):
             A = torch.randn(M, K, dtype=torch.bfloat16)
             _close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)

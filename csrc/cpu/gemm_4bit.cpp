@@ -1,8 +1,9 @@
 // CPU host code of gemm_4bit: out = A @ W^T (+ bias) with W the packed 4-bit weight, never dequantized whole.
-// - M <= kGemvMaxRows: the fused GEMV (kernels/gemm_4bit_impl.h), fp32 accumulation, threads over rows of W.
-// - larger M: tiles of W's rows dequantized into a per-thread scratch buffer in A's dtype, each multiplied by
-//   at::mm (oneDNN; AMX for bf16 on CPUs that have it); threads over tiles. Double-quantized absmax is
-//   decoded per tile (per row in the GEMV) into a small fp32 buffer.
+// - few rows (gemv_max_rows): the fused GEMV (kernels/gemm_4bit_impl.h), fp32 accumulation, threads over rows of W.
+// - bf16 A on CPUs with AMX, up to amx_max_rows: blocks of 32 rows of W dequantized to bf16 in L1 / L2 and
+//   multiplied on the AMX tiles (kernels/gemm_4bit_amx.h), threads over blocks.
+// - otherwise: tiles of W's rows dequantized into a scratch buffer in A's dtype, each multiplied by at::mm
+//   (oneDNN). Double-quantized absmax is decoded per block of rows into a small fp32 buffer.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
@@ -22,16 +23,18 @@
 namespace bnbx {
 namespace {
 
-// Crossover between the fused GEMV and the tiled 16-bit GEMM, measured with benchmarks/bench_linear4bit.py
-// (K=4096, N=11008, bf16, 2 threads).
+// Crossover between the fused GEMV and the 16-bit GEMMs, measured with benchmarks/bench_linear4bit.py
+// (K=4096, N=11008, 1 and 2 threads): the AMX kernel (bf16 inputs) costs about the same from M = 1 to 16 and
+// beats the GEMV from M = 3; the dequantized tiles into at::mm (other dtypes or CPUs) only from M = 5.
 constexpr int64_t kGemvMaxRows = 4;
+constexpr int64_t kGemvMaxRowsBeforeAmx = 2;
 // Rows of W per tile of the GEMM path: large enough that at::mm's per-call cost and blocking do not matter.
 constexpr int64_t kTileRows = 1024;
 
-int64_t gemv_max_rows() {
+int64_t gemv_max_rows(bool amx) {
   // Tuning hook for the benchmark (the crossover moves with the CPU); not part of the API.
   if (const char* value = std::getenv("BNBX_GEMM_4BIT_GEMV_MAX_M")) return std::atoll(value);
-  return kGemvMaxRows;
+  return amx ? kGemvMaxRowsBeforeAmx : kGemvMaxRows;
 }
 
 int64_t tile_rows() {
@@ -45,13 +48,6 @@ constexpr int64_t kAmxMaxRows = 512;  // measured: at M = 128-512 it matched or 
 int64_t amx_max_rows() {
   if (const char* value = std::getenv("BNBX_GEMM_4BIT_AMX_MAX_M")) return std::atoll(value);
   return kAmxMaxRows;
-}
-
-// The AVX512-BF16 GEMV for bf16 inputs (on by default where the CPU has it); BNBX_GEMM_4BIT_BF16_DOT=0 picks the
-// fp32 GEMV instead, so that tests reach both on one machine.
-bool bf16_dot_enabled() {
-  const char* value = std::getenv("BNBX_GEMM_4BIT_BF16_DOT");
-  return value == nullptr || std::atoll(value) != 0;
 }
 
 const cpu::Gemm4bitKernels& gemm_kernels() {
@@ -93,21 +89,9 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
   }
   const cpu::Gemm4bitKernels& kernels = gemm_kernels();
 
-  if (M <= gemv_max_rows() && A.scalar_type() == at::kBFloat16 && K % 128 == 0 && kernels.gemv_bf16 != nullptr &&
-      cpu::cpu_has_avx512_bf16() && bf16_dot_enabled()) {
-    at::Tensor x = at::empty({M, K}, A.options());
-    uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());
-    kernels.pack_a_bf16(reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>()), M, K, x_ptr);
-    at::Tensor out32 = at::empty({M, N}, A.options().dtype(at::kFloat));
-    float* out_ptr = out32.mutable_data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      kernels.gemv_bf16(x_ptr, M, K, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end);
-    });
-    if (bias.has_value()) out32.add_(bias->to(at::kFloat));
-    return out32.to(A.scalar_type()).view(out_shape);
-  }
-
-  if (M <= gemv_max_rows()) {
+  const bool amx = A.scalar_type() == at::kBFloat16 && kernels.gemm_amx != nullptr && M <= amx_max_rows() &&
+                   cpu::cpu_has_amx() && cpu::cpu_has_avx512_bf16();
+  if (M <= gemv_max_rows(amx)) {
     at::Tensor a32 = at::empty({M, K}, A.options().dtype(at::kFloat));
     kernels.pack_a(to_float_type(A.scalar_type()), a2.const_data_ptr(), M, K, a32.mutable_data_ptr<float>());
     at::Tensor out32 = at::empty({M, N}, A.options().dtype(at::kFloat));
@@ -120,8 +104,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     return out32.to(A.scalar_type()).view(out_shape);
   }
 
-  if (A.scalar_type() == at::kBFloat16 && kernels.gemm_amx != nullptr && M <= amx_max_rows() && cpu::cpu_has_amx() &&
-      cpu::cpu_has_avx512_bf16()) {
+  if (amx) {
     const int64_t Mp = ceil_div(M, 16) * 16, Kp = ceil_div(K, 32) * 32;
     at::Tensor x = at::empty({Mp * Kp}, A.options());
     uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());

@@ -48,13 +48,6 @@ struct Gemm4bitKernels {
   void (*gemm_amx)(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, const uint8_t* packed,
                    const Absmax4bit& absmax, int64_t blocksize, QuantType quant_type, float* out, int64_t N,
                    int64_t block_begin, int64_t block_end, uint16_t* wbuf, float* row_scales);
-
-  // AVX512-BF16 GEMV (avx512 table only; call only when cpu_has_avx512_bf16() and K % 128 == 0): pack_a_bf16
-  // reorders bf16 x [M, K] for gemv_bf16, which computes what gemv does with the 16 code values rounded to
-  // bf16 and bf16 products summed in fp32 (each block's sum still scaled by its fp32 absmax).
-  void (*pack_a_bf16)(const uint16_t* x, int64_t M, int64_t K, uint16_t* out);
-  void (*gemv_bf16)(const uint16_t* x, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
-                    int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end);
 };
 
 extern const Gemm4bitKernels gemm_4bit_scalar;

@@ -207,14 +207,16 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
           if (next_lines_per_step > 0)
             for (int64_t l = s * next_lines_per_step; l < (s + 1) * next_lines_per_step; ++l)
               _mm_prefetch(reinterpret_cast<const char*>(next_block + std::min(l * 64, next_bytes - 1)), _MM_HINT_T1);
-          // prefetch the packed bytes of the next chunk (the rows are 32 strided streams the hardware
-          // prefetcher follows poorly); 2 cache lines of one row per step, 8 steps per chunk of 256
-          const int64_t row = (s % 8) * 4;
+          // the packed bytes of the next chunk into L1 (the rows are 32 strided streams the hardware
+          // prefetcher follows poorly): kChunk / 128 cache lines of 32 / (kChunk / 32) rows per step
+          constexpr int64_t kRowsPerStep = kAmxRows * 32 / kChunk, kLinesPerRow = kChunk / 128;
+          const int64_t row = (s % (kChunk / 32)) * kRowsPerStep;
           const int64_t next_k = (k / kChunk + 1) * kChunk;
           if (K % 32 == 0 && next_k < K)
-            for (int64_t r = row; r < row + 4 && n0 + r < N; ++r)
-              _mm_prefetch(reinterpret_cast<const char*>(packed + ((n0 + r) * K + next_k) / 2), _MM_HINT_T0),
-                  _mm_prefetch(reinterpret_cast<const char*>(packed + ((n0 + r) * K + next_k) / 2 + 64), _MM_HINT_T0);
+            for (int64_t r = row; r < row + kRowsPerStep && n0 + r < N; ++r)
+              for (int64_t line = 0; line < kLinesPerRow; ++line)
+                _mm_prefetch(reinterpret_cast<const char*>(packed + ((n0 + r) * K + next_k) / 2 + 64 * line),
+                             _MM_HINT_T0);
         }
         _tile_loadd(4, w, w_stride * 2);
         _tile_loadd(5, w + 16 * w_stride, w_stride * 2);

@@ -30,8 +30,8 @@ static inline int log2_of(int64_t power_of_two) { return __builtin_ctzll(static_
 
 // Blocksizes are powers of two: shifts, not 64-bit divisions (tens of cycles each, per block).
 #if defined(__AVX512F__)
-// 16 blocks at a time: two gathers (the 256-entry code table, the nested absmax), then the same fp32 product
-// and sum as the scalar loop, so the values are bit-identical.
+// 16 blocks at a time: a gather from the 256-entry code table, the nested absmax broadcast, then the same fp32
+// product and sum as the scalar loop, so the values are bit-identical.
 static void decode_absmax(const Absmax4bit& absmax, int64_t block_begin, int64_t block_end, float* out) {
   if (absmax.absmax != nullptr) {
     std::memcpy(out, absmax.absmax + block_begin, static_cast<size_t>(block_end - block_begin) * sizeof(float));
@@ -44,20 +44,15 @@ static void decode_absmax(const Absmax4bit& absmax, int64_t block_begin, int64_t
     const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, block_end - b)) - 1u);
     const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, absmax.absmax_q + b));
     const __m512 code = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, q, absmax.nested_code, 4);
-    // nested index relative to b's nested block, small enough for 32-bit lanes
+    // nested_blocksize >= 32 (checked by the host), so the 16 blocks lie in one or two nested blocks: two
+    // broadcasts, the second for lanes past the first nested block
     const int64_t first = b >> shift;
     const int64_t last = std::min(b + 15, block_end - 1) >> shift;
-    const __m512i local =
-        _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b - (first << shift))), lanes), shift);
-    __m512 scale;
-    if (last - first <= 1) {
-      // the 16 blocks lie in one or two nested blocks: two broadcasts instead of a gather
-      scale =
-          _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(local, _mm512_setzero_si512()),
-                               _mm512_set1_ps(absmax.nested_absmax[first]), _mm512_set1_ps(absmax.nested_absmax[last]));
-    } else {
-      scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, local, absmax.nested_absmax + first, 4);
-    }
+    const __mmask16 second =
+        _mm512_cmpge_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b - (first << shift))), lanes),
+                                _mm512_set1_epi32(static_cast<int>(absmax.nested_blocksize)));
+    const __m512 scale = _mm512_mask_blend_ps(second, _mm512_set1_ps(absmax.nested_absmax[first]),
+                                              _mm512_set1_ps(absmax.nested_absmax[last]));
     _mm512_mask_storeu_ps(out + (b - block_begin), mask, _mm512_add_ps(_mm512_mul_ps(code, scale), offset));
   }
 }
@@ -288,17 +283,16 @@ static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, co
 
 #if defined(__AVX512F__)
 #include "gemm_4bit_amx.h"
-#include "gemm_4bit_bf16.h"
 #endif
 
 }  // namespace BNBX_ISA
 
 const Gemm4bitKernels BNBX_TABLE(gemm_4bit) = {
-    BNBX_ISA_NAME,         &BNBX_ISA::pack_a,   &BNBX_ISA::gemv,        &BNBX_ISA::decode_absmax,
+    BNBX_ISA_NAME,         &BNBX_ISA::pack_a,   &BNBX_ISA::gemv, &BNBX_ISA::decode_absmax,
 #if defined(__AVX512F__)
-    &BNBX_ISA::pack_x_amx, &BNBX_ISA::gemm_amx, &BNBX_ISA::pack_a_bf16, &BNBX_ISA::gemv_bf16,
+    &BNBX_ISA::pack_x_amx, &BNBX_ISA::gemm_amx,
 #else
-    nullptr,       nullptr,           nullptr,         nullptr,
+    nullptr,       nullptr,
 #endif
 };
 
