@@ -25,7 +25,8 @@ constexpr int64_t kAmxRows = 32;  // rows of W (and of x) per block: two tiles o
 static inline bool amx_group_order(int64_t K, int64_t blocksize) { return K % 128 == 0 && blocksize >= 64; }
 
 // In the group order, position p of each group of 128 columns holds element 4 (p % 32) + q(p / 32), q = 1, 0, 3, 2
-// (the layout of gemm_4bit_bf16.h: 64 packed bytes read as 32 words, nibble t of each word); element p otherwise.
+// (64 packed bytes read as 32 words; word j holds elements 4j .. 4j+3, element 4j + q(t) in bits 4t .. 4t+3);
+// element p otherwise. Any order of the columns gives the same product as long as x is packed in it too.
 static inline int64_t amx_column(int64_t k, bool group_order) {
   static constexpr int64_t kStepElement[4] = {1, 0, 3, 2};
   if (!group_order) return k;
