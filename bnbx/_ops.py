@@ -475,6 +475,104 @@ def _fake_quantize_backward(ctx, grad_out, grad_scale, grad_zero_point):
 
 
 torch.library.register_autograd("bnbx::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)
+
+
+# --- fake_quant_lsq (QAT: LSQ / LSQ+) -------------------------------------------------------------------------
+# The checks of csrc/common/checks_fake_quant.h (check_fake_quantize_lsq_args) with the same words, the fake
+# kernels, and the autograd formula: the backward is one more fused op.
+LSQ_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_lsq_param_shape(op: str, name: str, x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``t`` holds one value per row of ``x`` (x's leading sizes followed by ones); False for one value."""
+    torch._check_value(t.dim() <= x.dim(), lambda: f"{op}: {name} has more dimensions ({t.dim()}) than x ({x.dim()})")
+    if t.numel() == 1:
+        return False
+    lead = x.dim() - t.dim()
+    aligned = [1] * lead + list(t.shape)
+    k = max((j + 1 for j, size in enumerate(aligned) if size != 1), default=0)
+    example = [x.shape[0]] + [1] * (x.dim() - 1) if x.dim() else []
+    torch._check_value(
+        aligned[:k] == list(x.shape[:k]),
+        lambda: (
+            f"{op}: {name} of shape {list(t.shape)} must hold one value or one per row of x of shape "
+            f"{list(x.shape)}: x's leading sizes followed by ones, e.g. {example}"
+        ),
+    )
+    return True
+
+
+def check_fake_quantize_lsq_args(
+    op: str, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float
+) -> None:
+    for name, t in (("x", x), ("scale", scale), ("offset", offset)):
+        torch._check_type(
+            t.dtype in LSQ_FLOATS,
+            lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dtype_name(t.dtype)}",
+        )
+    check_same_device(op, x, "x", scale, "scale")
+    check_same_device(op, x, "x", offset, "offset")
+    torch._check_value(
+        math.isfinite(qmin) and math.isfinite(qmax) and qmin < qmax,
+        lambda: f"{op}: qmin and qmax must be finite with qmin < qmax, got qmin={qmin:g}, qmax={qmax:g}",
+    )
+    scale_per_row = _check_lsq_param_shape(op, "scale", x, scale)
+    offset_per_row = _check_lsq_param_shape(op, "offset", x, offset)
+    torch._check_value(
+        not (scale_per_row and offset_per_row) or scale.numel() == offset.numel(),
+        lambda: (
+            f"{op}: scale of shape {list(scale.shape)} and offset of shape {list(offset.shape)} must have as "
+            "many values when both have more than one"
+        ),
+    )
+
+
+def _check_grad_scale(op: str, grad_scale: float) -> None:
+    torch._check_value(math.isfinite(grad_scale), lambda: f"{op}: grad_scale must be finite, got {grad_scale:g}")
+
+
+@torch.library.register_fake("bnbx::fake_quantize_lsq")
+def _(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float, grad_scale: float = 1.0):
+    check_fake_quantize_lsq_args("fake_quantize_lsq", x, scale, offset, qmin, qmax)
+    _check_grad_scale("fake_quantize_lsq", grad_scale)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("bnbx::fake_quantize_lsq_backward")
+def _(grad, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
+    op = "fake_quantize_lsq_backward"
+    check_fake_quantize_lsq_args(op, x, scale, offset, qmin, qmax)
+    torch._check_value(
+        grad.shape == x.shape and grad.dtype == x.dtype,
+        lambda: (
+            f"{op}: grad must have x's shape {list(x.shape)} and dtype {_dtype_name(x.dtype)}, got "
+            f"{list(grad.shape)} {_dtype_name(grad.dtype)}"
+        ),
+    )
+    check_same_device(op, x, "x", grad, "grad")
+    _check_grad_scale(op, grad_scale)
+    return (
+        torch.empty(x.shape, dtype=x.dtype, device=x.device),
+        torch.empty(scale.shape, dtype=scale.dtype, device=scale.device),
+        torch.empty(offset.shape, dtype=offset.dtype, device=offset.device),
+    )
+
+
+def _fake_quantize_lsq_setup(ctx, inputs, output) -> None:
+    x, scale, offset, qmin, qmax, grad_scale = inputs
+    ctx.args = (qmin, qmax, grad_scale)
+    ctx.save_for_backward(x, scale, offset)
+
+
+def _fake_quantize_lsq_backward(ctx, grad):
+    x, scale, offset = ctx.saved_tensors
+    grad_x, grad_scale, grad_offset = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, offset, *ctx.args)
+    return grad_x, grad_scale, grad_offset, None, None, None
+
+
+torch.library.register_autograd(
+    "bnbx::fake_quantize_lsq", _fake_quantize_lsq_backward, setup_context=_fake_quantize_lsq_setup
+)
 # --- double quantization -----------------------------------------------------------------------------------
 
 
