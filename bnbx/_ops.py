@@ -483,22 +483,25 @@ torch.library.register_autograd("bnbx::fake_quantize", _fake_quantize_backward, 
 LSQ_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+# Plain raises rather than torch._check: bnbx.qat.fake_quantize_lsq calls these too, and torch.compile cannot
+# trace a torch._check message that formats tensor shapes.
 def _check_lsq_param_shape(op: str, name: str, x: torch.Tensor, t: torch.Tensor) -> bool:
     """Whether ``t`` holds one value per row of ``x`` (x's leading sizes followed by ones); False for one value."""
-    torch._check_value(t.dim() <= x.dim(), lambda: f"{op}: {name} has more dimensions ({t.dim()}) than x ({x.dim()})")
+    if t.dim() > x.dim():
+        raise ValueError(f"{op}: {name} has more dimensions ({t.dim()}) than x ({x.dim()})")
     if t.numel() == 1:
         return False
-    lead = x.dim() - t.dim()
-    aligned = [1] * lead + list(t.shape)
-    k = max((j + 1 for j, size in enumerate(aligned) if size != 1), default=0)
-    example = [x.shape[0]] + [1] * (x.dim() - 1) if x.dim() else []
-    torch._check_value(
-        aligned[:k] == list(x.shape[:k]),
-        lambda: (
+    aligned = [1] * (x.dim() - t.dim()) + list(t.shape)
+    k = 0  # the sizes after the last one that is not 1
+    for j, size in enumerate(aligned):
+        if size != 1:
+            k = j + 1
+    if aligned[:k] != list(x.shape[:k]):
+        example = [x.shape[0]] + [1] * (x.dim() - 1) if x.dim() else []
+        raise ValueError(
             f"{op}: {name} of shape {list(t.shape)} must hold one value or one per row of x of shape "
             f"{list(x.shape)}: x's leading sizes followed by ones, e.g. {example}"
-        ),
-    )
+        )
     return True
 
 
@@ -506,29 +509,27 @@ def check_fake_quantize_lsq_args(
     op: str, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float
 ) -> None:
     for name, t in (("x", x), ("scale", scale), ("offset", offset)):
-        torch._check_type(
-            t.dtype in LSQ_FLOATS,
-            lambda: f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dtype_name(t.dtype)}",
-        )
-    check_same_device(op, x, "x", scale, "scale")
-    check_same_device(op, x, "x", offset, "offset")
-    torch._check_value(
-        math.isfinite(qmin) and math.isfinite(qmax) and qmin < qmax,
-        lambda: f"{op}: qmin and qmax must be finite with qmin < qmax, got qmin={qmin:g}, qmax={qmax:g}",
-    )
+        if t.dtype not in LSQ_FLOATS:
+            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dtype_name(t.dtype)}")
+    for name, t in (("scale", scale), ("offset", offset)):
+        if t.device != x.device:
+            raise RuntimeError(
+                f"{op}: expected all tensors on the same device, got x on {x.device} and {name} on {t.device}"
+            )
+    if not (math.isfinite(qmin) and math.isfinite(qmax) and qmin < qmax):
+        raise ValueError(f"{op}: qmin and qmax must be finite with qmin < qmax, got qmin={qmin:g}, qmax={qmax:g}")
     scale_per_row = _check_lsq_param_shape(op, "scale", x, scale)
     offset_per_row = _check_lsq_param_shape(op, "offset", x, offset)
-    torch._check_value(
-        not (scale_per_row and offset_per_row) or scale.numel() == offset.numel(),
-        lambda: (
+    if scale_per_row and offset_per_row and scale.numel() != offset.numel():
+        raise ValueError(
             f"{op}: scale of shape {list(scale.shape)} and offset of shape {list(offset.shape)} must have as "
             "many values when both have more than one"
-        ),
-    )
+        )
 
 
 def _check_grad_scale(op: str, grad_scale: float) -> None:
-    torch._check_value(math.isfinite(grad_scale), lambda: f"{op}: grad_scale must be finite, got {grad_scale:g}")
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale:g}")
 
 
 @torch.library.register_fake("bnbx::fake_quantize_lsq")
