@@ -275,3 +275,45 @@ def test_empty_and_zero_dim():
     assert_same(out, lsq_torch(scalar.detach(), one.detach(), torch.zeros(()), -7.0, 7.0))
     out.backward()
     assert scalar.grad == 1.0 and one.grad.shape == ()
+
+
+# --- the CUDA kernels through the host emulation (tests/cuda_emulation.py), where no GPU is lent ----------------
+
+
+@pytest.mark.parametrize("dtype", LSQ_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "layout",
+    [((3, 4500), (3, 1), ()), ((2, 4097), (), (2, 1)), ((5, 7), (5, 1), (5, 1)), ((0, 8), (0, 1), ())],
+    ids=lambda t: f"{t[0]}-{t[1]}-{t[2]}",
+)
+def test_cuda_kernels_emulated(dtype, layout):
+    from cuda_emulation import compiler, load
+
+    if compiler() is None:
+        pytest.skip("the CUDA emulation needs g++")
+    emu = load()
+    x, scale, offset = _inputs(*layout, dtype)
+    grad = torch.randn(x.shape).to(dtype)
+    out = emu.fake_quantize_lsq(x, scale, offset, -8.0, 7.0)
+    assert_same(out, torch.ops.bnbx.fake_quantize_lsq(x, scale, offset, -8.0, 7.0))
+    grad_x, grad_s, grad_o = emu.fake_quantize_lsq_backward(grad, x, scale, offset, -8.0, 7.0, 0.5)
+    ref_x, ref_s, ref_o = _reference_backward(grad, x, scale, offset, -8.0, 7.0, 0.5)
+    assert_same(grad_x, ref_x)
+    if x.numel():
+        torch.testing.assert_close(grad_s.view(ref_s.shape), ref_s, rtol=1e-9, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(grad_o.view(ref_o.shape), ref_o, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_cuda_bad_scale_rows_are_nan_emulated():
+    # CUDA does not check scale values (no synchronization): such rows come out NaN, and their gradient NaN
+    from cuda_emulation import compiler, load
+
+    if compiler() is None:
+        pytest.skip("the CUDA emulation needs g++")
+    emu = load()
+    x, grad = torch.randn(4, 50), torch.randn(4, 50)
+    scale, offset = torch.tensor([[0.2], [0.0], [-0.3], [float("nan")]]), torch.zeros(())
+    out = emu.fake_quantize_lsq(x, scale, offset, -7.0, 7.0)
+    assert torch.equal(out[0], lsq_torch(x[0], scale[0], offset, -7.0, 7.0)) and out[1:].isnan().all()
+    _, grad_s, _ = emu.fake_quantize_lsq_backward(grad, x, scale, offset, -7.0, 7.0, 1.0)
+    assert grad_s[0].isfinite() and grad_s[1:].isnan().all()
