@@ -408,9 +408,8 @@ def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias=None, threshold
 
 
 # --- fake_quant (QAT) -------------------------------------------------------------------------------------
-# Fake kernel with the checks of csrc/common/checks_fake_quant.h, and the straight-through gradient: the one
-# differentiable bnbx op. Scales and zero points are statistics (no gradient); the learnable-scale path
-# (LSQ) is bnbx.qat's fake_quantize_lsq.
+# Fake kernel with the checks of csrc/common/checks_fake_quant.h, and the straight-through gradient. Scales and
+# zero points are statistics (no gradient); the learnable-scale path (LSQ) is the fake_quant_lsq block below.
 FAKE_QUANT_MASKS = ("none", "range", "absolute")
 
 
