@@ -317,3 +317,16 @@ def test_cuda_bad_scale_rows_are_nan_emulated():
     assert torch.equal(out[0], lsq_torch(x[0], scale[0], offset, -7.0, 7.0)) and out[1:].isnan().all()
     _, grad_s, _ = emu.fake_quantize_lsq_backward(grad, x, scale, offset, -7.0, 7.0, 1.0)
     assert grad_s[0].isfinite() and grad_s[1:].isnan().all()
+
+
+def test_non_contiguous_inputs():
+    x = (torch.randn(40, 30) * 3).t()  # [30, 40], strided
+    scale = torch.rand(30, 2)[:, :1] + 0.1  # [30, 1], strided
+    grad = torch.randn(40, 30).t()
+    out = torch.ops.bnbx.fake_quantize_lsq(x, scale, torch.zeros(()), -7.0, 7.0)
+    assert out.is_contiguous() and out.shape == x.shape
+    assert_same(out, lsq_torch(x, scale, torch.zeros(()), -7.0, 7.0))
+    grad_x, grad_s, _ = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, torch.zeros(()), -7.0, 7.0, 1.0)
+    ref_x, ref_s, _ = _reference_backward(grad, x, scale, torch.zeros(()), -7.0, 7.0, 1.0)
+    assert_same(grad_x, ref_x)
+    torch.testing.assert_close(grad_s.double(), ref_s, rtol=1e-6, atol=1e-9)  # rounded to scale's fp32
