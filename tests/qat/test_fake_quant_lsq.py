@@ -330,3 +330,14 @@ def test_non_contiguous_inputs():
     ref_x, ref_s, _ = _reference_backward(grad, x, scale, torch.zeros(()), -7.0, 7.0, 1.0)
     assert_same(grad_x, ref_x)
     torch.testing.assert_close(grad_s.double(), ref_s, rtol=1e-6, atol=1e-9)  # rounded to scale's fp32
+
+
+@pytest.mark.parametrize("isa_name", ISAS)
+def test_fp16_overflow_as_the_formula(isa_name):
+    # 65000 / 40000 rounds to code 2: 80000 does not fit fp16 and becomes Inf, as the formula's .to(float16)
+    x = torch.tensor([[65000.0, -65000.0, 30000.0] * 6], dtype=torch.float16)
+    scale = torch.full((1, 1), 40000.0)
+    with isa(isa_name):
+        out = torch.ops.bnbx.fake_quantize_lsq(x, scale, torch.zeros(()), -7.0, 7.0)
+    assert_same(out, lsq_torch(x, scale, torch.zeros(()), -7.0, 7.0))
+    assert out.isinf().sum() == 12
