@@ -55,6 +55,29 @@ const char* route_name(GemmRoute route, const cpu::Int8MatmulKernels& kt) {
   }
 }
 
+// B packed for the AMX kernel (amx_pack), in a uint8 tensor.
+at::Tensor amx_pack_tensor(const cpu::Int8MatmulKernels& kt, const int8_t* B, int64_t N, int64_t K,
+                           const at::TensorOptions& options) {
+  at::Tensor packed = at::empty({kt.amx_packed_bytes(N, K)}, options.dtype(at::kByte));
+  uint8_t* dst = packed.mutable_data_ptr<uint8_t>();
+  at::parallel_for(0, ceil_div(N, 16), 4, [&](int64_t b, int64_t e) { kt.amx_pack(B, N, K, dst, b, e); });
+  return packed;
+}
+
+// The AMX product of A (rows with stride lda, a_bytes readable) and B, packed here unless packed_B is given:
+// int32 into C, or (ep) through the epilogue into ep->out. Output columns in panels of 32 (two packed B blocks).
+void amx_gemm(const cpu::Int8MatmulKernels& kt, const int8_t* A, int64_t lda, int64_t a_bytes, const int8_t* B,
+              const uint8_t* packed_B, int32_t* C, int64_t M, int64_t N, int64_t K, const cpu::Int8Epilogue* ep) {
+  at::Tensor packed;
+  if (packed_B == nullptr) {
+    packed = amx_pack_tensor(kt, B, N, K, at::TensorOptions());
+    packed_B = packed.const_data_ptr<uint8_t>();
+  }
+  at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t b, int64_t e) {
+    kt.gemm_amx(A, lda, a_bytes, packed_B, C, M, N, K, b * 32, std::min(N, e * 32), ep);
+  });
+}
+
 // C[M, N] = A[M, K] . B[N, K]^T, exact int32; A, B contiguous.
 void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K) {
   if (M == 0 || N == 0) return;
@@ -64,17 +87,7 @@ void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t 
   }
   const cpu::Int8MatmulKernels& kt = int8_kernels();
   const GemmRoute route = gemm_route(kt, M);
-  if (route == GemmRoute::kAmx) {
-    const int64_t blocks = ceil_div(N, 16);
-    std::vector<uint8_t> packed(kt.amx_packed_bytes(N, K));
-    at::parallel_for(0, blocks, 4, [&](int64_t b, int64_t e) { kt.amx_pack(B, N, K, packed.data(), b, e); });
-    // output columns in panels of 32 (two packed B blocks)
-    const int64_t panels = ceil_div(N, 32);
-    at::parallel_for(0, panels, 1, [&](int64_t b, int64_t e) {
-      kt.gemm_amx(A, packed.data(), C, M, N, K, b * 32, std::min(N, e * 32));
-    });
-    return;
-  }
+  if (route == GemmRoute::kAmx) return amx_gemm(kt, A, K, M * K, B, nullptr, C, M, N, K, nullptr);
   const auto fn = route == GemmRoute::kVnni ? kt.gemm_vnni : kt.gemm;
   const int64_t panels = ceil_div(N, 4);
   at::parallel_for(0, panels, std::max<int64_t>(1, 8192 / (K * std::max<int64_t>(M, 1))),
@@ -88,8 +101,9 @@ int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.size
 int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1)); }
 
 // Row-wise quantization of the contiguous A[rows, K]; fills q, stats and (threshold > 0) the outlier columns.
+// Rows of q start ldq bytes apart.
 std::vector<int64_t> vectorwise_quant_into(const at::Tensor& input, int64_t rows, int64_t K, float threshold, int8_t* q,
-                                           float* stats) {
+                                           int64_t ldq, float* stats) {
   const cpu::Int8MatmulKernels& kt = int8_kernels();
   const FloatType in_type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
@@ -114,7 +128,7 @@ std::vector<int64_t> vectorwise_quant_into(const at::Tensor& input, int64_t rows
   }
   const uint8_t* mask_ptr = cols.empty() ? nullptr : mask.data();
   at::parallel_for(0, rows, grain_rows(K), [&](int64_t b, int64_t e) {
-    kt.vectorwise_quant(in_type, in, K, threshold, mask_ptr, q, stats, b, e);
+    kt.vectorwise_quant(in_type, in, K, threshold, mask_ptr, q, ldq, stats, b, e);
   });
   return cols;
 }
@@ -138,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cpu(const a
   }
   const std::vector<int64_t> cols =
       vectorwise_quant_into(input, rows, K, threshold_in_dtype(threshold, input.scalar_type()),
-                            q.mutable_data_ptr<int8_t>(), stats.mutable_data_ptr<float>());
+                            q.mutable_data_ptr<int8_t>(), K, stats.mutable_data_ptr<float>());
   return {q, stats, cols_tensor(cols, input)};
 }
 
@@ -205,9 +219,12 @@ at::Tensor int8_mm_dequant_cpu(const at::Tensor& A, const at::Tensor& row_stats,
 // Outlier columns fused into the epilogue up to this many; beyond it one fp32 GEMM adds them instead.
 constexpr int64_t kFusedOutliers = 32;
 
-at::Tensor int8_mixed_linear_cpu(const at::Tensor& A, const at::Tensor& CB, const at::Tensor& SCB,
-                                 const c10::optional<at::Tensor>& bias, double threshold) {
-  check_int8_mixed_linear_args(A, CB, SCB, bias, threshold);
+// The layer (int8_mixed_linear, and int8_mixed_linear_packed with the AMX-packed weight packed_CB).
+// On the AMX route the activations are quantized into rows padded to whole tiles, and the epilogue runs on each
+// accumulator tile as the GEMM stores it: the int32 product is never written. Other routes write it and run
+// int8_mm_dequant's kernel after; both give the same bits.
+at::Tensor int8_mixed_linear_impl(const at::Tensor& A, const at::Tensor& CB, const uint8_t* packed_CB,
+                                  const at::Tensor& SCB, const c10::optional<at::Tensor>& bias, double threshold) {
   const at::Tensor input = A.contiguous();
   const at::Tensor weight = CB.contiguous();
   const at::Tensor scb = SCB.contiguous();
@@ -216,15 +233,21 @@ at::Tensor int8_mixed_linear_cpu(const at::Tensor& A, const at::Tensor& CB, cons
   at::Tensor out = at::empty(out_shape(input, N), input.options());
   if (rows == 0 || N == 0) return out;
 
-  at::Tensor q = at::empty({rows, K}, input.options().dtype(at::kChar));
+  const cpu::Int8MatmulKernels& kt = int8_kernels();
+  const bool fused = K > 0 && gemm_route(kt, rows) == GemmRoute::kAmx;
+  // fused: row stride a whole number of 64-byte tile rows plus one line (so the 16 rows of a tile do not share
+  // cache sets), rows up to a multiple of 32, so every tile load stays inside q
+  const int64_t ldq = fused ? ceil_div(K, 64) * 64 + 64 : K;
+  const int64_t q_rows = fused ? ceil_div(rows, 32) * 32 : rows;
+  at::Tensor q = at::empty({q_rows * ldq}, input.options().dtype(at::kChar));
   at::Tensor stats = at::empty({rows}, input.options().dtype(at::kFloat));
+  int8_t* qp = q.mutable_data_ptr<int8_t>();
+  if (q_rows > rows) std::memset(qp + rows * ldq, 0, (q_rows - rows) * ldq);
   const std::vector<int64_t> cols =
       K == 0 ? std::vector<int64_t>{}
-             : vectorwise_quant_into(input, rows, K, threshold_in_dtype(threshold, input.scalar_type()),
-                                     q.mutable_data_ptr<int8_t>(), stats.mutable_data_ptr<float>());
+             : vectorwise_quant_into(input, rows, K, threshold_in_dtype(threshold, input.scalar_type()), qp, ldq,
+                                     stats.mutable_data_ptr<float>());
   if (K == 0) stats.zero_();
-  at::Tensor C = at::empty({rows, N}, input.options().dtype(at::kInt));
-  int8_gemm(q.const_data_ptr<int8_t>(), weight.const_data_ptr<int8_t>(), C.mutable_data_ptr<int32_t>(), rows, N, K);
 
   // outlier part: A[:, cols] (input values) times the dequantized weight columns CB[:, cols] * SCB / 127
   const int64_t n_out = static_cast<int64_t>(cols.size());
@@ -235,18 +258,64 @@ at::Tensor int8_mixed_linear_cpu(const at::Tensor& A, const at::Tensor& CB, cons
     b_out =
         weight.index_select(1, idx).to(at::kFloat).mul(scb.reshape({N, 1})).mul_(7.874015718698502e-3).t().contiguous();
   }
-  if (n_out > kFusedOutliers) {
-    at::Tensor out32 = at::empty({rows, N}, input.options().dtype(at::kFloat));
+  const bool addmm = n_out > kFusedOutliers;
+  at::Tensor result = addmm ? at::empty({rows, N}, input.options().dtype(at::kFloat)) : out;
+  const at::ScalarType result_type = addmm ? at::kFloat : input.scalar_type();
+  const float* a_ptr = n_out > 0 && !addmm ? a_out.const_data_ptr<float>() : nullptr;
+  const float* b_ptr = n_out > 0 && !addmm ? b_out.const_data_ptr<float>() : nullptr;
+
+  if (fused) {
+    at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    const cpu::Int8Epilogue ep{stats.const_data_ptr<float>(),
+                               scb.const_data_ptr<float>(),
+                               bias_c.defined() ? to_float_type(bias_c.scalar_type()) : FloatType::kFloat32,
+                               bias_c.defined() ? bias_c.const_data_ptr() : nullptr,
+                               a_ptr,
+                               b_ptr,
+                               addmm ? 0 : n_out,
+                               to_float_type(result_type),
+                               result.mutable_data_ptr()};
+    amx_gemm(kt, qp, ldq, q_rows * ldq, weight.const_data_ptr<int8_t>(), packed_CB, nullptr, rows, N, K, &ep);
+  } else {
+    at::Tensor C = at::empty({rows, N}, input.options().dtype(at::kInt));
+    int8_gemm(qp, weight.const_data_ptr<int8_t>(), C.mutable_data_ptr<int32_t>(), rows, N, K);
     mm_dequant_into(C.const_data_ptr<int32_t>(), stats.const_data_ptr<float>(), scb.const_data_ptr<float>(), bias,
-                    nullptr, nullptr, 0, at::kFloat, out32.mutable_data_ptr(), rows, N);
-    out32.addmm_(a_out, b_out);
-    out.copy_(out32.view(out.sizes()));
-    return out;
+                    a_ptr, b_ptr, addmm ? 0 : n_out, result_type, result.mutable_data_ptr(), rows, N);
   }
-  mm_dequant_into(C.const_data_ptr<int32_t>(), stats.const_data_ptr<float>(), scb.const_data_ptr<float>(), bias,
-                  n_out ? a_out.const_data_ptr<float>() : nullptr, n_out ? b_out.const_data_ptr<float>() : nullptr,
-                  n_out, input.scalar_type(), out.mutable_data_ptr(), rows, N);
+  if (addmm) {
+    result.addmm_(a_out, b_out);
+    out.copy_(result.view(out.sizes()));
+  }
   return out;
+}
+
+at::Tensor int8_mixed_linear_cpu(const at::Tensor& A, const at::Tensor& CB, const at::Tensor& SCB,
+                                 const c10::optional<at::Tensor>& bias, double threshold) {
+  check_int8_mixed_linear_args(A, CB, SCB, bias, threshold);
+  return int8_mixed_linear_impl(A, CB, nullptr, SCB, bias, threshold);
+}
+
+// The weight in the AMX tile layout (int8_mixed_linear_packed's packed_CB): uint8 [amx_packed_bytes(N, K)].
+at::Tensor int8_pack_weight_cpu(const at::Tensor& CB) {
+  check_int8_pack_weight_args(CB);
+  const cpu::Int8MatmulKernels& kt = int8_kernels();
+  TORCH_CHECK(kt.amx_pack != nullptr, "int8_pack_weight: needs a CPU with AVX-512 (the AMX layout); this one runs ",
+              kt.name);
+  const at::Tensor weight = CB.contiguous();
+  return amx_pack_tensor(kt, weight.const_data_ptr<int8_t>(), weight.size(0), weight.size(1), weight.options());
+}
+
+at::Tensor int8_mixed_linear_packed_cpu(const at::Tensor& A, const at::Tensor& CB, const at::Tensor& packed_CB,
+                                        const at::Tensor& SCB, const c10::optional<at::Tensor>& bias,
+                                        double threshold) {
+  check_int8_mixed_linear_args(A, CB, SCB, bias, threshold, "int8_mixed_linear_packed");
+  const cpu::Int8MatmulKernels& kt = int8_kernels();
+  const int64_t expected = kt.amx_packed_bytes != nullptr ? kt.amx_packed_bytes(CB.size(0), CB.size(1)) : -1;
+  check_int8_packed_weight("int8_mixed_linear_packed", packed_CB, expected, A);
+  // the packed copy only serves the AMX route; the others read CB
+  const bool use_packed = expected >= 0 && gemm_route(kt, leading_rows(A)) == GemmRoute::kAmx;
+  const at::Tensor packed = packed_CB.contiguous();
+  return int8_mixed_linear_impl(A, CB, use_packed ? packed.const_data_ptr<uint8_t>() : nullptr, SCB, bias, threshold);
 }
 
 }  // namespace
@@ -257,6 +326,8 @@ TORCH_LIBRARY_IMPL(bnbx, CPU, m) {
   m.impl("int8_linear_matmul", &int8_linear_matmul_cpu);
   m.impl("int8_mm_dequant", &int8_mm_dequant_cpu);
   m.impl("int8_mixed_linear", &int8_mixed_linear_cpu);
+  m.impl("int8_pack_weight", &int8_pack_weight_cpu);
+  m.impl("int8_mixed_linear_packed", &int8_mixed_linear_packed_cpu);
 }
 
 }  // namespace bnbx
