@@ -26,14 +26,19 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, grad: torch.Tensor):
+def _grads(ctx, grad: torch.Tensor, need_A: bool, need_bias: bool):
     CB, SCB = ctx.saved_tensors
     grad_A = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if need_A:
         weight = torch.ops.bnbx.int8_vectorwise_dequant(CB, SCB).to(grad.dtype)
         grad_A = torch.matmul(grad, weight).to(ctx.a_dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
+    if ctx.has_bias and need_bias:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_A, grad_bias
+
+
+def _backward(ctx, grad: torch.Tensor):
+    grad_A, grad_bias = _grads(ctx, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
     return grad_A, None, None, grad_bias, None
 
 
@@ -46,7 +51,7 @@ def _setup_context_packed(ctx, inputs, output) -> None:
 
 
 def _backward_packed(ctx, grad: torch.Tensor):
-    grad_A, _, _, grad_bias, _ = _backward(ctx, grad)
+    grad_A, grad_bias = _grads(ctx, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[4])
     return grad_A, None, None, None, grad_bias, None
 
 
