@@ -255,8 +255,19 @@ at::Tensor int8_mixed_linear_impl(const at::Tensor& A, const at::Tensor& CB, con
   if (n_out > 0) {
     const at::Tensor idx = cols_tensor(cols, input);
     a_out = input.reshape({rows, K}).index_select(1, idx).to(at::kFloat).contiguous();
-    b_out =
-        weight.index_select(1, idx).to(at::kFloat).mul(scb.reshape({N, 1})).mul_(7.874015718698502e-3).t().contiguous();
+    // b_out[j, n] = float(CB[n, cols[j]]) * SCB[n] * (1/127): a direct gather (index_select over the columns of
+    // an int8 matrix is a slow generic loop), the same two fp32 roundings
+    b_out = at::empty({n_out, N}, input.options().dtype(at::kFloat));
+    const int8_t* w = weight.const_data_ptr<int8_t>();
+    const float* s = scb.const_data_ptr<float>();
+    float* bo = b_out.mutable_data_ptr<float>();
+    at::parallel_for(0, N, 1024, [&](int64_t nb, int64_t ne) {
+      for (int64_t n = nb; n < ne; ++n) {
+        for (int64_t j = 0; j < n_out; ++j) {
+          bo[j * N + n] = static_cast<float>(w[n * K + cols[j]]) * s[n] * 7.874015718698502e-3f;
+        }
+      }
+    });
   }
   const bool addmm = n_out > kFusedOutliers;
   at::Tensor result = addmm ? at::empty({rows, N}, input.options().dtype(at::kFloat)) : out;

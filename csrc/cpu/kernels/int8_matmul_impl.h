@@ -269,35 +269,59 @@ BNBX_VNNI void gemm_vnni(const int8_t* A, const int8_t* B, int32_t* C, int64_t M
 // out[m, n..n+16). The one sequence of fp32 operations both mm_dequant and the fused AMX store run, so the
 // two give the same bits.
 template <FloatType kOut>
-inline void dequant16(const int32_t* c_row, int64_t m, int64_t n, __mmask16 nm, const Int8Epilogue& ep, int64_t N) {
-  const __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(nm, c_row));
-  const __m512 r = _mm512_set1_ps(ep.row_stats[m]);
-  __m512 t = _mm512_mul_ps(c, _mm512_mul_ps(r, _mm512_maskz_loadu_ps(nm, ep.col_stats + n)));
-  t = _mm512_mul_ps(t, _mm512_set1_ps(kInv127Sq));
-  if (ep.bias != nullptr) {
-    const __m512 bv = ep.bias_type == FloatType::kFloat32   ? load16<FloatType::kFloat32>(ep.bias, n, nm)
-                      : ep.bias_type == FloatType::kFloat16 ? load16<FloatType::kFloat16>(ep.bias, n, nm)
-                                                            : load16<FloatType::kBFloat16>(ep.bias, n, nm);
-    t = _mm512_add_ps(t, bv);
-  }
-  for (int64_t j = 0; j < ep.n_out; ++j) {
-    const __m512 prod =
-        _mm512_mul_ps(_mm512_set1_ps(ep.a_out[m * ep.n_out + j]), _mm512_maskz_loadu_ps(nm, ep.b_out + j * N + n));
-    t = _mm512_add_ps(t, prod);
-  }
+inline void store16(void* out, int64_t i, __mmask16 nm, __m512 t) {
   if constexpr (kOut == FloatType::kFloat32) {
-    _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * N + n, nm, t);
+    _mm512_mask_storeu_ps(static_cast<float*>(out) + i, nm, t);
   } else if constexpr (kOut == FloatType::kFloat16) {
     const __m256i h = _mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * N + n, nm, h);
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + i, nm, h);
   } else {
     // round to nearest even on the bits, NaN -> 0x7fc0 as float_to_bf16 does
     const __m512i bits = _mm512_castps_si512(t);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
     rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * N + n, nm, _mm512_cvtepi32_epi16(rounded));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + i, nm, _mm512_cvtepi32_epi16(rounded));
   }
+}
+
+// kRows rows (m .. m + kRows) of up to 16 outputs of the epilogue (mm_dequant): c_rows[r * ldc ..] are the int32
+// sums of out[m + r, n..n+16). Every element takes the one sequence of fp32 operations (scale, bias, outlier
+// products in column order, rounding), so mm_dequant and the fused AMX store give the same bits; rows are
+// interleaved only so that the dependent adds of the outlier products of several rows overlap.
+template <FloatType kOut, int kRows>
+inline void dequant_rows(const int32_t* c_rows, int64_t ldc, int64_t m, int64_t n, __mmask16 nm, const Int8Epilogue& ep,
+                         int64_t N) {
+  const __m512 col = _mm512_maskz_loadu_ps(nm, ep.col_stats + n);
+  __m512 bias = _mm512_setzero_ps();
+  if (ep.bias != nullptr) {
+    bias = ep.bias_type == FloatType::kFloat32   ? load16<FloatType::kFloat32>(ep.bias, n, nm)
+           : ep.bias_type == FloatType::kFloat16 ? load16<FloatType::kFloat16>(ep.bias, n, nm)
+                                                 : load16<FloatType::kBFloat16>(ep.bias, n, nm);
+  }
+  __m512 t[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(nm, c_rows + r * ldc));
+    t[r] = _mm512_mul_ps(c, _mm512_mul_ps(_mm512_set1_ps(ep.row_stats[m + r]), col));
+    t[r] = _mm512_mul_ps(t[r], _mm512_set1_ps(kInv127Sq));
+    if (ep.bias != nullptr) t[r] = _mm512_add_ps(t[r], bias);
+  }
+  for (int64_t j = 0; j < ep.n_out; ++j) {
+    const __m512 b = _mm512_maskz_loadu_ps(nm, ep.b_out + j * N + n);
+    for (int r = 0; r < kRows; ++r) {
+      t[r] = _mm512_add_ps(t[r], _mm512_mul_ps(_mm512_set1_ps(ep.a_out[(m + r) * ep.n_out + j]), b));
+    }
+  }
+  for (int r = 0; r < kRows; ++r) store16<kOut>(ep.out, (m + r) * N + n, nm, t[r]);
+}
+
+// Rows [0, rows) of a block of up to 16 columns, four at a time.
+template <FloatType kOut>
+inline void dequant_block(const int32_t* c_rows, int64_t ldc, int64_t m, int64_t rows, int64_t n, __mmask16 nm,
+                          const Int8Epilogue& ep, int64_t N) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dequant_rows<kOut, 4>(c_rows + r * ldc, ldc, m + r, n, nm, ep, N);
+  for (; r < rows; ++r) dequant_rows<kOut, 1>(c_rows + r * ldc, ldc, m + r, n, nm, ep, N);
 }
 
 // ---- AMX-INT8 -------------------------------------------------------------------------------------------------
@@ -352,18 +376,13 @@ inline void store_tile_image(const int32_t* buffer, int32_t* C, int64_t ldc, int
   const int64_t rows = std::min<int64_t>(16, M - m0);
   if (ep != nullptr) {
     const __mmask16 nm = tail_mask(n_limit - n0);
-    for (int64_t i = 0; i < rows; ++i) {
-      switch (ep->out_type) {
-        case FloatType::kFloat32:
-          dequant16<FloatType::kFloat32>(buffer + i * 16, m0 + i, n0, nm, *ep, ldc);
-          break;
-        case FloatType::kFloat16:
-          dequant16<FloatType::kFloat16>(buffer + i * 16, m0 + i, n0, nm, *ep, ldc);
-          break;
-        case FloatType::kBFloat16:
-          dequant16<FloatType::kBFloat16>(buffer + i * 16, m0 + i, n0, nm, *ep, ldc);
-          break;
-      }
+    switch (ep->out_type) {
+      case FloatType::kFloat32:
+        return dequant_block<FloatType::kFloat32>(buffer, 16, m0, rows, n0, nm, *ep, ldc);
+      case FloatType::kFloat16:
+        return dequant_block<FloatType::kFloat16>(buffer, 16, m0, rows, n0, nm, *ep, ldc);
+      case FloatType::kBFloat16:
+        return dequant_block<FloatType::kBFloat16>(buffer, 16, m0, rows, n0, nm, *ep, ldc);
     }
     return;
   }
@@ -397,6 +416,16 @@ BNBX_AMX inline void amx_block(const int8_t* a, int64_t as, const uint8_t* b0, c
   if (kTwoM) _tile_zero(2);
   if (kTwoM && kTwoN) _tile_zero(3);
   for (int64_t c = 0; c < chunks; ++c) {
+#ifdef BNBX_PF
+    if (c + BNBX_PF < chunks) {
+      for (int i = 0; i < 16; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(a + i * as + (c + BNBX_PF) * 64), _MM_HINT_T0);
+        if (kTwoM) _mm_prefetch(reinterpret_cast<const char*>(a + (16 + i) * as + (c + BNBX_PF) * 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b0 + (c + BNBX_PF) * 1024 + i * 64), _MM_HINT_T0);
+        if (kTwoN) _mm_prefetch(reinterpret_cast<const char*>(b1 + (c + BNBX_PF) * 1024 + i * 64), _MM_HINT_T0);
+      }
+    }
+#endif
     _tile_loadd(4, a + c * 64, as);
     _tile_loadd(6, b0 + c * 1024, 64);
     _tile_dpbssd(0, 4, 6);
@@ -496,8 +525,13 @@ void mm_dequant_avx512(const int32_t* C, const float* row_stats, const float* co
                        const void* bias, const float* a_out, const float* b_out, int64_t n_out, void* out, int64_t N,
                        int64_t rb, int64_t re) {
   const Int8Epilogue ep{row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, kOut, out};
-  for (int64_t m = rb; m < re; ++m) {
-    for (int64_t n = 0; n < N; n += 16) dequant16<kOut>(C + m * N + n, m, n, tail_mask(N - n), ep, N);
+  // four rows at a time, row-major order through C
+  int64_t m = rb;
+  for (; m + 4 <= re; m += 4) {
+    for (int64_t n = 0; n < N; n += 16) dequant_rows<kOut, 4>(C + m * N + n, N, m, n, tail_mask(N - n), ep, N);
+  }
+  for (; m < re; ++m) {
+    for (int64_t n = 0; n < N; n += 16) dequant_rows<kOut, 1>(C + m * N + n, N, m, n, tail_mask(N - n), ep, N);
   }
 }
 #endif
