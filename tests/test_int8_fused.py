@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from conftest import DTYPES, dtype_id
-from reference_int8_matmul import int8_mixed_linear_ref
+from reference_int8_matmul import int8_linear_matmul_ref, int8_mixed_linear_ref
 
 from bnbx import _library
 from bnbx import functional as F
@@ -108,6 +108,18 @@ def test_fused_epilogue_zero_and_nan_rows():
     assert torch.equal(out[3], bias)  # a zero row gives the bias alone
     ref = int8_mixed_linear_ref(A, CB, SCB, bias, 0.0)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("route", ["amx", "base"])
+def test_gemm_exact_rows_aliasing_stride(route):
+    # K a multiple of 256: the AMX route copies A to rows one cache line further apart first
+    for M in (1, 3, 17, 33, 63):
+        for N in (1, 17, 63):
+            for K in (256, 768):
+                A = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+                B = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+                with gemm_route(route):
+                    assert torch.equal(ops.int8_linear_matmul(A, B), int8_linear_matmul_ref(A, B)), (M, N, K)
 
 
 # ---- pre-packed weight ---------------------------------------------------------------------------------------------

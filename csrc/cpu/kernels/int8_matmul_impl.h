@@ -416,16 +416,6 @@ BNBX_AMX inline void amx_block(const int8_t* a, int64_t as, const uint8_t* b0, c
   if (kTwoM) _tile_zero(2);
   if (kTwoM && kTwoN) _tile_zero(3);
   for (int64_t c = 0; c < chunks; ++c) {
-#ifdef BNBX_PF
-    if (c + BNBX_PF < chunks) {
-      for (int i = 0; i < 16; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(a + i * as + (c + BNBX_PF) * 64), _MM_HINT_T0);
-        if (kTwoM) _mm_prefetch(reinterpret_cast<const char*>(a + (16 + i) * as + (c + BNBX_PF) * 64), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b0 + (c + BNBX_PF) * 1024 + i * 64), _MM_HINT_T0);
-        if (kTwoN) _mm_prefetch(reinterpret_cast<const char*>(b1 + (c + BNBX_PF) * 1024 + i * 64), _MM_HINT_T0);
-      }
-    }
-#endif
     _tile_loadd(4, a + c * 64, as);
     _tile_loadd(6, b0 + c * 1024, 64);
     _tile_dpbssd(0, 4, 6);
