@@ -199,9 +199,12 @@ def test_packed_autograd_matches_unpacked():
 # ---- the cached packed weight in Linear8bitLt ----------------------------------------------------------------------
 
 
-def make_layer(N=45, K=130, threshold=6.0):
+def make_layer(N=45, K=130, threshold=6.0, prepack=True):
     torch.manual_seed(0)
-    return Linear8bitLt.from_linear(torch.nn.Linear(K, N), threshold=threshold).eval()
+    layer = Linear8bitLt.from_linear(torch.nn.Linear(K, N), threshold=threshold).eval()
+    assert layer.prepack_weight is False  # opt-in: it costs N x K bytes
+    layer.prepack_weight = prepack
+    return layer
 
 
 amx_only = pytest.mark.skipif(int8_gemm_route() != "amx", reason="the layer caches the packed weight on AMX CPUs")
@@ -222,6 +225,8 @@ def test_layer_caches_packed_weight(dtype):
     assert torch.equal(layer(x), ref) and layer._packed[3] is first  # reused
     layer.prepack_weight = False
     assert torch.equal(layer(x), ref)
+    plain = make_layer(prepack=False)  # the default keeps no copy
+    assert torch.equal(plain(x), ref) and plain._packed is None
     assert set(layer.state_dict()) == {"weight", "bias", "SCB", "weight_format"}
 
 

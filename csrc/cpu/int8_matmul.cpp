@@ -64,17 +64,15 @@ at::Tensor amx_pack_tensor(const cpu::Int8MatmulKernels& kt, const int8_t* B, in
   return packed;
 }
 
-// The AMX product of A (rows with stride lda, a_bytes readable) and B, packed here unless packed_B is given:
-// int32 into C, or (ep) through the epilogue into ep->out. Output columns in panels of 32 (two packed B blocks).
+// The AMX product of A (rows with stride lda, a_bytes readable) and B: int32 into C, or (ep) through the
+// epilogue into ep->out. Output columns in panels of 32 (two 16-row blocks of B), split between the threads.
+// Without packed_B the kernel packs each panel of B as it reaches it, once per pass of 256 rows of A: in
+// cache, that measured faster than packing all of B first into a fresh N x K buffer (whose page faults
+// alone cost ~18 ms at 4096 x 11008 here), up to M = 2048.
 void amx_gemm(const cpu::Int8MatmulKernels& kt, const int8_t* A, int64_t lda, int64_t a_bytes, const int8_t* B,
               const uint8_t* packed_B, int32_t* C, int64_t M, int64_t N, int64_t K, const cpu::Int8Epilogue* ep) {
-  at::Tensor packed;
-  if (packed_B == nullptr) {
-    packed = amx_pack_tensor(kt, B, N, K, at::TensorOptions());
-    packed_B = packed.const_data_ptr<uint8_t>();
-  }
   at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t b, int64_t e) {
-    kt.gemm_amx(A, lda, a_bytes, packed_B, C, M, N, K, b * 32, std::min(N, e * 32), ep);
+    kt.gemm_amx(A, lda, a_bytes, B, packed_B, C, M, N, K, b * 32, std::min(N, e * 32), ep);
   });
 }
 

@@ -54,10 +54,12 @@ struct Int8MatmulKernels {
   // tiles in place where the a_bytes readable from A allow it (rows past M and bytes past K only meet zeros of
   // packed B, and their sums are never stored), else through a zero-filled copy. n_begin is a multiple of 32.
   // With ep null the int32 sums go to C; with ep they go through the epilogue to ep->out and C is unused.
+  // With packed_B null, each 32-row panel of the row-major B is packed just before use into a buffer that stays
+  // in cache (no N x K copy; suits one pass over A, M <= 256).
   int64_t (*amx_packed_bytes)(int64_t rows, int64_t K);
   void (*amx_pack)(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t block_begin, int64_t block_end);
-  void (*gemm_amx)(const int8_t* A, int64_t lda, int64_t a_bytes, const uint8_t* packed_B, int32_t* C, int64_t M,
-                   int64_t N, int64_t K, int64_t n_begin, int64_t n_end, const Int8Epilogue* ep);
+  void (*gemm_amx)(const int8_t* A, int64_t lda, int64_t a_bytes, const int8_t* B, const uint8_t* packed_B, int32_t* C,
+                   int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end, const Int8Epilogue* ep);
 
   // out[m, n] = float(C[m, n]) * (row_stats[m] * col_stats[n]) * 6.200124e-05f (1/127^2, bitsandbytes'
   // constant), + sum_j a_out[m, j] * b_out[n, j] (outlier columns, fp32, j < n_out), + float(bias[n]),

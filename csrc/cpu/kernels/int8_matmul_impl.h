@@ -343,30 +343,33 @@ int64_t amx_packed_bytes(int64_t rows, int64_t K) { return ceil_div(rows, 16) * 
 // Block b of 16 rows of X, k chunk c: a 1 KiB tile whose row r holds, for each of the 16 rows i, the 4 bytes
 // X[16b + i, 64c + 4r .. 64c + 4r + 3] (TDPBSSD's second operand); zeros past the rows and K. Whole tiles are
 // a 16 x 16 transpose of 4-byte groups: one gather per tile row.
-void amx_pack(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t block_begin, int64_t block_end) {
+void amx_pack_block(const int8_t* X, int64_t rows, int64_t K, int64_t b, uint8_t* dst) {
   const int64_t chunks = ceil_div(K, 64);
   const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(static_cast<int32_t>(K)));
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      uint8_t* tile = packed + (b * chunks + c) * 1024;
-      if (b * 16 + 16 <= rows && c * 64 + 64 <= K) {
-        const int8_t* src = X + b * 16 * K + c * 64;
-        for (int64_t r = 0; r < 16; ++r) {
-          _mm512_storeu_si512(tile + r * 64, _mm512_i32gather_epi32(offsets, src + r * 4, 1));
-        }
-      } else {
-        for (int64_t r = 0; r < 16; ++r) {
-          for (int64_t i = 0; i < 16; ++i) {
-            for (int64_t j = 0; j < 4; ++j) {
-              const int64_t row = b * 16 + i, k = c * 64 + r * 4 + j;
-              tile[r * 64 + i * 4 + j] = row < rows && k < K ? static_cast<uint8_t>(X[row * K + k]) : 0;
-            }
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint8_t* tile = dst + c * 1024;
+    if (b * 16 + 16 <= rows && c * 64 + 64 <= K) {
+      const int8_t* src = X + b * 16 * K + c * 64;
+      for (int64_t r = 0; r < 16; ++r) {
+        _mm512_storeu_si512(tile + r * 64, _mm512_i32gather_epi32(offsets, src + r * 4, 1));
+      }
+    } else {
+      for (int64_t r = 0; r < 16; ++r) {
+        for (int64_t i = 0; i < 16; ++i) {
+          for (int64_t j = 0; j < 4; ++j) {
+            const int64_t row = b * 16 + i, k = c * 64 + r * 4 + j;
+            tile[r * 64 + i * 4 + j] = row < rows && k < K ? static_cast<uint8_t>(X[row * K + k]) : 0;
           }
         }
       }
     }
   }
+}
+
+void amx_pack(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t block_begin, int64_t block_end) {
+  const int64_t chunks = ceil_div(K, 64);
+  for (int64_t b = block_begin; b < block_end; ++b) amx_pack_block(X, rows, K, b, packed + b * chunks * 1024);
 }
 
 // The valid part (rows < M, columns < n_limit) of a 16 x 16 int32 tile image at C[m0.., n0..]: copied into C,
@@ -435,8 +438,9 @@ BNBX_AMX inline void amx_block(const int8_t* a, int64_t as, const uint8_t* b0, c
   if (kTwoM && kTwoN) BNBX_STORE_TILE(3, m0 + 16, n0 + 16);
 }
 
-BNBX_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t a_bytes, const uint8_t* packed_B, int32_t* C, int64_t M,
-                       int64_t N, int64_t K, int64_t n_begin, int64_t n_end, const Int8Epilogue* ep) {
+BNBX_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t a_bytes, const int8_t* B, const uint8_t* packed_B,
+                       int32_t* C, int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end,
+                       const Int8Epilogue* ep) {
   TileConfig config{};
   config.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
@@ -449,15 +453,23 @@ BNBX_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t a_bytes, const uint
   const int64_t n_blocks = ceil_div(N, 16);
   constexpr int64_t kRowsPerPass = 256;  // rows of A (1 MiB at K = 4096) kept in L2 while B panels stream past
   std::vector<int8_t> padded;            // the last rows of A, zero-filled to whole tiles
+  std::vector<uint8_t> panel(packed_B == nullptr ? 2 * chunks * 1024 : 0);  // B packed on the fly
   alignas(64) int32_t buffer[256];
 
   for (int64_t p0 = 0; p0 < M; p0 += kRowsPerPass) {
     const int64_t p1 = std::min(M, p0 + kRowsPerPass);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += 32) {
       const int64_t nb = n0 / 16;
-      const uint8_t* b0 = packed_B + nb * chunks * 1024;
-      const uint8_t* b1 = b0 + chunks * 1024;
       const bool two_n = nb + 1 < n_blocks && n0 + 16 < n_end;
+      const uint8_t* b0;
+      if (packed_B != nullptr) {
+        b0 = packed_B + nb * chunks * 1024;
+      } else {
+        amx_pack_block(B, N, K, nb, panel.data());
+        if (two_n) amx_pack_block(B, N, K, nb + 1, panel.data() + chunks * 1024);
+        b0 = panel.data();
+      }
+      const uint8_t* b1 = b0 + chunks * 1024;
       for (int64_t m0 = p0; m0 < p1; m0 += 32) {
         // the 32 tile rows read 64 * chunks bytes each from row m0 on; where that passes the end of A, the
         // rows are first copied into a zero-filled buffer
