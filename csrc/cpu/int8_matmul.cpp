@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -79,15 +80,20 @@ void amx_gemm(const cpu::Int8MatmulKernels& kt, const int8_t* A, int64_t lda, in
 // About 256K elements per task: these passes cost ~1 ns per element, so smaller tasks only add wake-ups.
 int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1)); }
 
-// C[M, N] = A[M, K] . B[N, K]^T, exact int32; A, B contiguous.
-void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K) {
+// C[M, N] = A[M, K] . B[N, K]^T, exact int32; A, B contiguous. visit_rows (optional) is called once for every
+// row range of B, right after the VNNI / plain kernels streamed those rows (they are still in cache then).
+void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
+               const std::function<void(int64_t, int64_t)>& visit_rows = nullptr) {
   if (M == 0 || N == 0) return;
-  if (K == 0) {
-    std::memset(C, 0, sizeof(int32_t) * M * N);
-    return;
-  }
   const cpu::Int8MatmulKernels& kt = int8_kernels();
-  const GemmRoute route = gemm_route(kt, M);
+  const GemmRoute route = K == 0 ? GemmRoute::kBase : gemm_route(kt, M);
+  if (K == 0 || route == GemmRoute::kAmx) {
+    if (visit_rows) at::parallel_for(0, N, 1024, visit_rows);
+    if (K == 0) {
+      std::memset(C, 0, sizeof(int32_t) * M * N);
+      return;
+    }
+  }
   if (route == GemmRoute::kAmx) {
     if (K % 256 != 0) return amx_gemm(kt, A, K, M * K, B, nullptr, C, M, N, K, nullptr);
     // rows a multiple of 256 bytes apart put the 16 rows of an A tile into the same cache sets (4 KiB
@@ -102,8 +108,15 @@ void int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t 
   }
   const auto fn = route == GemmRoute::kVnni ? kt.gemm_vnni : kt.gemm;
   const int64_t panels = ceil_div(N, 4);
-  at::parallel_for(0, panels, std::max<int64_t>(1, 8192 / (K * std::max<int64_t>(M, 1))),
-                   [&](int64_t b, int64_t e) { fn(A, B, C, M, N, K, b * 4, std::min(N, e * 4)); });
+  constexpr int64_t kVisitPanels = 16;  // 64 rows of B per visit
+  at::parallel_for(0, panels, std::max<int64_t>(1, 8192 / (K * std::max<int64_t>(M, 1))), [&](int64_t b, int64_t e) {
+    if (!visit_rows) return fn(A, B, C, M, N, K, b * 4, std::min(N, e * 4));
+    for (int64_t p = b; p < e; p += kVisitPanels) {
+      const int64_t n0 = p * 4, n1 = std::min(N, std::min(e, p + kVisitPanels) * 4);
+      fn(A, B, C, M, N, K, n0, n1);
+      visit_rows(n0, n1);
+    }
+  });
 }
 
 // Product of all but the last dimension (1 for a 1-D tensor): the rows of the matrix view, also when K = 0.
@@ -264,19 +277,24 @@ at::Tensor int8_mixed_linear_impl(const at::Tensor& A, const at::Tensor& CB, con
   if (n_out > 0) {
     const at::Tensor idx = cols_tensor(cols, input);
     a_out = input.reshape({rows, K}).index_select(1, idx).to(at::kFloat).contiguous();
-    // b_out[j, n] = float(CB[n, cols[j]]) * SCB[n] * (1/127): a direct gather (index_select over the columns of
-    // an int8 matrix is a slow generic loop), the same two fp32 roundings
     b_out = at::empty({n_out, N}, input.options().dtype(at::kFloat));
-    const int8_t* w = weight.const_data_ptr<int8_t>();
-    const float* s = scb.const_data_ptr<float>();
-    float* bo = b_out.mutable_data_ptr<float>();
-    at::parallel_for(0, N, 1024, [&](int64_t nb, int64_t ne) {
+  }
+  // b_out[j, n] = float(CB[n, cols[j]]) * SCB[n] * (1/127): a direct gather (index_select over the columns of an
+  // int8 matrix is a slow generic loop), the same two fp32 roundings. Rows of CB are 4 KiB or more apart, so
+  // the gather is a cache and TLB miss per row unless the GEMM just streamed them: the VNNI / plain routes
+  // run it on each row range as they go, the AMX route before.
+  const int8_t* w = weight.const_data_ptr<int8_t>();
+  const float* scb_ptr = scb.const_data_ptr<float>();
+  float* bo = n_out > 0 ? b_out.mutable_data_ptr<float>() : nullptr;
+  std::function<void(int64_t, int64_t)> gather;
+  if (n_out > 0) {
+    gather = [&](int64_t nb, int64_t ne) {
       for (int64_t n = nb; n < ne; ++n) {
         for (int64_t j = 0; j < n_out; ++j) {
-          bo[j * N + n] = static_cast<float>(w[n * K + cols[j]]) * s[n] * 7.874015718698502e-3f;
+          bo[j * N + n] = static_cast<float>(w[n * K + cols[j]]) * scb_ptr[n] * 7.874015718698502e-3f;
         }
       }
-    });
+    };
   }
   const bool addmm = n_out > kFusedOutliers;
   at::Tensor result = addmm ? at::empty({rows, N}, input.options().dtype(at::kFloat)) : out;
@@ -285,6 +303,7 @@ at::Tensor int8_mixed_linear_impl(const at::Tensor& A, const at::Tensor& CB, con
   const float* b_ptr = n_out > 0 && !addmm ? b_out.const_data_ptr<float>() : nullptr;
 
   if (fused) {
+    if (gather) at::parallel_for(0, N, 1024, gather);
     at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     const cpu::Int8Epilogue ep{stats.const_data_ptr<float>(),
                                scb.const_data_ptr<float>(),
@@ -298,7 +317,7 @@ at::Tensor int8_mixed_linear_impl(const at::Tensor& A, const at::Tensor& CB, con
     amx_gemm(kt, qp, ldq, q_rows * ldq, weight.const_data_ptr<int8_t>(), packed_CB, nullptr, rows, N, K, &ep);
   } else {
     at::Tensor C = at::empty({rows, N}, input.options().dtype(at::kInt));
-    int8_gemm(qp, weight.const_data_ptr<int8_t>(), C.mutable_data_ptr<int32_t>(), rows, N, K);
+    int8_gemm(qp, weight.const_data_ptr<int8_t>(), C.mutable_data_ptr<int32_t>(), rows, N, K, gather);
     mm_dequant_into(C.const_data_ptr<int32_t>(), stats.const_data_ptr<float>(), scb.const_data_ptr<float>(), bias,
                     a_ptr, b_ptr, addmm ? 0 : n_out, result_type, result.mutable_data_ptr(), rows, N);
   }
