@@ -447,9 +447,8 @@ def _(A: torch.Tensor, CB: torch.Tensor, packed_CB: torch.Tensor, SCB: torch.Ten
 
 
 # --- fake_quant (QAT) -------------------------------------------------------------------------------------
-# Fake kernel with the checks of csrc/common/checks_fake_quant.h, and the straight-through gradient: the one
-# differentiable bnbx op. Scales and zero points are statistics (no gradient); the learnable-scale path
-# (LSQ) is bnbx.qat's fake_quantize_lsq.
+# Fake kernel with the checks of csrc/common/checks_fake_quant.h, and the straight-through gradient. Scales and
+# zero points are statistics (no gradient); the learnable-scale path (LSQ) is the fake_quant_lsq block below.
 FAKE_QUANT_MASKS = ("none", "range", "absolute")
 
 
@@ -514,6 +513,105 @@ def _fake_quantize_backward(ctx, grad_out, grad_scale, grad_zero_point):
 
 
 torch.library.register_autograd("bnbx::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)
+
+
+# --- fake_quant_lsq (QAT: LSQ / LSQ+) -------------------------------------------------------------------------
+# The checks of csrc/common/checks_fake_quant.h (check_fake_quantize_lsq_args) with the same words, the fake
+# kernels, and the autograd formula: the backward is one more fused op.
+LSQ_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# Plain raises rather than torch._check: bnbx.qat.fake_quantize_lsq calls these too, and torch.compile cannot
+# trace a torch._check message that formats tensor shapes.
+def _check_lsq_param_shape(op: str, name: str, x: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether ``t`` holds one value per row of ``x`` (x's leading sizes followed by ones); False for one value."""
+    if t.dim() > x.dim():
+        raise ValueError(f"{op}: {name} has more dimensions ({t.dim()}) than x ({x.dim()})")
+    if t.numel() == 1:
+        return False
+    aligned = [1] * (x.dim() - t.dim()) + list(t.shape)
+    k = 0  # the sizes after the last one that is not 1
+    for j, size in enumerate(aligned):
+        if size != 1:
+            k = j + 1
+    if aligned[:k] != list(x.shape[:k]):
+        example = [x.shape[0]] + [1] * (x.dim() - 1) if x.dim() else []
+        raise ValueError(
+            f"{op}: {name} of shape {list(t.shape)} must hold one value or one per row of x of shape "
+            f"{list(x.shape)}: x's leading sizes followed by ones, e.g. {example}"
+        )
+    return True
+
+
+def check_fake_quantize_lsq_args(
+    op: str, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float
+) -> None:
+    for name, t in (("x", x), ("scale", scale), ("offset", offset)):
+        if t.dtype not in LSQ_FLOATS:
+            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dtype_name(t.dtype)}")
+    for name, t in (("scale", scale), ("offset", offset)):
+        if t.device != x.device:
+            raise RuntimeError(
+                f"{op}: expected all tensors on the same device, got x on {x.device} and {name} on {t.device}"
+            )
+    if not (math.isfinite(qmin) and math.isfinite(qmax) and qmin < qmax):
+        raise ValueError(f"{op}: qmin and qmax must be finite with qmin < qmax, got qmin={qmin:g}, qmax={qmax:g}")
+    scale_per_row = _check_lsq_param_shape(op, "scale", x, scale)
+    offset_per_row = _check_lsq_param_shape(op, "offset", x, offset)
+    if scale_per_row and offset_per_row and scale.numel() != offset.numel():
+        raise ValueError(
+            f"{op}: scale of shape {list(scale.shape)} and offset of shape {list(offset.shape)} must have as "
+            "many values when both have more than one"
+        )
+
+
+def _check_grad_scale(op: str, grad_scale: float) -> None:
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale:g}")
+
+
+@torch.library.register_fake("bnbx::fake_quantize_lsq")
+def _(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float, grad_scale: float = 1.0):
+    check_fake_quantize_lsq_args("fake_quantize_lsq", x, scale, offset, qmin, qmax)
+    _check_grad_scale("fake_quantize_lsq", grad_scale)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("bnbx::fake_quantize_lsq_backward")
+def _(grad, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
+    op = "fake_quantize_lsq_backward"
+    check_fake_quantize_lsq_args(op, x, scale, offset, qmin, qmax)
+    torch._check_value(
+        grad.shape == x.shape and grad.dtype == x.dtype,
+        lambda: (
+            f"{op}: grad must have x's shape {list(x.shape)} and dtype {_dtype_name(x.dtype)}, got "
+            f"{list(grad.shape)} {_dtype_name(grad.dtype)}"
+        ),
+    )
+    check_same_device(op, x, "x", grad, "grad")
+    _check_grad_scale(op, grad_scale)
+    return (
+        torch.empty(x.shape, dtype=x.dtype, device=x.device),
+        torch.empty(scale.shape, dtype=scale.dtype, device=scale.device),
+        torch.empty(offset.shape, dtype=offset.dtype, device=offset.device),
+    )
+
+
+def _fake_quantize_lsq_setup(ctx, inputs, output) -> None:
+    x, scale, offset, qmin, qmax, grad_scale = inputs
+    ctx.args = (qmin, qmax, grad_scale)
+    ctx.save_for_backward(x, scale, offset)
+
+
+def _fake_quantize_lsq_backward(ctx, grad):
+    x, scale, offset = ctx.saved_tensors
+    grad_x, grad_scale, grad_offset = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, offset, *ctx.args)
+    return grad_x, grad_scale, grad_offset, None, None, None
+
+
+torch.library.register_autograd(
+    "bnbx::fake_quantize_lsq", _fake_quantize_lsq_backward, setup_context=_fake_quantize_lsq_setup
+)
 # --- double quantization -----------------------------------------------------------------------------------
 
 

@@ -73,6 +73,21 @@ TORCH_LIBRARY(bnbx, m) {
   // offset = mean of the non-NaN values (accumulated in double, 0 when there are none), then
   // quantize_blockwise(absmax - offset, code, blocksize).
   m.def("double_quantize(Tensor absmax, Tensor code, int blocksize) -> (Tensor, Tensor, Tensor)");
+  // --- fake_quant_lsq (QAT: LSQ / LSQ+, learned scale and offset) ----------------------------------------
+  // x fp32/fp16/bf16/fp64; scale, offset float: one value, or one per row (x's leading sizes followed by
+  // ones, e.g. [out, 1] for a weight [out, in]). out like x = clamp(round((x - offset) * (1 / scale)), qmin,
+  // qmax) * scale + offset in fp32 (fp64 for fp64 x), rules in common/rules.h. A scale must be positive and
+  // finite (checked on the CPU). grad_scale only scales the scale's gradient (LSQ's 1/sqrt(N * Qp)); the
+  // forward does not read it. Differentiable (bnbx/_ops.py) through fake_quantize_lsq_backward.
+  m.def(
+      "fake_quantize_lsq(Tensor x, Tensor scale, Tensor offset, float qmin, float qmax, float grad_scale=1.0)"
+      " -> Tensor");
+  // One pass over x and grad: grad_x like x (grad inside the grid, 0 outside), grad_scale like scale (LSQ's
+  // slope round(v) - v inside, qmin below, qmax above, summed per row or per tensor, times grad_scale) and
+  // grad_offset like offset (grad summed outside the grid). Sums in double, in an order fixed by the shape.
+  m.def(
+      "fake_quantize_lsq_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, float qmin, float qmax, "
+      "float grad_scale) -> (Tensor, Tensor, Tensor)");
 }
 
 // Ops with a CPU kernel only (every build): CUDA tensors get a clear error.
@@ -108,10 +123,10 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
-  for (const char* name :
-       {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise", "dequantize_blockwise",
-        "quantize_int8", "dequantize_int8", "double_quantize", "gemm_4bit", "int8_vectorwise_quant",
-        "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant", "int8_mixed_linear", "fake_quantize"}) {
+  for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
+                           "dequantize_blockwise", "quantize_int8", "dequantize_int8", "double_quantize", "gemm_4bit",
+                           "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant",
+                           "int8_mixed_linear", "fake_quantize", "fake_quantize_lsq", "fake_quantize_lsq_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }

@@ -101,6 +101,8 @@ class Emulator:
             "bnbx_emu_dequantize_blockwise",
             "bnbx_emu_quantize_int8",
             "bnbx_emu_dequantize_int8",
+            "bnbx_emu_fake_quantize_lsq",
+            "bnbx_emu_fake_quantize_lsq_backward",
         ):
             getattr(self.lib, name).restype = ctypes.c_int
         self.i64 = i64
@@ -222,6 +224,51 @@ class Emulator:
                 )
             )
         return out
+
+    # LSQ: scale and offset hold one value or one per row of x (rows = the larger count)
+    @staticmethod
+    def _lsq_layout(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+        rows = max(scale.numel(), offset.numel()) if x.numel() else 0
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        s, o = scale.to(ct).contiguous(), offset.to(ct).contiguous()
+        return rows, (x.numel() // rows if rows else 0), int(scale.numel() > 1), int(offset.numel() > 1), s, o
+
+    def fake_quantize_lsq(self, x, scale, offset, qmin: float, qmax: float) -> torch.Tensor:
+        rows, inner, spr, opr, s, o = self._lsq_layout(x, scale, offset)
+        out = torch.full_like(x, 12345.0)
+        code = 3 if x.dtype == torch.float64 else DTYPE_CODES[x.dtype]
+        args = (self._ptr(x), self._ptr(out), self.i64(rows), self.i64(inner), spr, opr, self._ptr(s), self._ptr(o))
+        fn = self.lib.bnbx_emu_fake_quantize_lsq
+        self._check(fn(code, *args, ctypes.c_double(qmin), ctypes.c_double(qmax)))
+        return out
+
+    def fake_quantize_lsq_backward(self, grad, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
+        """(grad_x, scale gradient, offset gradient); the two sums in float64, one value or one per row."""
+        rows, inner, spr, opr, s, o = self._lsq_layout(x, scale, offset)
+        grad_x = torch.full_like(x, 12345.0)
+        scale_grad = torch.full((rows if spr else 1,), 12345.0, dtype=torch.float64)
+        offset_grad = torch.full((rows if opr else 1,), 12345.0, dtype=torch.float64)
+        code = 3 if x.dtype == torch.float64 else DTYPE_CODES[x.dtype]
+        self._check(
+            self.lib.bnbx_emu_fake_quantize_lsq_backward(
+                code,
+                self._ptr(grad),
+                self._ptr(x),
+                self._ptr(grad_x),
+                self.i64(rows),
+                self.i64(inner),
+                spr,
+                opr,
+                self._ptr(s),
+                self._ptr(o),
+                ctypes.c_double(qmin),
+                ctypes.c_double(qmax),
+                ctypes.c_double(grad_scale),
+                self._ptr(scale_grad),
+                self._ptr(offset_grad),
+            )
+        )
+        return grad_x, scale_grad, offset_grad
 
 
 @functools.cache

@@ -48,3 +48,52 @@ def lsq_ref(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: fl
     v = (x - offset) / s
     rounded = v + (torch.round(v) - v).detach()
     return torch.clamp(rounded, qmin, qmax) * s + offset
+
+
+# --- LSQ / LSQ+: the plain-torch formula the fused ops (bnbx.qat.fake_quantize_lsq) reproduce bit for bit
+# (forward and grad_x; the scale and offset sums up to the summation order). It was bnbx's implementation
+# before the fused kernels; benchmarks/bench_qat.py times it as the peer.
+
+
+def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the dimensions that were broadcast from ``shape``."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    dims = [i for i, size in enumerate(shape) if size == 1 and t.shape[i] != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def lsq_torch(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    """Forward: fp32 math (fp64 for fp64 x), one rounding to x.dtype."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv = 1.0 / scale.to(ct)
+    code = torch.clamp(torch.round((x.to(ct) - offset.to(ct)) * inv), qmin, qmax)
+    return (code * scale.to(ct) + offset.to(ct)).to(x.dtype)
+
+
+def lsq_torch_backward(grad, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
+    """(grad_x, grad_scale, grad_offset) of lsq_torch with LSQ's scale gradient times grad_scale."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    v = (x.to(ct) - offset.to(ct)) * (1.0 / scale.to(ct))
+    below, above = v < qmin, v > qmax
+    inside = ~(below | above)
+    g = grad.to(ct)
+    d_scale = torch.where(inside, torch.round(v) - v, torch.where(below, qmin, qmax))
+    grad_s = sum_to(g * d_scale, scale.shape) * grad_scale
+    grad_o = sum_to(g * (~inside), offset.shape)
+    return (g * inside).to(x.dtype), grad_s.to(scale.dtype), grad_o.to(offset.dtype)
+
+
+class LsqTorch(torch.autograd.Function):
+    """lsq_torch with lsq_torch_backward as its gradient: the previous implementation, as a differentiable peer."""
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, qmin, qmax, grad_scale):
+        ctx.args = (qmin, qmax, grad_scale)
+        ctx.save_for_backward(x, scale, offset)
+        return lsq_torch(x, scale, offset, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, offset = ctx.saved_tensors
+        return (*lsq_torch_backward(grad, x, scale, offset, *ctx.args), None, None, None)

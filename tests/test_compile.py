@@ -39,3 +39,19 @@ def test_dequantize_compiles_with_inductor():
     x = torch.randn(4, 256)
     compiled = torch.compile(linear, fullgraph=True)
     torch.testing.assert_close(compiled(x), linear(x))
+
+
+def test_fake_quant_linear_lsq_compiles_fullgraph():
+    # QAT with learned scales: the fused LSQ op (forward and its backward op) and the MinMax activation kernel
+    from bnbx.qat import FakeQuantLinear, QATConfig
+
+    layer = FakeQuantLinear.from_linear(torch.nn.Linear(48, 24), QATConfig(w_bits=4, a_bits=8, method="lsq"))
+    x = torch.randn(2, 5, 48)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert torch.equal(out, layer(x))
+    out.square().sum().backward()
+    compiled_grad = layer.weight_scale.grad.clone()
+    layer.zero_grad()
+    layer(x).square().sum().backward()
+    assert torch.equal(compiled_grad, layer.weight_scale.grad)

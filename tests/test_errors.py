@@ -91,6 +91,28 @@ BAD_OP_CALLS = [
         torch.ones(8, device=d), torch.ones(2, device=d), torch.zeros(2, dtype=torch.int32, device=d), 4,
         torch.float32),
      TypeError, "dequantize_int8: A must be int8, got float32"),
+    # LSQ (csrc/common/checks_fake_quant.h and bnbx/_ops.py)
+    ("lsq scale per column", lambda d: ops.fake_quantize_lsq(
+        torch.ones(4, 10, device=d), torch.ones(1, 10, device=d), torch.zeros((), device=d), -7.0, 7.0),
+     ValueError, "fake_quantize_lsq: scale of shape [1, 10] must hold one value or one per row of x of shape "
+     "[4, 10]: x's leading sizes followed by ones, e.g. [4, 1]"),
+    ("lsq int x", lambda d: ops.fake_quantize_lsq(
+        torch.ones(4, 10, dtype=torch.int32, device=d), torch.ones(4, 1, device=d), torch.zeros((), device=d), -7.0,
+        7.0),
+     TypeError, "fake_quantize_lsq: x must be float32, float16, bfloat16 or float64, got int32"),
+    ("lsq qmin > qmax", lambda d: ops.fake_quantize_lsq(
+        torch.ones(4, 10, device=d), torch.ones(4, 1, device=d), torch.zeros((), device=d), 7.0, -7.0),
+     ValueError, "fake_quantize_lsq: qmin and qmax must be finite with qmin < qmax, got qmin=7, qmax=-7"),
+    ("lsq scale and offset rows", lambda d: ops.fake_quantize_lsq(
+        torch.ones(4, 10, device=d), torch.ones(4, 1, device=d), torch.zeros(4, 10, device=d), -7.0, 7.0),
+     ValueError, "scale of shape [4, 1] and offset of shape [4, 10] must have as many values"),
+    ("lsq grad_scale nan", lambda d: ops.fake_quantize_lsq(
+        torch.ones(4, 10, device=d), torch.ones(4, 1, device=d), torch.zeros((), device=d), -7.0, 7.0, float("nan")),
+     ValueError, "fake_quantize_lsq: grad_scale must be finite, got nan"),
+    ("lsq backward grad shape", lambda d: ops.fake_quantize_lsq_backward(
+        torch.ones(4, 9, device=d), torch.ones(4, 10, device=d), torch.ones(4, 1, device=d),
+        torch.zeros((), device=d), -7.0, 7.0, 1.0),
+     ValueError, "fake_quantize_lsq_backward: grad must have x's shape [4, 10] and dtype float32, got [4, 9] float32"),
 ]
 
 DEVICES = ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_READY, reason="needs CUDA"))]

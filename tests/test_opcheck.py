@@ -59,6 +59,15 @@ def samples(device: str, dtype: torch.dtype):
     scale = torch.full((4, 1), 0.2, dtype=dtype, device=device, requires_grad=True)
     offset = torch.zeros((4, 1), dtype=dtype, device=device, requires_grad=True)
     yield torch.ops.bnbx.fake_quantize_lsq.default, (x, scale, offset, -7.0, 7.0, 0.1), {}
+    # LSQ per tensor (odd size, fp32 scale) and per token, empty; the backward op on its own
+    for shape, scale_shape in [((3, 5, 33), ()), ((3, 5, 33), (3, 5, 1)), ((0, 16), (0, 1))]:
+        x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+        scale = (torch.rand(scale_shape, device=device) + 0.1).requires_grad_()
+        offset = torch.zeros(scale_shape, device=device, requires_grad=True)
+        yield torch.ops.bnbx.fake_quantize_lsq.default, (x, scale, offset, -8.0, 7.0, 0.5), {}
+        grad = torch.randn(shape, dtype=dtype, device=device)
+        args = (grad, x.detach(), scale.detach(), offset.detach(), -8.0, 7.0, 0.5)
+        yield torch.ops.bnbx.fake_quantize_lsq_backward.default, args, {}
     yield torch.ops.bnbx.fake_quantize_4bit.default, (x, 64, "nf4"), {}
 
 

@@ -106,51 +106,6 @@ def fake_quantize(
 # --- LSQ / LSQ+ ---------------------------------------------------------------------------------------------
 
 
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum ``t`` over the dimensions that were broadcast from ``shape``."""
-    while t.dim() > len(shape):
-        t = t.sum(0)
-    dims = [i for i, size in enumerate(shape) if size == 1 and t.shape[i] != 1]
-    return t.sum(dims, keepdim=True) if dims else t
-
-
-@torch.library.custom_op("bnbx::fake_quantize_lsq", mutates_args=())
-def _fake_quantize_lsq(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float, grad_scale: float
-) -> torch.Tensor:
-    inv = 1.0 / scale.float()
-    code = torch.clamp(torch.round((x.float() - offset.float()) * inv), qmin, qmax)
-    return (code * scale.float() + offset.float()).to(x.dtype)
-
-
-@_fake_quantize_lsq.register_fake
-def _(x, scale, offset, qmin, qmax, grad_scale):
-    return torch.empty_like(x)
-
-
-def _lsq_setup(ctx, inputs, output):
-    x, scale, offset, qmin, qmax, grad_scale = inputs
-    ctx.qmin, ctx.qmax, ctx.grad_scale = qmin, qmax, grad_scale
-    ctx.save_for_backward(x, scale, offset)
-
-
-def _lsq_backward(ctx, grad):
-    x, scale, offset = ctx.saved_tensors
-    v = (x.float() - offset.float()) * (1.0 / scale.float())
-    below, above = v < ctx.qmin, v > ctx.qmax
-    inside = ~(below | above)
-    g = grad.float()
-    # LSQ: d(out)/d(scale) = round(v) - v inside, qmin below, qmax above; scaled by 1/sqrt(N * Qp)
-    d_scale = torch.where(inside, torch.round(v) - v, torch.where(below, ctx.qmin, ctx.qmax))
-    grad_scale = _sum_to(g * d_scale, scale.shape) * ctx.grad_scale
-    grad_offset = _sum_to(g * (~inside), offset.shape)  # LSQ+: 1 outside the grid, 0 inside
-    grad_x = (g * inside).to(x.dtype)
-    return grad_x, grad_scale.to(scale.dtype), grad_offset.to(offset.dtype), None, None, None
-
-
-_fake_quantize_lsq.register_autograd(_lsq_backward, setup_context=_lsq_setup)
-
-
 def fake_quantize_lsq(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -159,31 +114,45 @@ def fake_quantize_lsq(
     range: Literal["restricted", "full"] = "restricted",
     grad_scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """LSQ (learned step size) fake quantization; LSQ+ when ``offset`` is given.
+    """LSQ (learned step size) fake quantization; LSQ+ when ``offset`` is given. One fused op forward
+    (``torch.ops.bnbx.fake_quantize_lsq``: one read of ``x``, one write) and one backward.
 
-    ``out = clamp(round((x - offset) * (1 / scale)), qmin, qmax) * scale + offset``. ``scale`` (and ``offset``)
-    broadcast against ``x``, e.g. ``[out_features, 1]`` per output channel. The scale's gradient is LSQ's,
-    multiplied by ``grad_scale`` (default ``1 / sqrt(x.numel() * qmax)``); ``x`` gets a straight-through
-    gradient inside the grid and none outside; ``offset`` gets the gradient outside the grid.
+    ``out = clamp(round((x - offset) * (1 / scale)), qmin, qmax) * scale + offset``, computed in fp32 (in fp64
+    for fp64 ``x``) and rounded once to ``x.dtype``; rounding is half to even (``torch.round``), a NaN ``x``
+    gives NaN. ``scale`` (and ``offset``) hold one value, or one per row of ``x``: ``x``'s leading sizes
+    followed by ones, e.g. ``[out_features, 1]`` per output channel of a weight or ``[batch, tokens, 1]`` per
+    token; other shapes raise ``ValueError``.
+
+    Gradients: ``x`` gets the straight-through gradient inside the grid and none outside; the scale gets LSQ's
+    (``round(v) - v`` inside, ``qmin`` below, ``qmax`` above, summed per row or per tensor) multiplied by
+    ``grad_scale`` (default ``1 / sqrt(x.numel() * qmax)``); ``offset`` gets the gradient summed outside the
+    grid. The sums run in double in an order fixed by the shape: the same bits for any thread count.
+
+    Args:
+        x: fp32, fp16, bf16 or fp64 tensor (CPU or CUDA).
+        scale: positive, finite step sizes (any float dtype; the gradient comes back in that dtype).
+        offset: LSQ+'s learned offset (default: 0, no offset).
+        bits: 2 to 8; ``range``: ``"restricted"`` (``+-(2^(b-1)-1)``) or ``"full"`` (``[-2^(b-1), 2^(b-1)-1]``).
+
+    Raises:
+        TypeError: a non-tensor or a non-float dtype. ValueError: ``bits``/``range`` out of range, a ``scale`` or
+        ``offset`` shape other than the above, and (checked by the CPU kernel, which reads one value per row)
+        a scale that is zero, negative, NaN or infinite, or a non-finite offset. On CUDA those values are not
+        checked (that would synchronize every call): the rows they touch come out NaN or meaningless.
     """
     op = "fake_quantize_lsq"
-    if not isinstance(x, torch.Tensor) or not isinstance(scale, torch.Tensor):
-        raise TypeError(f"{op}: x and scale must be torch.Tensors")
+    for name, t in (("x", x), ("scale", scale), ("offset", offset)):
+        if not isinstance(t, torch.Tensor) and not (name == "offset" and t is None):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     _check_bits(op, bits)
     if range not in RANGES:
         raise ValueError(f"{op}: range must be 'restricted' or 'full', got {range!r}")
-    _ops.check_float_dtype(op, "x", x.dtype)
-    try:
-        torch.broadcast_shapes(x.shape, scale.shape)
-    except RuntimeError:
-        raise ValueError(f"{op}: scale of shape {list(scale.shape)} does not broadcast to x {list(x.shape)}") from None
-    if scale.dim() > x.dim():
-        raise ValueError(f"{op}: scale has more dimensions ({scale.dim()}) than x ({x.dim()})")
     qmin, qmax = _ops.fake_quant_grid(bits, range == "full")
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * qmax)
     if offset is None:
-        offset = torch.zeros((1,) * max(scale.dim(), 1), dtype=scale.dtype, device=scale.device)
+        offset = torch.zeros((), dtype=scale.dtype, device=scale.device)
+    _ops.check_fake_quantize_lsq_args(op, x, scale, offset, qmin, qmax)
     return torch.ops.bnbx.fake_quantize_lsq(x, scale, offset, qmin, qmax, float(grad_scale))
 
 

@@ -165,3 +165,50 @@ BNBX_HOST_DEVICE static inline float affine_fake_quant(float x, const AffinePara
 }
 
 }  // namespace bnbx
+
+// --- LSQ / LSQ+ fake quantization (QAT with a learned scale and offset): one rule for the CPU kernels (every
+// instruction set), the CUDA kernels and the fp64 path. The plain-torch formula it reproduces bit for bit is
+// tests/reference_fake_quant.py's lsq_torch:
+//   v = (x - offset) * inv_scale with inv_scale = 1 / scale (a reciprocal, then a product)
+//   out = clamp(round_half_even(v), qmin, qmax) * scale + offset (a product, then a sum: never fused)
+// The clamp propagates NaN as torch.clamp does (max(qmin, v) and min(qmax, v) keep a NaN v). Backward, with
+// below = v < qmin, above = v > qmax, inside = neither (a NaN v counts as inside, as in the formula):
+//   grad_x = grad * inside; d out / d scale = round(v) - v inside, qmin below, qmax above (LSQ);
+//   d out / d offset = 1 outside the grid, 0 inside (LSQ+).
+namespace bnbx {
+
+BNBX_HOST_DEVICE static inline float round_half_even(float v) { return rintf(v); }
+BNBX_HOST_DEVICE static inline double round_half_even(double v) { return rint(v); }
+
+template <typename C>
+BNBX_HOST_DEVICE static inline C lsq_clamp(C v, C qmin, C qmax) {
+  const C low = qmin > v ? qmin : v;  // a NaN v stays NaN
+  return qmax < low ? qmax : low;
+}
+
+template <typename C>
+BNBX_HOST_DEVICE static inline C lsq_fake_quant(C x, C scale, C inv_scale, C offset, C qmin, C qmax) {
+  return lsq_clamp(round_half_even((x - offset) * inv_scale), qmin, qmax) * scale + offset;
+}
+
+// One element of the backward: grad_x, and the terms of the scale's and the offset's gradient sums.
+template <typename C>
+struct LsqGrad {
+  C grad_x, d_scale, d_offset;
+};
+
+template <typename C>
+BNBX_HOST_DEVICE static inline LsqGrad<C> lsq_backward(C x, C grad, C inv_scale, C offset, C qmin, C qmax) {
+  const C v = (x - offset) * inv_scale;
+  const bool below = v<qmin, above = v> qmax, inside = !(below || above);
+  const C slope = inside ? round_half_even(v) - v : (below ? qmin : qmax);
+  // products by 1 and 0, not selects, as the formula multiplies: -g * 0 is -0 and an Inf gradient gives NaN
+  return {grad * (inside ? C(1) : C(0)), grad * slope, grad * (inside ? C(0) : C(1))};
+}
+
+// The sums of a backward segment run over kLsqLanes interleaved partial sums (element i of a segment goes to
+// lane i % kLsqLanes) in double, then the lanes are added in order 0..15: every instruction set makes this
+// same order, so the gradient's bits depend on neither the instruction set nor the thread count.
+constexpr int kLsqLanes = 16;
+
+}  // namespace bnbx

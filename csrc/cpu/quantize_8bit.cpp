@@ -56,22 +56,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Ten
   const int64_t n = values.numel();
   const float* in = values.const_data_ptr<float>();
 
+  const cpu::Quantize8bitKernels& kernels =
+      cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);
   constexpr int64_t kChunk = 1 << 16;
   const int64_t chunks = ceil_div(n, kChunk);
   std::vector<double> sums(static_cast<size_t>(chunks));
   std::vector<int64_t> counts(static_cast<size_t>(chunks));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      double sum = 0.0;
-      int64_t count = 0;
-      for (int64_t i = c * kChunk, stop = std::min(n, (c + 1) * kChunk); i < stop; ++i) {
-        const bool valid = in[i] == in[i];  // not NaN
-        sum += valid ? static_cast<double>(in[i]) : 0.0;
-        count += valid ? 1 : 0;
-      }
-      sums[c] = sum;
-      counts[c] = count;
-    }
+    for (int64_t c = begin; c < end; ++c)
+      kernels.nan_sum(in, c * kChunk, std::min(n, (c + 1) * kChunk), &sums[c], &counts[c]);
   });
   double sum = 0.0;
   int64_t count = 0;
@@ -86,8 +79,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quantize_cpu(const at::Ten
   float* shifted_ptr = shifted.mutable_data_ptr<float>();
   at::Tensor out = at::empty(values.sizes(), values.options().dtype(at::kByte));
   at::Tensor absmax2 = at::empty({blocks}, values.options());
-  const cpu::Quantize8bitKernels& kernels =
-      cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);
   const float* code_ptr = code_values.const_data_ptr<float>();
   uint8_t* out_ptr = out.mutable_data_ptr<uint8_t>();
   float* absmax2_ptr = absmax2.mutable_data_ptr<float>();

@@ -272,7 +272,7 @@ def test_bad_arguments():
         torch.ops.bnbx.fake_quantize(x.double(), 10, 4, True, False, "none", 2.0)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         fake_quantize([1.0, 2.0])
-    with pytest.raises(ValueError, match="does not broadcast"):
+    with pytest.raises(ValueError, match="must hold one value or one per row"):
         fake_quantize_lsq(x, torch.ones(3, 1))
     with pytest.raises(ValueError, match="quant_type must be"):
         fake_quantize_4bit(x, "int4")

@@ -18,6 +18,8 @@ struct Quantize8bitKernels {
                    float* absmax, int64_t block_begin, int64_t block_end);
   void (*dequantize)(FloatType out_type, const uint8_t* in, const float* absmax, const float* code, int64_t n,
                      int64_t blocksize, void* out, int64_t block_begin, int64_t block_end);
+  // Sum (in double) and count of the non-NaN values of in[begin, end): double quantization's mean.
+  void (*nan_sum)(const float* in, int64_t begin, int64_t end, double* sum, int64_t* count);
 };
 
 extern const Quantize8bitKernels quantize_8bit_scalar;

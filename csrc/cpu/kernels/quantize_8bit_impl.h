@@ -307,9 +307,43 @@ static void dequantize_blockwise(FloatType out_type, const uint8_t* in, const fl
 #undef BNBX_8BIT_DEQUANTIZE
 #undef BNBX_8BIT_QUANTIZE
 
+// Eight partial sums, whatever the instruction set: one chain of dependent double additions would run at a
+// fraction of the speed, and the same grouping everywhere keeps the sum the same on every CPU.
+static void nan_sum(const float* in, int64_t begin, int64_t end, double* sum, int64_t* count) {
+  int64_t i = begin;
+#if defined(__AVX512F__)
+  __m512d partial = _mm512_setzero_pd();
+  int64_t valid = 0;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 x = _mm256_loadu_ps(in + i);
+    const __mmask8 finite_or_inf = _mm256_cmp_ps_mask(x, x, _CMP_ORD_Q);  // not NaN
+    partial = _mm512_mask_add_pd(partial, finite_or_inf, partial, _mm512_cvtps_pd(x));
+    valid += __builtin_popcount(finite_or_inf);
+  }
+  alignas(64) double lanes[8];
+  _mm512_store_pd(lanes, partial);
+#else
+  double lanes[8] = {};
+  int64_t valid = 0;
+  for (; i + 8 <= end; i += 8) {
+    for (int lane = 0; lane < 8; ++lane) {
+      const float x = in[i + lane];
+      lanes[lane] += x == x ? static_cast<double>(x) : 0.0;
+      valid += x == x ? 1 : 0;
+    }
+  }
+#endif
+  for (; i < end; ++i) {
+    lanes[0] += in[i] == in[i] ? static_cast<double>(in[i]) : 0.0;
+    valid += in[i] == in[i] ? 1 : 0;
+  }
+  *sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  *count = valid;
+}
+
 }  // namespace BNBX_ISA
 
 const Quantize8bitKernels BNBX_TABLE(quantize_8bit) = {BNBX_ISA_NAME, &BNBX_ISA::quantize_blockwise,
-                                                       &BNBX_ISA::dequantize_blockwise};
+                                                       &BNBX_ISA::dequantize_blockwise, &BNBX_ISA::nan_sum};
 
 }  // namespace bnbx::cpu
