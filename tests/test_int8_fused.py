@@ -63,7 +63,7 @@ def pack_ref(CB: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fused_epilogue_bit_identical(dtype, threshold, with_bias):
     shapes = [(M, N, K) for M in (1, 3, 17, 33, 63) for N in (1, 3, 17, 63) for K in (1, 3, 17, 63)]
-    shapes += [(1, 17, 4095), (33, 3, 4095), (63, 63, 4095), (70, 45, 130)]
+    shapes += [(1, 17, 4095), (33, 3, 4095), (63, 63, 4095), (70, 45, 130), (300, 45, 130)]  # 300: two row passes
     for M, N, K in shapes:
         A, CB, SCB, bias = layer_inputs(M, N, K, dtype, outlier_cols=(0, 2, 40), seed=M * 10007 + N * 101 + K)
         b = bias if with_bias else None

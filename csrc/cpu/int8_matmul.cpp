@@ -282,7 +282,7 @@ at::Tensor int8_mixed_linear_impl(const at::Tensor& A, const at::Tensor& CB, con
   // b_out[j, n] = float(CB[n, cols[j]]) * SCB[n] * (1/127): a direct gather (index_select over the columns of an
   // int8 matrix is a slow generic loop), the same two fp32 roundings. Rows of CB are 4 KiB or more apart, so
   // the gather is a cache and TLB miss per row unless the GEMM just streamed them: the VNNI / plain routes
-  // run it on each row range as they go, the AMX route before.
+  // run it on each row range as they go, the AMX kernel as it packs each panel (a pre-packed weight: before).
   const int8_t* w = weight.const_data_ptr<int8_t>();
   const float* scb_ptr = scb.const_data_ptr<float>();
   float* bo = n_out > 0 ? b_out.mutable_data_ptr<float>() : nullptr;
@@ -303,7 +303,9 @@ at::Tensor int8_mixed_linear_impl(const at::Tensor& A, const at::Tensor& CB, con
   const float* b_ptr = n_out > 0 && !addmm ? b_out.const_data_ptr<float>() : nullptr;
 
   if (fused) {
-    if (gather) at::parallel_for(0, N, 1024, gather);
+    // packing the weight itself, the kernel gathers as it goes; a pre-packed weight needs the pass here
+    const bool kernel_gathers = gather && packed_CB == nullptr && !addmm;
+    if (gather && !kernel_gathers) at::parallel_for(0, N, 1024, gather);
     at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     const cpu::Int8Epilogue ep{stats.const_data_ptr<float>(),
                                scb.const_data_ptr<float>(),
@@ -313,7 +315,9 @@ at::Tensor int8_mixed_linear_impl(const at::Tensor& A, const at::Tensor& CB, con
                                b_ptr,
                                addmm ? 0 : n_out,
                                to_float_type(result_type),
-                               result.mutable_data_ptr()};
+                               result.mutable_data_ptr(),
+                               kernel_gathers ? cols.data() : nullptr,
+                               kernel_gathers ? bo : nullptr};
     amx_gemm(kt, qp, ldq, q_rows * ldq, weight.const_data_ptr<int8_t>(), packed_CB, nullptr, rows, N, K, &ep);
   } else {
     at::Tensor C = at::empty({rows, N}, input.options().dtype(at::kInt));

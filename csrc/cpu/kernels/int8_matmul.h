@@ -24,6 +24,10 @@ struct Int8Epilogue {
   int64_t n_out;
   FloatType out_type;
   void* out;  // [M, N] row-major
+  // Optional (gemm_amx packing B itself): the kernel fills b_out[j, n] = float(B[n, gather_cols[j]]) *
+  // col_stats[n] * (1/127) for j < n_out and its own rows n, as it packs them (rows then in cache).
+  const int64_t* gather_cols;
+  float* gather_b_out;
 };
 
 struct Int8MatmulKernels {

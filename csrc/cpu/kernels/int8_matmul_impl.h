@@ -468,6 +468,14 @@ BNBX_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t a_bytes, const int8
         amx_pack_block(B, N, K, nb, panel.data());
         if (two_n) amx_pack_block(B, N, K, nb + 1, panel.data() + chunks * 1024);
         b0 = panel.data();
+        if (p0 == 0 && ep != nullptr && ep->gather_b_out != nullptr) {
+          for (int64_t n = n0; n < std::min(n0 + 32, n_end); ++n) {
+            for (int64_t j = 0; j < ep->n_out; ++j) {
+              ep->gather_b_out[j * N + n] =
+                  static_cast<float>(B[n * K + ep->gather_cols[j]]) * ep->col_stats[n] * kInv127;
+            }
+          }
+        }
       }
       const uint8_t* b1 = b0 + chunks * 1024;
       for (int64_t m0 = p0; m0 < p1; m0 += 32) {
@@ -526,7 +534,7 @@ template <FloatType kOut>
 void mm_dequant_avx512(const int32_t* C, const float* row_stats, const float* col_stats, FloatType bias_type,
                        const void* bias, const float* a_out, const float* b_out, int64_t n_out, void* out, int64_t N,
                        int64_t rb, int64_t re) {
-  const Int8Epilogue ep{row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, kOut, out};
+  const Int8Epilogue ep{row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, kOut, out, nullptr, nullptr};
   // four rows at a time, row-major order through C
   int64_t m = rb;
   for (; m + 4 <= re; m += 4) {
