@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -103,6 +104,14 @@ class Emulator:
             "bnbx_emu_dequantize_int8",
             "bnbx_emu_fake_quantize_lsq",
             "bnbx_emu_fake_quantize_lsq_backward",
+            "bnbx_emu_fake_quantize",
+            "bnbx_emu_int8_outlier_columns",
+            "bnbx_emu_int8_vectorwise_quant",
+            "bnbx_emu_int8_vectorwise_dequant",
+            "bnbx_emu_int8_gemm",
+            "bnbx_emu_int8_mm_dequant",
+            "bnbx_emu_gemv_4bit",
+            "bnbx_emu_decode_absmax",
         ):
             getattr(self.lib, name).restype = ctypes.c_int
         self.i64 = i64
@@ -112,7 +121,9 @@ class Emulator:
             raise RuntimeError(f"emulated kernel failed: {self.lib.bnbx_emu_error().decode()}")
 
     @staticmethod
-    def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+        if t is None:
+            return None
         assert t.is_contiguous() and t.device.type == "cpu"
         return ctypes.c_void_p(t.data_ptr())
 
@@ -269,6 +280,156 @@ class Emulator:
             )
         )
         return grad_x, scale_grad, offset_grad
+
+    # --- MinMax fake_quantize: out, scale, zero_point, and how many segments the split path used (0: none) ---
+
+    def fake_quantize(self, x, group_size: int, bits: int, symmetric: bool, full_range: bool):
+        n = x.numel()
+        groups = -(-n // group_size)
+        out = torch.full_like(x, 12345.0)
+        scale = torch.full((groups,), float("nan"), dtype=torch.float32)
+        zero_point = torch.full((groups,), -99, dtype=torch.int32)
+        segments = ctypes.c_int64(-1)
+        self._check(
+            self.lib.bnbx_emu_fake_quantize(
+                DTYPE_CODES[x.dtype],
+                self._ptr(x),
+                self._ptr(out),
+                self.i64(n),
+                self.i64(group_size),
+                self.i64(bits),
+                int(symmetric),
+                int(full_range),
+                self._ptr(scale),
+                self._ptr(zero_point),
+                ctypes.byref(segments),
+            )
+        )
+        return out, scale, zero_point, segments.value
+
+    # --- LLM.int8(): the kernels, and the CUDA host code's steps around them (csrc/cuda/int8_matmul.cu) ---
+
+    @staticmethod
+    def _threshold_in_dtype(threshold: float, dtype: torch.dtype) -> float:
+        return torch.tensor(threshold, dtype=torch.float32).to(dtype).item()
+
+    def _int8_quant_into(self, a2: torch.Tensor, threshold: float):
+        """quant_into of the host code: q, stats and the outlier columns of the contiguous a2 [rows, K]."""
+        rows, K = a2.shape
+        q = torch.full((rows, K), 0x55, dtype=torch.int8)
+        stats = torch.full((rows,), float("nan"), dtype=torch.float32)
+        cols = torch.empty(0, dtype=torch.long)
+        if rows == 0 or K == 0:
+            return q, stats.zero_(), cols
+        code = DTYPE_CODES[a2.dtype]
+        mask = None
+        if threshold > 0:
+            mask = torch.zeros(K, dtype=torch.uint8)
+            fn = self.lib.bnbx_emu_int8_outlier_columns
+            self._check(
+                fn(code, self._ptr(a2), self.i64(rows), self.i64(K), ctypes.c_float(threshold), self._ptr(mask))
+            )
+            cols = mask.nonzero().flatten()
+        mask_arg = mask if cols.numel() else None
+        fn = self.lib.bnbx_emu_int8_vectorwise_quant
+        args = (self._ptr(a2), self.i64(rows), self.i64(K), ctypes.c_float(threshold), self._ptr(mask_arg))
+        self._check(fn(code, *args, self._ptr(q), self._ptr(stats)))
+        return q, stats, cols
+
+    def int8_vectorwise_quant(self, A: torch.Tensor, threshold: float = 0.0):
+        K = A.shape[-1]
+        a2 = A.contiguous().reshape(math.prod(A.shape[:-1]), K)
+        q, stats, cols = self._int8_quant_into(a2, self._threshold_in_dtype(threshold, A.dtype))
+        return q.reshape(A.shape), stats, cols
+
+    def int8_vectorwise_dequant(self, q: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        out = torch.full(q.shape, 12345.0, dtype=torch.float32)
+        if q.numel():
+            fn = self.lib.bnbx_emu_int8_vectorwise_dequant
+            args = (self._ptr(q), self._ptr(stats), self.i64(q.numel()), self.i64(q.shape[-1]), self._ptr(out))
+            self._check(fn(*args))
+        return out
+
+    def int8_linear_matmul(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        K, N = A.shape[-1], B.shape[0]
+        a2 = A.contiguous().reshape(math.prod(A.shape[:-1]), K)
+        C = torch.full((a2.shape[0], N), -12345, dtype=torch.int32)
+        fn = self.lib.bnbx_emu_int8_gemm
+        self._check(fn(self._ptr(a2), self._ptr(B), self._ptr(C), self.i64(a2.shape[0]), self.i64(N), self.i64(K)))
+        return C.reshape(*A.shape[:-1], N)
+
+    def _mm_dequant(self, C, row_stats, col_stats, bias32, a_out, b_out, dtype) -> torch.Tensor:
+        rows, N = C.shape
+        out = torch.full((rows, N), 12345.0, dtype=dtype)
+        n_out = 0 if a_out is None else a_out.shape[1]
+        fn = self.lib.bnbx_emu_int8_mm_dequant
+        args = (self._ptr(C), self._ptr(row_stats), self._ptr(col_stats), self._ptr(bias32))
+        args += (self._ptr(a_out), self._ptr(b_out), self.i64(n_out), self._ptr(out), self.i64(rows), self.i64(N))
+        self._check(fn(DTYPE_CODES[dtype], *args))
+        return out
+
+    def int8_mm_dequant(self, C, row_stats, col_stats, dtype=torch.float16, bias=None) -> torch.Tensor:
+        N = C.shape[-1]
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        out = self._mm_dequant(C.reshape(-1, N).contiguous(), row_stats, col_stats, bias32, None, None, dtype)
+        return out.reshape(C.shape)
+
+    def int8_mixed_linear(self, A, CB, SCB, bias=None, threshold: float = 0.0) -> torch.Tensor:
+        """int8_mixed_linear_cuda step by step: the emulated kernels, torch for the host's gathers and addmm."""
+        K, N = A.shape[-1], CB.shape[0]
+        a2 = A.contiguous().reshape(math.prod(A.shape[:-1]), K)
+        q, stats, cols = self._int8_quant_into(a2, self._threshold_in_dtype(threshold, A.dtype))
+        C = self.int8_linear_matmul(q, CB)
+        n_out = cols.numel()
+        a_out = b_out = None
+        if n_out:
+            a_out = a2.index_select(1, cols).float().contiguous()
+            b_out = CB.index_select(1, cols).float().mul(SCB.reshape(N, 1)).mul_(7.874015718698502e-3).t().contiguous()
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        if n_out > 32:  # kFusedOutliers: the epilogue in fp32, then one addmm
+            out32 = self._mm_dequant(C, stats, SCB, bias32, None, None, torch.float32)
+            out = out32.addmm_(a_out, b_out).to(A.dtype)
+        else:
+            out = self._mm_dequant(C, stats, SCB, bias32, a_out, b_out, A.dtype)
+        return out.reshape(*A.shape[:-1], N)
+
+    # --- gemm_4bit: the GEMV (M <= 8), and the large-M path's decode + dequantize (its at::mm is cuBLAS) ---
+
+    GEMV_MAX_ROWS = 8
+
+    def decode_absmax(self, absmax_q, nested_absmax, nested_code, nested_offset, nested_blocksize: int):
+        out = torch.full((absmax_q.numel(),), float("nan"), dtype=torch.float32)
+        fn = self.lib.bnbx_emu_decode_absmax
+        offset = nested_offset.reshape(1).contiguous()
+        args = (self._ptr(absmax_q), self._ptr(nested_absmax), self._ptr(nested_code), self._ptr(offset))
+        self._check(fn(*args, self.i64(nested_blocksize), self.i64(absmax_q.numel()), self._ptr(out)))
+        return out
+
+    def gemm_4bit(self, A, B, absmax, blocksize: int, quant_type: str, shape, bias=None, nested=None):
+        """gemm_4bit_cuda for K >= 1; ``nested`` = (nested_absmax, nested_code, nested_offset, nested_blocksize)."""
+        N, K = shape
+        a2 = A.contiguous().reshape(math.prod(A.shape[:-1]), K)
+        M = a2.shape[0]
+        if M > self.GEMV_MAX_ROWS:
+            decoded = absmax if nested is None else self.decode_absmax(absmax, *nested)
+            weight = self.dequantize_4bit(B, decoded, N * K, blocksize, quant_type, A.dtype).reshape(N, K)
+            out = a2 @ weight.t()  # cuBLAS on a GPU
+            if bias is not None:
+                out += bias
+            return out.reshape(*A.shape[:-1], N)
+        out = torch.full((M, N), 12345.0, dtype=A.dtype)
+        if nested is None:
+            scales = (self._ptr(absmax), None, None, None, self.i64(0))
+        else:
+            nested_absmax, nested_code, nested_offset, nested_blocksize = nested
+            offset = nested_offset.reshape(1).contiguous()
+            scales = (self._ptr(absmax), self._ptr(nested_absmax), self._ptr(nested_code), self._ptr(offset))
+            scales += (self.i64(nested_blocksize),)
+        fn = self.lib.bnbx_emu_gemv_4bit
+        args = (DTYPE_CODES[A.dtype], QUANT_TYPE_CODES[quant_type], self._ptr(a2), self._ptr(B), *scales)
+        args += (self._ptr(bias), self.i64(M), self.i64(K), self.i64(N), self.i64(blocksize), self._ptr(out))
+        self._check(fn(*args))
+        return out.reshape(*A.shape[:-1], N)
 
 
 @functools.cache

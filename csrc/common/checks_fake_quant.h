@@ -14,17 +14,7 @@
 
 namespace bnbx {
 
-// The integer grid of `bits` bits: restricted [-(2^(b-1)-1), 2^(b-1)-1] or full [-2^(b-1), 2^(b-1)-1].
-struct FakeQuantGrid {
-  float qmin, qmax, sym_denominator;
-};
-
-inline FakeQuantGrid fake_quant_grid(int64_t bits, bool symmetric, bool full_range) {
-  const float qmax = static_cast<float>((int64_t{1} << (bits - 1)) - 1);
-  const float qmin = full_range ? -qmax - 1.0f : -qmax;
-  // symmetric full range: torchao's amax / ((qmax - qmin) / 2); restricted: amax / qmax
-  return {qmin, qmax, full_range ? (qmax - qmin) / 2.0f : qmax};
-}
+// FakeQuantGrid and fake_quant_grid are in rules.h (the CUDA launchers use them without torch).
 
 inline void check_fake_quantize_args(const at::Tensor& x, int64_t group_size, int64_t bits, c10::string_view mask,
                                      double clip) {

@@ -137,6 +137,18 @@ struct AffineParams {
   bool nonfinite;    // the group holds a NaN or an Inf: every value becomes NaN, as int8 dequantize gives
 };
 
+// The integer grid of `bits` bits: restricted [-(2^(b-1)-1), 2^(b-1)-1] or full [-2^(b-1), 2^(b-1)-1].
+struct FakeQuantGrid {
+  float qmin, qmax, sym_denominator;
+};
+
+inline FakeQuantGrid fake_quant_grid(int64_t bits, bool symmetric, bool full_range) {
+  const float qmax = static_cast<float>((int64_t{1} << (bits - 1)) - 1);
+  const float qmin = full_range ? -qmax - 1.0f : -qmax;
+  // symmetric full range: torchao's amax / ((qmax - qmin) / 2); restricted: amax / qmax
+  return {qmin, qmax, full_range ? (qmax - qmin) / 2.0f : qmax};
+}
+
 BNBX_HOST_DEVICE static inline AffineParams affine_params(float low, float high, bool nonfinite, bool symmetric,
                                                           float qmin, float qmax, float sym_denominator) {
   if (nonfinite) return {std::numeric_limits<float>::quiet_NaN(), 0.0f, 0.0f, true};

@@ -10,6 +10,7 @@
 
 #include "../common/checks_fake_quant.h"
 #include "cpu_features.h"
+#include "fresh_output.h"
 #include "kernels/fake_quant.h"
 
 namespace bnbx {
@@ -24,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tenso
   const at::Tensor input = x.contiguous();
   const int64_t n = input.numel();
   const int64_t groups = ceil_div(n, group_size);
-  at::Tensor out = at::empty(input.sizes(), input.options());
+  at::Tensor out = cpu::empty_output(input.sizes(), input.options());
   at::Tensor scale = at::empty({groups}, input.options().dtype(at::kFloat));
   at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
   if (n == 0) return {out, scale, zero_point};

@@ -14,6 +14,7 @@
 
 #include "../common/checks_fake_quant.h"
 #include "cpu_features.h"
+#include "fresh_output.h"
 #include "kernels/fake_quant_lsq.h"
 
 namespace bnbx {
@@ -75,7 +76,7 @@ at::Tensor fake_quantize_lsq_cpu(const at::Tensor& x, const at::Tensor& scale, c
   const LsqLayout layout = check_fake_quantize_lsq_args(kForward, x, scale, offset, qmin, qmax);
   TORCH_CHECK_VALUE(std::isfinite(grad_scale), kForward, ": grad_scale must be finite, got ", grad_scale);
   const at::Tensor input = x.contiguous();
-  at::Tensor out = at::empty(input.sizes(), input.options());
+  at::Tensor out = cpu::empty_output(input.sizes(), input.options());
   const int64_t n = input.numel();
   if (n == 0) return out;
   const int64_t grain = 32768;
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_lsq_backward_cpu(co
   check_fake_quantize_lsq_grad(kBackward, grad, x);
   TORCH_CHECK_VALUE(std::isfinite(grad_scale), kBackward, ": grad_scale must be finite, got ", grad_scale);
   const at::Tensor input = x.contiguous(), g = grad.contiguous();
-  at::Tensor grad_x = at::empty(input.sizes(), input.options());
+  at::Tensor grad_x = cpu::empty_output(input.sizes(), input.options());
   if (input.numel() == 0) return {grad_x, at::zeros_like(scale), at::zeros_like(offset)};
 
   const int64_t rows = layout.rows, inner = layout.inner;

@@ -1,15 +1,11 @@
 // CPU host code for the 4-bit ops: checks, output allocation, and the split over threads. The arithmetic
 // lives in kernels/quantize_4bit_impl.h, compiled once per instruction set.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "../common/checks.h"
 #include "cpu_features.h"
+#include "fresh_output.h"
 #include "kernels/quantize_4bit.h"
 
 namespace bnbx {
@@ -60,29 +56,11 @@ void dequantize_4bit_out_cpu(const at::Tensor& A, const at::Tensor& absmax, int6
   dequantize_4bit_into(A, absmax, n, blocksize, type, dtype, out);
 }
 
-// A fresh output is written once, by the kernel; on Linux most of its cost is the page faults of first touch
-// (one per 4 KiB page). For large outputs ask for transparent huge pages (2 MiB, one fault each) on the
-// 2 MiB-aligned part of the allocation, where the kernel's THP mode is "madvise" (the common default); a hint
-// only, so a refusal changes nothing.
-constexpr int64_t kHugePageBytes = int64_t{2} << 20;
-
-void advise_huge_pages(const at::Tensor& out) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
-  if (bytes < 4 * kHugePageBytes) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.const_data_ptr());
-  const uintptr_t first = (begin + kHugePageBytes - 1) & ~static_cast<uintptr_t>(kHugePageBytes - 1);
-  const uintptr_t last = (begin + bytes) & ~static_cast<uintptr_t>(kHugePageBytes - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 at::Tensor dequantize_4bit_cpu(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
   QuantType type;
   const int64_t n = check_dequantize_4bit_args(A, absmax, blocksize, quant_type, shape, dtype, &type);
-  at::Tensor out = at::empty(shape, A.options().dtype(dtype));
-  advise_huge_pages(out);
+  at::Tensor out = cpu::empty_output(shape, A.options().dtype(dtype));
   dequantize_4bit_into(A, absmax, n, blocksize, type, dtype, out);
   return out;
 }

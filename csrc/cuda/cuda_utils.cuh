@@ -287,12 +287,12 @@ inline int64_t next_power_of_two(int64_t x) {
 }
 
 // kernel<<<grid, threads, 0, stream>>>(args...), written as a call so the emulation can run it on the CPU.
+// grid: a block count, or a dim3 for 2-D grids.
 template <typename... Params, typename... Args>
-inline void launch_kernel(void (*kernel)(Params...), unsigned int grid, int threads, cudaStream_t stream,
-                          Args&&... args) {
+inline void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, cudaStream_t stream, Args&&... args) {
 #if defined(BNBX_CUDA_EMULATION)
   (void)stream;
-  emu::launch(kernel, dim3(grid), dim3(static_cast<unsigned int>(threads)),
+  emu::launch(kernel, grid, dim3(static_cast<unsigned int>(threads)),
               std::tuple<Params...>(static_cast<Params>(args)...));
 #else
   kernel<<<grid, static_cast<unsigned int>(threads), 0, stream>>>(static_cast<Params>(args)...);

@@ -1,15 +1,15 @@
-// CUDA integer fake quantization (QAT) over contiguous groups: host code, then the kernels. Same results as
+// CUDA integer fake quantization (QAT) over contiguous groups: kernels, launchers, host code. Same results as
 // the CPU (csrc/cpu/fake_quant.cpp): the rule is bnbx::affine_params / affine_fake_quant of common/rules.h,
 // and the range fold "x < low ? x : low" is order-free (see cpu/kernels/fake_quant_impl.h), so any reduction
-// tree gives the CPU's range. Compiled and checked for compilation here; no GPU test has run it yet.
+// tree gives the CPU's range. Checked bit for bit against the CPU in the host emulation (no GPU run yet).
 //   whole groups: one thread block per group (grid-stride over groups) reduces the range, derives the
 //     parameters and writes the values; the second read of the group mostly hits L1/L2.
 //   split groups (few huge groups, e.g. per tensor): the range of every segment, one parameter kernel per
 //     group, then the values of every segment (three kernels).
-// LSQ / LSQ+ with given scales and offsets (fake_quantize_lsq and its backward) come first: kernels and
-// torch-free launchers, which csrc/cuda/emulation/emu_fake_quant.cpp also runs on the CPU in the tests; the
-// MinMax kernels and all torch host code follow (not emulated).
+// The kernels and their torch-free launchers (LSQ / LSQ+ with given scales and offsets, then MinMax) come first;
+// csrc/cuda/emulation/emu_fake_quant.cpp runs them on the CPU in the tests. All torch host code follows.
 #include <limits>
+#include <type_traits>
 
 #include "../common/rules.h"
 #include "cuda_utils.cuh"
@@ -194,19 +194,6 @@ void launch_fake_quantize_lsq_backward(const T* grad, const T* x, T* grad_x, con
                 static_cast<const double*>(workspace + tiles), offset_groups, tiles / offset_groups, 1.0, offset_grad);
 }
 
-}  // namespace
-}  // namespace bnbx::cuda
-
-#if !defined(BNBX_CUDA_EMULATION)
-#include <ATen/ops/zeros_like.h>
-#include <torch/library.h>
-
-#include "../common/checks_fake_quant.h"
-#include "cuda_host.h"
-
-namespace bnbx::cuda {
-namespace {
-
 // --- MinMax (fake_quantize) ------------------------------------------------------------------------------------
 
 constexpr int kFqThreads = 256;
@@ -322,6 +309,60 @@ __global__ void fake_quant_segment_apply_kernel(const T* in, T* out, int64_t n, 
   }
 }
 
+// Segments of the split path (few huge groups), or 0 when every group is one thread block's work. The
+// fp32 kernel's occupancy decides for every dtype (the CPU splits by its own rule; results do not depend on it).
+inline int64_t fake_quantize_segments(int64_t n, int64_t group_size) {
+  const int64_t groups = ceil_div(n, group_size);
+  const bool split = group_size > kFqSegment && groups < resident_blocks(fake_quant_groups_kernel<float>, kFqThreads);
+  return split ? groups * ceil_div(std::min(group_size, n), kFqSegment) : 0;
+}
+
+// FqRange entries of workspace launch_fake_quantize needs.
+inline int64_t fake_quantize_workspace(int64_t n, int64_t group_size) {
+  return n == 0 ? 0 : fake_quantize_segments(n, group_size);
+}
+
+// out (fake-quantized in[0, n)), scale and zero_point per group of group_size elements; workspace holds
+// fake_quantize_workspace(n, group_size) ranges (may be null when that is 0).
+template <typename T>
+void launch_fake_quantize(const T* in, T* out, int64_t n, int64_t group_size, bool symmetric, FakeQuantGrid grid,
+                          float* scale, int32_t* zero_point, FqRange* workspace, cudaStream_t stream) {
+  if (n == 0) return;
+  const int64_t groups = ceil_div(n, group_size);
+  const float limit = std::is_same_v<T, __half> ? 65504.0f : FLT_MAX;
+  const int64_t segments = fake_quantize_segments(n, group_size);
+  if (segments == 0) {
+    auto kernel = fake_quant_groups_kernel<T>;
+    launch_kernel(kernel, grid_size(kernel, groups, kFqThreads), kFqThreads, stream, in, out, n, group_size, groups,
+                  symmetric, grid, limit, scale, zero_point);
+    return;
+  }
+  BNBX_CUDA_ASSERT(workspace != nullptr, "fake_quantize: the split path needs its workspace");
+  const int64_t per_group = segments / groups;
+  auto ranges = fake_quant_segment_range_kernel<T>;
+  launch_kernel(ranges, grid_size(ranges, segments, kFqThreads), kFqThreads, stream, in, n, group_size, per_group,
+                segments, workspace);
+  auto params = fake_quant_params_kernel;
+  launch_kernel(params, grid_size(params, ceil_div(groups, int64_t{kFqThreads}), kFqThreads), kFqThreads, stream,
+                static_cast<const FqRange*>(workspace), per_group, groups, symmetric, grid, scale, zero_point);
+  auto apply = fake_quant_segment_apply_kernel<T>;
+  launch_kernel(apply, grid_size(apply, segments, kFqThreads), kFqThreads, stream, in, out, n, group_size, per_group,
+                segments, grid, limit, static_cast<const float*>(scale), static_cast<const int32_t*>(zero_point));
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+#if !defined(BNBX_CUDA_EMULATION)
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include "../common/checks_fake_quant.h"
+#include "cuda_host.h"
+
+namespace bnbx::cuda {
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tensor& x, int64_t group_size, int64_t bits,
                                                                   bool symmetric, bool full_range,
                                                                   c10::string_view mask, double clip) {
@@ -335,41 +376,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cuda(const at::Tens
   at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
   if (n == 0) return {out, scale, zero_point};
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const FakeQuantGrid grid = fake_quant_grid(bits, symmetric, full_range);
-  const float limit = input.scalar_type() == at::kHalf ? 65504.0f : FLT_MAX;
-  const bool split = group_size > kFqSegment && groups < resident_blocks(fake_quant_groups_kernel<float>,
-                                                                         kFqThreads);  // fp32 occupancy as the guide
+  static_assert(sizeof(FqRange) == 3 * sizeof(float), "ranges are stored as three 4-byte words");
+  const int64_t segments = fake_quantize_workspace(n, group_size);
+  at::Tensor ranges = at::empty({segments, 3}, input.options().dtype(at::kFloat));
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* in = static_cast<const T*>(input.const_data_ptr());
-    T* out_ptr = static_cast<T*>(out.mutable_data_ptr());
-    if (!split) {
-      fake_quant_groups_kernel<T>
-          <<<grid_size(fake_quant_groups_kernel<T>, groups, kFqThreads), kFqThreads, 0, stream>>>(
-              in, out_ptr, n, group_size, groups, symmetric, grid, limit, scale.mutable_data_ptr<float>(),
-              zero_point.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const int64_t per_group = ceil_div(std::min(group_size, n), kFqSegment);
-    const int64_t segments = groups * per_group;
-    static_assert(sizeof(FqRange) == 3 * sizeof(float), "ranges are stored as three 4-byte words");
-    at::Tensor ranges = at::empty({segments, 3}, input.options().dtype(at::kFloat));
-    FqRange* ranges_ptr = reinterpret_cast<FqRange*>(ranges.mutable_data_ptr<float>());
-    fake_quant_segment_range_kernel<T>
-        <<<grid_size(fake_quant_segment_range_kernel<T>, segments, kFqThreads), kFqThreads, 0, stream>>>(
-            in, n, group_size, per_group, segments, ranges_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fake_quant_params_kernel<<<grid_size(fake_quant_params_kernel, ceil_div(groups, kFqThreads), kFqThreads),
-                               kFqThreads, 0, stream>>>(ranges_ptr, per_group, groups, symmetric, grid,
-                                                        scale.mutable_data_ptr<float>(),
-                                                        zero_point.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    fake_quant_segment_apply_kernel<T>
-        <<<grid_size(fake_quant_segment_apply_kernel<T>, segments, kFqThreads), kFqThreads, 0, stream>>>(
-            in, out_ptr, n, group_size, per_group, segments, grid, limit, scale.const_data_ptr<float>(),
-            zero_point.const_data_ptr<int32_t>());
+    launch_fake_quantize<T>(
+        static_cast<const T*>(input.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()), n, group_size,
+        symmetric, grid, scale.mutable_data_ptr<float>(), zero_point.mutable_data_ptr<int32_t>(),
+        segments ? reinterpret_cast<FqRange*>(ranges.mutable_data_ptr<float>()) : nullptr, current_stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, scale, zero_point};

@@ -6,14 +6,10 @@
 // - larger M: the weight dequantized in A's dtype (the dequantize_4bit kernel) and at::mm (cuBLAS), as
 //   bitsandbytes does; a tensor-core kernel on dequantized tiles is not written yet (README, limitations).
 // The CPU host code (csrc/cpu/gemm_4bit.cpp) is the reference for the results.
-#include <ATen/ops/add.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
-
-#include "../common/checks_gemm_4bit.h"
-#include "cuda_host.h"
+//
+// The kernels and their torch-free launchers come first; csrc/cuda/emulation/emu_gemm_4bit.cpp runs them on the
+// CPU in the tests. The torch host code follows (not emulated; at::mm is cuBLAS).
+#include "cuda_utils.cuh"
 
 namespace bnbx::cuda {
 namespace {
@@ -98,6 +94,53 @@ __global__ void gemv_4bit_kernel(const T* __restrict__ A,        // [M, K]
   }
 }
 
+// The fp32 block scales [blocks] of a double-quantized weight, for the dequantize-then-mm path (large M).
+__global__ void decode_absmax_kernel(Scales scales, int64_t blocks, float* __restrict__ out) {
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < blocks; b += int64_t(gridDim.x) * blockDim.x) {
+    out[b] = block_scale(scales, b);
+  }
+}
+
+constexpr int kDecodeThreads = 256;
+
+void launch_decode_absmax(const Scales& scales, int64_t blocks, float* out, cudaStream_t stream) {
+  if (blocks == 0) return;
+  auto kernel = decode_absmax_kernel;
+  launch_kernel(kernel, grid_size(kernel, ceil_div(blocks, int64_t{kDecodeThreads}), kDecodeThreads), kDecodeThreads,
+                stream, scales, blocks, out);
+}
+
+// out[M, N] = A[M, K] @ W^T (+ bias) for 1 <= M <= kGemvMaxRows, K >= 1; W packed as bitsandbytes lays it out,
+// 4-byte aligned (the K % 8 == 0 path loads 4 bytes at a time).
+template <typename T>
+void launch_gemv_4bit(const T* A, const uint8_t* W, const Scales& scales, QuantType type, const T* bias, int64_t M,
+                      int64_t K, int64_t N, int64_t blocksize, T* out, cudaStream_t stream) {
+  if (N == 0) return;
+  BNBX_CUDA_ASSERT(M >= 1 && M <= kGemvMaxRows && K >= 1, "gemv_4bit: M out of range");
+  BNBX_CUDA_ASSERT(K % 8 != 0 || is_aligned(W, 4), "gemv_4bit: packed weight not 4-byte aligned");
+  CodeValues codes;
+  fill_code_table(type, codes.v);
+  const unsigned int grid = static_cast<unsigned int>(ceil_div(N, int64_t{kGemvWarps}));
+  launch_kernel(gemv_4bit_kernel<T>, grid, kGemvWarps * kWarpSize, stream, A, W, scales, codes, bias,
+                static_cast<int>(M), K, N, log2_exact(blocksize), out);
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+#if !defined(BNBX_CUDA_EMULATION)
+#include <ATen/ops/add.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "../common/checks_gemm_4bit.h"
+#include "cuda_host.h"
+
+namespace bnbx::cuda {
+namespace {
+
 at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& absmax, int64_t blocksize,
                           c10::string_view quant_type, at::IntArrayRef shape, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
@@ -118,24 +161,6 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
   const at::Tensor packed = contiguous_aligned(B);  // 4-byte loads of codes
   const at::Tensor stats = absmax.contiguous();
 
-  if (M > kGemvMaxRows) {
-    at::Tensor decoded = stats;
-    if (args.nested) {
-      // the CPU's arithmetic: code[q] * nested_absmax[block / nested_blocksize], then + offset
-      const at::Tensor per_block = nested_absmax->repeat_interleave(nested_blocksize).narrow(0, 0, args.blocks);
-      decoded = nested_code->index_select(0, stats.to(at::kLong)).mul(per_block).add(nested_offset->reshape({}));
-    }
-    static const auto dequantize = c10::Dispatcher::singleton()
-                                       .findSchemaOrThrow("bnbx::dequantize_4bit", "")
-                                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
-                                                         c10::string_view, at::IntArrayRef, at::ScalarType)>();
-    const at::Tensor weight = dequantize.call(packed, decoded, blocksize, quant_type, {N, K}, A.scalar_type());
-    at::Tensor out = at::mm(a2, weight.t());
-    if (bias.has_value()) out.add_(*bias);
-    return out.view(out_shape);
-  }
-
-  at::Tensor out = at::empty({M, N}, A.options());
   Scales scales{};
   at::Tensor nested_stats, nested_table, offset;
   if (args.nested) {
@@ -150,16 +175,34 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
   } else {
     scales.absmax = stats.const_data_ptr<float>();
   }
-  CodeValues codes;
-  fill_code_table(args.type, codes.v);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  if (M > kGemvMaxRows) {
+    at::Tensor decoded = stats;
+    if (args.nested) {
+      // the CPU's arithmetic: code[q] * nested_absmax[block / nested_blocksize], then + offset
+      decoded = at::empty({args.blocks}, stats.options().dtype(at::kFloat));
+      launch_decode_absmax(scales, args.blocks, decoded.mutable_data_ptr<float>(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    static const auto dequantize = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("bnbx::dequantize_4bit", "")
+                                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
+                                                         c10::string_view, at::IntArrayRef, at::ScalarType)>();
+    const at::Tensor weight = dequantize.call(packed, decoded, blocksize, quant_type, {N, K}, A.scalar_type());
+    at::Tensor out = at::mm(a2, weight.t());
+    if (bias.has_value()) out.add_(*bias);
+    return out.view(out_shape);
+  }
+
+  at::Tensor out = at::empty({M, N}, A.options());
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   dispatch_float(A.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const unsigned int grid = static_cast<unsigned int>(ceil_div(N, int64_t{kGemvWarps}));
-    gemv_4bit_kernel<T><<<grid, kGemvWarps * kWarpSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const T*>(a2.const_data_ptr()), static_cast<const uint8_t*>(packed.const_data_ptr()), scales, codes,
-        bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, static_cast<int>(M), K, N,
-        log2_exact(blocksize), static_cast<T*>(out.mutable_data_ptr()));
+    launch_gemv_4bit<T>(static_cast<const T*>(a2.const_data_ptr()),
+                        static_cast<const uint8_t*>(packed.const_data_ptr()), scales, args.type,
+                        bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, M, K, N, blocksize,
+                        static_cast<T*>(out.mutable_data_ptr()), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out.view(out_shape);
@@ -169,3 +212,4 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
 }  // namespace bnbx::cuda
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) { m.impl("gemm_4bit", &bnbx::cuda::gemm_4bit_cuda); }
+#endif  // !BNBX_CUDA_EMULATION

@@ -6,12 +6,10 @@
 // The GEMM is a tiled __dp4a kernel (64 x 64 output tile per block, 4 x 4 per thread, K in 64-byte steps
 // through shared memory): exact int32 sums on every GPU from sm_61, with no cuBLASLt dependency (the CI
 // toolkit ships no cuBLASLt headers). A tensor-core (mma.sync s8) kernel is the next step for speed.
-#include <ATen/ops/nonzero.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
-
-#include "../common/checks_int8_matmul.h"
-#include "cuda_host.h"
+//
+// The kernels and their torch-free launchers come first; csrc/cuda/emulation/emu_int8_matmul.cpp runs them on
+// the CPU in the tests. The torch host code follows (not emulated; tests/cuda_emulation.py repeats its steps).
+#include "cuda_utils.cuh"
 
 namespace bnbx::cuda {
 namespace {
@@ -22,8 +20,6 @@ constexpr int kRowThreads = 256;
 constexpr int kElementThreads = 256;
 // columns of outliers fused into the epilogue; beyond it one fp32 GEMM adds them (as on the CPU)
 constexpr int64_t kFusedOutliers = 32;
-
-int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)); }
 
 template <typename T>
 __global__ void outlier_columns_kernel(const T* __restrict__ A, int64_t n, int64_t K, float threshold,
@@ -62,7 +58,9 @@ __global__ void __launch_bounds__(kRowThreads)
   const float scale = __fmul_rn(__fdiv_rn(1.0f, stat), 127.0f);  // torch's 127 / stat
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     const float v = __fmul_rn(to_float(a[k]), scale);
-    const bool zero = (mask != nullptr && mask[k] != 0) || v != v;
+    // NaN, and +-Inf when 1 / stat overflows (a row whose absmax is below 2^-128), give 0 as on the CPU; the
+    // saturating conversion alone would make +Inf -1 and -Inf 0
+    const bool zero = (mask != nullptr && mask[k] != 0) || !(fabsf(v) <= FLT_MAX);
     q[row * K + k] = zero ? int8_t(0) : static_cast<int8_t>(__float2int_rn(v));
   }
 }
@@ -136,12 +134,15 @@ __global__ void __launch_bounds__(256) gemm_dp4a_kernel(const int8_t* __restrict
   }
 }
 
-void gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+// The grid's y dimension holds the column tiles (at most 65535 on a GPU).
+constexpr int64_t kGemmMaxN = 65535 * kTile;
+
+void launch_int8_gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K,
+                      cudaStream_t stream) {
   if (M == 0 || N == 0) return;
-  TORCH_CHECK(ceil_div(N, kTile) <= 65535, "int8_linear_matmul: N = ", N, " is too large for the CUDA grid");
+  BNBX_CUDA_ASSERT(N <= kGemmMaxN && ceil_div(M, kTile) <= 2147483647, "int8 GEMM: unchecked size for the grid");
   const dim3 grid(static_cast<unsigned int>(ceil_div(M, kTile)), static_cast<unsigned int>(ceil_div(N, kTile)));
-  gemm_dp4a_kernel<<<grid, 256, 0, stream>>>(A, B, C, M, N, K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(gemm_dp4a_kernel, grid, 256, stream, A, B, C, M, N, K);
 }
 
 // ---- epilogue ---------------------------------------------------------------------------------------------------
@@ -161,6 +162,74 @@ __global__ void mm_dequant_kernel(const int32_t* __restrict__ C, const float* __
   }
 }
 
+// out[rows, N] from the int32 product; bias (fp32, may be null), and n_out outlier columns a_out [rows, n_out] times
+// b_out [n_out, N] (both null when n_out = 0).
+template <typename T>
+void launch_mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats, const float* bias,
+                       const float* a_out, const float* b_out, int64_t n_out, T* out, int64_t rows, int64_t N,
+                       cudaStream_t stream) {
+  if (rows == 0 || N == 0) return;
+  auto kernel = mm_dequant_kernel<T>;
+  launch_kernel(kernel, grid_size(kernel, ceil_div(rows * N, kElementThreads), kElementThreads), kElementThreads,
+                stream, C, row_stats, col_stats, bias, a_out, b_out, n_out, out, rows, N);
+}
+
+// ---- quantization launchers ---------------------------------------------------------------------------------------
+
+// mask[K] (zeroed by the caller) gets a 1 in every column of A[rows, K] that holds |x| >= threshold.
+template <typename T>
+void launch_outlier_columns(const T* A, int64_t rows, int64_t K, float threshold, uint8_t* mask, cudaStream_t stream) {
+  if (rows == 0 || K == 0) return;
+  auto kernel = outlier_columns_kernel<T>;
+  launch_kernel(kernel, grid_size(kernel, ceil_div(rows * K, kElementThreads), kElementThreads), kElementThreads,
+                stream, A, rows * K, K, threshold, mask);
+}
+
+// q and stats of A[rows, K]; mask (null when there are no outlier columns) zeroes the outlier columns of q.
+constexpr int64_t kQuantMaxRows = 2147483647;  // one block per row
+
+template <typename T>
+void launch_vectorwise_quant(const T* A, int64_t rows, int64_t K, float threshold, const uint8_t* mask, int8_t* q,
+                             float* stats, cudaStream_t stream) {
+  if (rows == 0) return;
+  BNBX_CUDA_ASSERT(rows <= kQuantMaxRows && K > 0, "int8_vectorwise_quant: unchecked size");
+  launch_kernel(vectorwise_quant_kernel<T>, static_cast<unsigned int>(rows), kRowThreads, stream, A, K, threshold, mask,
+                q, stats);
+}
+
+void launch_vectorwise_dequant(const int8_t* q, const float* stats, int64_t n, int64_t K, float* out,
+                               cudaStream_t stream) {
+  if (n == 0) return;
+  auto kernel = vectorwise_dequant_kernel;
+  launch_kernel(kernel, grid_size(kernel, ceil_div(n, kElementThreads), kElementThreads), kElementThreads, stream, q,
+                stats, n, K, out);
+}
+
+}  // namespace
+}  // namespace bnbx::cuda
+
+#if !defined(BNBX_CUDA_EMULATION)
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "../common/checks_int8_matmul.h"
+#include "cuda_host.h"
+
+namespace bnbx::cuda {
+namespace {
+
+// ---- host ---------------------------------------------------------------------------------------------------------
+
+int64_t leading_rows(const at::Tensor& t) { return c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)); }
+
+void gemm(const int8_t* A, const int8_t* B, int32_t* C, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+  TORCH_CHECK(N <= kGemmMaxN, "int8_linear_matmul: N = ", N, " is too large for the CUDA grid (at most ", kGemmMaxN,
+              ")");
+  launch_int8_gemm(A, B, C, M, N, K, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats, const c10::optional<at::Tensor>& bias,
                 const float* a_out, const float* b_out, int64_t n_out, at::Tensor& out, int64_t rows, int64_t N,
                 cudaStream_t stream) {
@@ -169,14 +238,11 @@ void mm_dequant(const int32_t* C, const float* row_stats, const float* col_stats
   const float* bias_ptr = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    mm_dequant_kernel<T><<<grid_size(mm_dequant_kernel<T>, ceil_div(rows * N, kElementThreads), kElementThreads),
-                           kElementThreads, 0, stream>>>(C, row_stats, col_stats, bias_ptr, a_out, b_out, n_out,
-                                                         static_cast<T*>(out.mutable_data_ptr()), rows, N);
+    launch_mm_dequant<T>(C, row_stats, col_stats, bias_ptr, a_out, b_out, n_out,
+                         static_cast<T*>(out.mutable_data_ptr()), rows, N, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
-
-// ---- host ---------------------------------------------------------------------------------------------------------
 
 // Quantizes the contiguous input[rows, K] into q / stats; returns the outlier columns (int64, maybe empty).
 at::Tensor quant_into(const at::Tensor& input, int64_t rows, int64_t K, float threshold, at::Tensor& q,
@@ -192,16 +258,14 @@ at::Tensor quant_into(const at::Tensor& input, int64_t rows, int64_t K, float th
     const T* in = static_cast<const T*>(input.const_data_ptr());
     if (threshold > 0.0f) {
       mask = at::zeros({K}, input.options().dtype(at::kByte));
-      outlier_columns_kernel<T>
-          <<<grid_size(outlier_columns_kernel<T>, ceil_div(rows * K, kElementThreads), kElementThreads),
-             kElementThreads, 0, stream>>>(in, rows * K, K, threshold, mask.mutable_data_ptr<uint8_t>());
+      launch_outlier_columns<T>(in, rows, K, threshold, mask.mutable_data_ptr<uint8_t>(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       cols = at::nonzero(mask).flatten();  // the output size depends on the data: one sync
     }
     const uint8_t* mask_ptr = cols.numel() > 0 ? mask.const_data_ptr<uint8_t>() : nullptr;
-    TORCH_CHECK(rows <= 2147483647, "int8_vectorwise_quant: too many rows for the CUDA grid: ", rows);
-    vectorwise_quant_kernel<T><<<static_cast<unsigned int>(rows), kRowThreads, 0, stream>>>(
-        in, K, threshold, mask_ptr, q.mutable_data_ptr<int8_t>(), stats.mutable_data_ptr<float>());
+    TORCH_CHECK(rows <= kQuantMaxRows, "int8_vectorwise_quant: too many rows for the CUDA grid: ", rows);
+    launch_vectorwise_quant<T>(in, rows, K, threshold, mask_ptr, q.mutable_data_ptr<int8_t>(),
+                               stats.mutable_data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return cols;
@@ -233,9 +297,8 @@ at::Tensor int8_vectorwise_dequant_cuda(const at::Tensor& A, const at::Tensor& s
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   const int64_t n = q.numel();
   if (n == 0) return out;
-  vectorwise_dequant_kernel<<<grid_size(vectorwise_dequant_kernel, ceil_div(n, kElementThreads), kElementThreads),
-                              kElementThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), n, q.size(-1), out.mutable_data_ptr<float>());
+  launch_vectorwise_dequant(q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), n, q.size(-1),
+                            out.mutable_data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -318,3 +381,4 @@ TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
   m.impl("int8_mm_dequant", &bnbx::cuda::int8_mm_dequant_cuda);
   m.impl("int8_mixed_linear", &bnbx::cuda::int8_mixed_linear_cuda);
 }
+#endif  // !BNBX_CUDA_EMULATION

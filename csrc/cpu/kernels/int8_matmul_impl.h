@@ -56,8 +56,9 @@ float row_stat_generic(const void* A, int64_t base, int64_t K, float threshold) 
   return nan ? std::numeric_limits<float>::quiet_NaN() : amax;
 }
 
-// round half to even; NaN (a zero, Inf or NaN row statistic) gives 0
-inline int8_t quantize_value(float v) { return v == v ? static_cast<int8_t>(std::nearbyint(v)) : 0; }
+// round half to even; NaN (a zero, Inf or NaN row statistic) and +-Inf (1 / stat overflowed: a row whose absmax is
+// below 2^-128) give 0, as the AVX-512 path's conversion does (casting Inf to an integer would be undefined)
+inline int8_t quantize_value(float v) { return std::fabs(v) <= FLT_MAX ? static_cast<int8_t>(std::nearbyint(v)) : 0; }
 
 template <FloatType kIn>
 void vectorwise_quant_generic(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, int64_t ldq,

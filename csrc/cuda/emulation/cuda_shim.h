@@ -222,9 +222,11 @@ struct Fiber {
   enum State { kReady, kBarrier, kShuffle, kDone };
   ucontext_t context;
   State state = kReady;
-  uint64_t value = 0;   // shuffle: this lane's value (the payload's bytes)
-  int source = 0;       // shuffle: the lane to read
-  uint64_t result = 0;  // shuffle: what the lane gets back
+  int barrier_kind = 0;  // at a barrier: 0 __syncthreads, 1 __syncthreads_or
+  int predicate = 0;     // __syncthreads_or: this thread's predicate, then the block's OR
+  uint64_t value = 0;    // shuffle: this lane's value (the payload's bytes)
+  int source = 0;        // shuffle: the lane to read
+  uint64_t result = 0;   // shuffle: what the lane gets back
 };
 
 struct Block {
@@ -345,6 +347,8 @@ inline bool release_warps(Block& b) {
 __attribute__((noinline)) inline void init_fiber(Block& b, int t) {
   Fiber& fiber = b.fibers[t];
   fiber.state = Fiber::kReady;
+  fiber.barrier_kind = 0;
+  fiber.predicate = 0;
 #if defined(BNBX_EMU_ASAN)
   // an abandoned launch (an error) can leave poisoned frames on the reused stack
   __asan_unpoison_memory_region(b.stacks[t], kStackBytes);
@@ -377,16 +381,33 @@ inline void run_block(Block& b) {
            " exited (every thread of the block must reach each barrier)");
       return;
     }
-    for (Fiber& fiber : b.fibers) fiber.state = Fiber::kReady;
+    // every thread waits at a barrier: the kinds must agree (bar.sync and bar.red.or do not mix)
+    int kind_or = 0, any = 0;
+    for (const Fiber& fiber : b.fibers) {
+      kind_or += fiber.barrier_kind;
+      any |= fiber.predicate;
+    }
+    if (kind_or != 0 && kind_or != b.threads) {
+      fail("a barrier reached by " + std::to_string(kind_or) + " threads at __syncthreads_or and the others at " +
+           "__syncthreads");
+      return;
+    }
+    for (Fiber& fiber : b.fibers) {
+      fiber.state = Fiber::kReady;
+      fiber.predicate = any;
+    }
   }
 }
 
-// Runs kernel(args...) over grid x threads, block after block.
+// Runs kernel(args...) over grid x threads, block after block. Grid limits are the GPU's (x < 2^31, y and
+// z < 2^16), so a launcher that would exceed them on a GPU fails here too.
 template <typename... Params>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 threads, std::tuple<Params...> args) {
   const int count = static_cast<int>(threads.x * threads.y * threads.z);
-  if (count < 1 || count > kMaxThreadsPerBlock || grid.x < 1) {
-    fail("invalid launch: " + std::to_string(grid.x) + " blocks of " + std::to_string(count) + " threads");
+  if (count < 1 || count > kMaxThreadsPerBlock || grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > 2147483647u ||
+      grid.y > 65535u || grid.z > 65535u) {
+    fail("invalid launch: " + std::to_string(grid.x) + " x " + std::to_string(grid.y) + " x " + std::to_string(grid.z) +
+         " blocks of " + std::to_string(count) + " threads");
     return;
   }
   struct Closure {
@@ -427,6 +448,50 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 threads, std::tuple<Param
 #define gridDim (static_cast<const dim3&>(::bnbx::emu::block().grid_dim))
 
 inline void __syncthreads() { bnbx::emu::park(bnbx::emu::Fiber::kBarrier); }
+
+// bar.red.or: a barrier that also returns whether the predicate was non-zero in any thread of the block.
+inline int __syncthreads_or(int predicate) {
+  bnbx::emu::Block& b = bnbx::emu::block();
+  b.fibers[b.current].barrier_kind = 1;
+  b.fibers[b.current].predicate = predicate != 0;
+  bnbx::emu::park(bnbx::emu::Fiber::kBarrier);
+  bnbx::emu::Fiber& fiber = bnbx::emu::block().fibers[bnbx::emu::block().current];
+  fiber.barrier_kind = 0;
+  const int any = fiber.predicate;
+  fiber.predicate = 0;
+  return any;
+}
+
+// --- arithmetic intrinsics -------------------------------------------------------------------------------------
+// The _rn forms are IEEE fp32 operations rounded to nearest even, which the host's SSE arithmetic is (the
+// emulation is built with -ffp-contract=off, so nothing is fused).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __int2float_rn(int x) { return static_cast<float>(x); }
+// cvt.rni.s32.f32: nearest even; NaN gives 0 and out-of-range values saturate (PTX ISA, cvt).
+inline int __float2int_rn(float x) {
+  if (x != x) return 0;
+  if (x >= 2147483648.0f) return 2147483647;
+  if (x <= -2147483648.0f) return -2147483647 - 1;
+  return static_cast<int>(std::nearbyint(x));
+}
+// dp4a.s32.s32: c + the sum of the four products of the signed bytes of a and b (little-endian lanes), with
+// the int32 wrap-around of the hardware adder.
+inline int __dp4a(int a, int b, int c) {
+  uint32_t sum = static_cast<uint32_t>(c);
+  for (int j = 0; j < 4; ++j) {
+    const int x = static_cast<int8_t>(static_cast<uint32_t>(a) >> (8 * j));
+    const int y = static_cast<int8_t>(static_cast<uint32_t>(b) >> (8 * j));
+    sum += static_cast<uint32_t>(x * y);
+  }
+  return static_cast<int>(sum);
+}
+// ld.global.nc: a plain load here (the read-only cache changes no value).
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned int mask, T value, int lane_mask, int width = 32) {

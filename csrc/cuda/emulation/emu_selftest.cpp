@@ -1,6 +1,7 @@
 // Kernels that check the emulator itself: one correct block reduction, and three that break CUDA's rules
 // (a barrier some threads skip by exiting, a shuffle with exited lanes, a warp split between a shuffle and
-// a barrier). tests/test_cuda_emulation.py expects the first to pass and the others to be reported.
+// a barrier, a barrier that some threads reach as __syncthreads_or and others as __syncthreads).
+// tests/test_cuda_emulation.py expects the first to pass and the others to be reported.
 #include <vector>
 
 #include "emulator.h"
@@ -17,6 +18,11 @@ __global__ void reduce_kernel(const uint32_t* in, uint32_t* out, int mode) {
   if (mode == 1 && t == 5) return;  // exits before the barrier below
   if (t % 32 == 0) partial[t / 32] = v;
   __syncthreads();
+  // bar.red.or: every thread gets the block's OR, and a later barrier starts from a clear predicate
+  const int any = __syncthreads_or(t == 77);
+  const int none = mode == 4 && t % 2 ? (__syncthreads(), 0) : __syncthreads_or(0);
+  if (any != 1 || none != 0) out[blockIdx.x] = 0xdeadu;
+  if (any != 1 || none != 0) return;
   if (t == 0) {
     uint32_t sum = 0;
     for (unsigned int w = 0; w < blockDim.x / 32; ++w) sum += partial[w];
