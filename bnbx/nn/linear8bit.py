@@ -71,13 +71,21 @@ class Int8Params(nn.Parameter):
     def __deepcopy__(self, memo):
         import copy
 
-        return type(self)(
-            copy.deepcopy(self.data, memo),
+        data = copy.deepcopy(self.data, memo)
+        clone = type(self)(
+            data,
             requires_grad=self.requires_grad,
             has_fp16_weights=self.has_fp16_weights,
-            CB=None if self.CB is None else copy.deepcopy(self.CB, memo),
-            SCB=None if self.SCB is None else copy.deepcopy(self.SCB, memo),
+            CB=data if self.CB is not None and self.is_int8 else copy.deepcopy(self.CB, memo),
+            SCB=copy.deepcopy(self.SCB, memo),
         )
+        memo[id(self)] = clone
+        return clone
+
+    def __reduce_ex__(self, protocol: int):
+        # pickle / torch.save of a whole module: plain tensors plus the settings, rebuilt as an Int8Params (the
+        # default would rebuild a plain Parameter and lose SCB)
+        return (_rebuild_int8_params, (self.data, self.requires_grad, self.has_fp16_weights, self.SCB))
 
     def cpu(self):
         return self.to(device="cpu")
@@ -109,6 +117,13 @@ def _check_weight_format(state_dict, prefix, local_metadata, strict, missing_key
         fmt = _WEIGHT_FORMATS[fmt]
     if fmt != "row":
         raise ValueError(f"Linear8bitLt: only the 'row' weight_format is supported, got {fmt!r}")
+
+
+def _rebuild_int8_params(
+    data: torch.Tensor, requires_grad: bool, has_fp16_weights: bool, SCB: Optional[torch.Tensor]
+) -> Int8Params:
+    int8 = data.dtype == torch.int8
+    return Int8Params(data, requires_grad, has_fp16_weights, CB=data if int8 else None, SCB=SCB)
 
 
 class Linear8bitLt(nn.Linear):
