@@ -65,6 +65,7 @@ from .functional_int8 import (  # noqa: E402
     int8_linear_matmul,
     int8_mixed_linear,
     int8_mm_dequant,
+    int8_pack_weight,
     int8_vectorwise_dequant,
     int8_vectorwise_quant,
 )
@@ -74,6 +75,7 @@ __all__ += [
     "int8_linear_matmul",
     "int8_mixed_linear",
     "int8_mm_dequant",
+    "int8_pack_weight",
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
     "matmul_8bit",

@@ -407,6 +407,45 @@ def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias=None, threshold
     return torch.empty((*A.shape[:-1], CB.shape[0]), dtype=A.dtype, device=A.device)
 
 
+def int8_packed_weight_bytes(N: int, K: int) -> int:
+    """Bytes of ``int8_pack_weight``'s AMX tile layout of an ``[N, K]`` weight: 16-row blocks x 64-byte k chunks."""
+    return 16 * -(-N // 16) * 64 * -(-K // 64)
+
+
+@torch.library.register_fake("bnbx::int8_pack_weight")
+def _(CB: torch.Tensor):
+    op = "int8_pack_weight"
+    torch._check_type(CB.dtype == torch.int8, lambda: f"{op}: CB must be int8, got {_dtype_name(CB.dtype)}")
+    torch._check_value(CB.dim() == 2, lambda: f"{op}: CB must be 2-D [N, K], got {CB.dim()} dimensions")
+    torch._check_value(
+        CB.shape[1] <= INT8_MAX_K,
+        lambda: f"{op}: K must be at most {INT8_MAX_K} so int32 sums cannot overflow, got {CB.shape[1]}",
+    )
+    return torch.empty((int8_packed_weight_bytes(*CB.shape),), dtype=torch.uint8, device=CB.device)
+
+
+@torch.library.register_fake("bnbx::int8_mixed_linear_packed")
+def _(A: torch.Tensor, CB: torch.Tensor, packed_CB: torch.Tensor, SCB: torch.Tensor, bias=None, threshold=0.0):
+    op = "int8_mixed_linear_packed"
+    check_float_dtype(op, "A", A.dtype)
+    torch._check_value(A.dim() >= 1, lambda: f"{op}: A must have at least one dimension, got a scalar")
+    _check_int8_weight(op, "CB", CB, A.shape[-1], A)
+    _check_stats(op, "SCB", SCB, CB.shape[0], A)
+    _check_bias(op, bias, CB.shape[0], A)
+    check_threshold(op, threshold)
+    torch._check_type(
+        packed_CB.dtype == torch.uint8,
+        lambda: f"{op}: packed_CB must be uint8 (from int8_pack_weight), got {_dtype_name(packed_CB.dtype)}",
+    )
+    expected = int8_packed_weight_bytes(*CB.shape)
+    torch._check_value(
+        packed_CB.dim() == 1 and packed_CB.numel() == expected,
+        lambda: f"{op}: packed_CB must hold int8_pack_weight(CB)'s {expected} bytes, got shape {list(packed_CB.shape)}",
+    )
+    check_same_device(op, A, "A", packed_CB, "packed_CB")
+    return torch.empty((*A.shape[:-1], CB.shape[0]), dtype=A.dtype, device=A.device)
+
+
 # --- fake_quant (QAT) -------------------------------------------------------------------------------------
 # Fake kernel with the checks of csrc/common/checks_fake_quant.h, and the straight-through gradient. Scales and
 # zero points are statistics (no gradient); the learnable-scale path (LSQ) is the fake_quant_lsq block below.

@@ -467,8 +467,13 @@ def quantize_int8(
     if granularity == "channel" and A.numel():
         q = q.movedim(0, axis).contiguous()
     state = Int8QuantState(
-        scale.reshape(stats_shape), zero_point.reshape(stats_shape), granularity,
-        axis, size if granularity == "group" else group_size, bool(symmetric), A.dtype,
+        scale.reshape(stats_shape),
+        zero_point.reshape(stats_shape),
+        granularity,
+        axis,
+        size if granularity == "group" else group_size,
+        bool(symmetric),
+        A.dtype,
     )
     return q, state
 
@@ -494,13 +499,12 @@ def dequantize_int8(q: torch.Tensor, state: Int8QuantState, dtype: Optional[torc
     return out
 
 
-
-
 # LLM.int8() ops live in functional_int8.py; bitsandbytes users find them here under the same names.
 from .functional_int8 import (  # noqa: E402
     int8_linear_matmul,
     int8_mixed_linear,
     int8_mm_dequant,
+    int8_pack_weight,
     int8_vectorwise_dequant,
     int8_vectorwise_quant,
 )
@@ -509,6 +513,7 @@ __all__ += [
     "int8_linear_matmul",
     "int8_mixed_linear",
     "int8_mm_dequant",
+    "int8_pack_weight",
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "int8_linear_matmul",
     "int8_mixed_linear",
     "int8_mm_dequant",
+    "int8_pack_weight",
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
 ]
@@ -138,6 +139,15 @@ def int8_mixed_linear(
         _check_tensor(op, "bias", bias)
     threshold = _check_threshold(op, threshold)
     return torch.ops.bnbx.int8_mixed_linear(A, CB, SCB, bias, threshold)
+
+
+def int8_pack_weight(CB: torch.Tensor) -> torch.Tensor:
+    """The int8 weight ``CB [N, K]`` in the AMX tile layout (CPU with AVX-512), uint8: pass it with ``CB`` to
+    ``bnbx.matmul_8bit(..., packed_CB=)`` so large-M calls skip packing the weight. ``Linear8bitLt`` does this
+    itself and keeps the copy (``N x K`` more bytes) while the weight is unchanged."""
+    op = "int8_pack_weight"
+    _check_tensor(op, "CB", CB)
+    return torch.ops.bnbx.int8_pack_weight(CB)
 
 
 @functools.lru_cache(maxsize=None)

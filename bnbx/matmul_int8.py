@@ -26,18 +26,36 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, grad: torch.Tensor):
+def _grads(ctx, grad: torch.Tensor, need_A: bool, need_bias: bool):
     CB, SCB = ctx.saved_tensors
     grad_A = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if need_A:
         weight = torch.ops.bnbx.int8_vectorwise_dequant(CB, SCB).to(grad.dtype)
         grad_A = torch.matmul(grad, weight).to(ctx.a_dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
+    if ctx.has_bias and need_bias:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_A, grad_bias
+
+
+def _backward(ctx, grad: torch.Tensor):
+    grad_A, grad_bias = _grads(ctx, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
     return grad_A, None, None, grad_bias, None
 
 
 torch.library.register_autograd("bnbx::int8_mixed_linear", _backward, setup_context=_setup_context)
+
+
+def _setup_context_packed(ctx, inputs, output) -> None:
+    A, CB, _packed, SCB, bias, threshold = inputs
+    _setup_context(ctx, (A, CB, SCB, bias, threshold), output)
+
+
+def _backward_packed(ctx, grad: torch.Tensor):
+    grad_A, grad_bias = _grads(ctx, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[4])
+    return grad_A, None, None, None, grad_bias, None
+
+
+torch.library.register_autograd("bnbx::int8_mixed_linear_packed", _backward_packed, setup_context=_setup_context_packed)
 
 
 class _MatMul8bitFp16Weights(torch.autograd.Function):
@@ -71,11 +89,13 @@ def matmul_8bit(
     SCB: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     threshold: float = 0.0,
+    packed_CB: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``A @ W.T + bias`` through LLM.int8() in ``A.dtype``.
 
     ``weight`` is either the int8 ``CB [N, K]`` with its row absmax ``SCB`` (frozen), or a 16-bit float weight
-    (``SCB=None``), quantized row-wise for the forward and trained through the 16-bit backward.
+    (``SCB=None``), quantized row-wise for the forward and trained through the 16-bit backward. ``packed_CB``
+    (CPU, int8 weight only): ``int8_pack_weight(CB)``, which saves packing the weight on every large-M call.
     """
     threshold = F8._check_threshold("matmul_8bit", threshold)
     if bias is not None and bias.dtype != A.dtype:
@@ -83,7 +103,11 @@ def matmul_8bit(
     if weight.dtype == torch.int8:
         if SCB is None:
             raise ValueError("matmul_8bit: an int8 weight needs its row statistics SCB")
+        if packed_CB is not None:
+            return torch.ops.bnbx.int8_mixed_linear_packed(A, weight, packed_CB, SCB, bias, threshold)
         return torch.ops.bnbx.int8_mixed_linear(A, weight, SCB, bias, threshold)
+    if packed_CB is not None:
+        raise ValueError("matmul_8bit: packed_CB is only for an int8 weight")
     if SCB is not None:
         raise ValueError(f"matmul_8bit: SCB is only for an int8 weight, got a {weight.dtype} weight")
     return _MatMul8bitFp16Weights.apply(A, weight, bias, threshold)

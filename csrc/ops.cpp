@@ -52,6 +52,12 @@ TORCH_LIBRARY(bnbx, m) {
   // The whole layer: A float [..., K], weight CB int8 [N, K] with row absmax SCB fp32 [N] -> A.dtype [..., N];
   // int8 product of the normal columns + fp32 product of the outlier columns, bias, one write.
   m.def("int8_mixed_linear(Tensor A, Tensor CB, Tensor SCB, Tensor? bias=None, float threshold=0.0) -> Tensor");
+  // CPU only: CB int8 [N, K] -> uint8 [16 ceil(N/16) * 64 ceil(K/64)], the AMX tile layout of the weight (the
+  // layer caches it), and int8_mixed_linear taking it next to CB (used on the AMX route, CB elsewhere).
+  m.def("int8_pack_weight(Tensor CB) -> Tensor");
+  m.def(
+      "int8_mixed_linear_packed(Tensor A, Tensor CB, Tensor packed_CB, Tensor SCB, Tensor? bias=None, "
+      "float threshold=0.0) -> Tensor");
   // --- fake_quant (QAT) ---------------------------------------------------------------------------------
   // Integer fake quantization with dynamic MinMax scales over contiguous groups of group_size elements of
   // the flattened x (the last group may be partial): out shaped and typed like x, scale fp32 and zero_point
@@ -82,6 +88,23 @@ TORCH_LIBRARY(bnbx, m) {
   m.def(
       "fake_quantize_lsq_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, float qmin, float qmax, "
       "float grad_scale) -> (Tensor, Tensor, Tensor)");
+}
+
+// Ops with a CPU kernel only (every build): CUDA tensors get a clear error.
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace {
+
+void cpu_only_op(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, op.schema().name(), ": runs on the CPU only (the AMX weight layout); got CUDA tensors");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
+  for (const char* name : {"int8_pack_weight", "int8_mixed_linear_packed"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cpu_only_op>());
+  }
 }
 
 #ifndef BNBX_WITH_CUDA

@@ -3,8 +3,11 @@ state_dict compatibility with bitsandbytes both ways, and LLM.int8() quality wit
 
 from __future__ import annotations
 
+import copy
 import inspect
+import io
 import logging
+import pickle
 
 import pytest
 import torch
@@ -212,3 +215,25 @@ def test_outlier_decomposition_quality():
     # the same quantization rule on both sides: the errors differ only by the last roundings (bitsandbytes adds
     # the outliers in fp16 after rounding the int8 part to fp16, bnbx adds them in fp32 and rounds once)
     assert errors[6.0] <= bnb_error * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("has_fp16_weights", [False, True])
+def test_pickle_and_deepcopy_keep_int8_params(has_fp16_weights):
+    # torch.save(model) / pickle / deepcopy of a whole module: the weight stays an Int8Params with its SCB
+    torch.manual_seed(0)
+    layer = Linear8bitLt(40, 24, has_fp16_weights=has_fp16_weights).to("cpu")
+    x = torch.randn(3, 40)
+    expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copies = [pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), torch.load(buffer, weights_only=False)]
+    for clone in copies:
+        assert type(clone.weight) is Int8Params
+        assert clone.weight.is_int8 == (not has_fp16_weights)
+        if not has_fp16_weights:
+            assert clone.weight.CB is clone.weight.data or torch.equal(clone.weight.CB, clone.weight.data)
+            assert torch.equal(clone.weight.SCB, layer.weight.SCB)
+        assert torch.equal(clone(x), expected)
+        clone.weight.data.zero_()  # independent storage
+    assert torch.equal(layer(x), expected)

@@ -71,13 +71,21 @@ class Int8Params(nn.Parameter):
     def __deepcopy__(self, memo):
         import copy
 
-        return type(self)(
-            copy.deepcopy(self.data, memo),
+        data = copy.deepcopy(self.data, memo)
+        clone = type(self)(
+            data,
             requires_grad=self.requires_grad,
             has_fp16_weights=self.has_fp16_weights,
-            CB=None if self.CB is None else copy.deepcopy(self.CB, memo),
-            SCB=None if self.SCB is None else copy.deepcopy(self.SCB, memo),
+            CB=data if self.CB is not None and self.is_int8 else copy.deepcopy(self.CB, memo),
+            SCB=copy.deepcopy(self.SCB, memo),
         )
+        memo[id(self)] = clone
+        return clone
+
+    def __reduce_ex__(self, protocol: int):
+        # pickle / torch.save of a whole module: plain tensors plus the settings, rebuilt as an Int8Params (the
+        # default would rebuild a plain Parameter and lose SCB)
+        return (_rebuild_int8_params, (self.data, self.requires_grad, self.has_fp16_weights, self.SCB))
 
     def cpu(self):
         return self.to(device="cpu")
@@ -111,6 +119,13 @@ def _check_weight_format(state_dict, prefix, local_metadata, strict, missing_key
         raise ValueError(f"Linear8bitLt: only the 'row' weight_format is supported, got {fmt!r}")
 
 
+def _rebuild_int8_params(
+    data: torch.Tensor, requires_grad: bool, has_fp16_weights: bool, SCB: Optional[torch.Tensor]
+) -> Int8Params:
+    int8 = data.dtype == torch.int8
+    return Int8Params(data, requires_grad, has_fp16_weights, CB=data if int8 else None, SCB=SCB)
+
+
 class Linear8bitLt(nn.Linear):
     """``nn.Linear`` through LLM.int8(): ``y = x @ W.T + b`` with an int8 weight and per-row int8 activations.
 
@@ -123,6 +138,12 @@ class Linear8bitLt(nn.Linear):
         index: kept for bitsandbytes compatibility; unused.
         device: where to create the weight; a non-meta device other than where it was built quantizes it
             when the module is moved (``.to()``, ``.cpu()``, ``.cuda()``), or at the first forward.
+
+    ``prepack_weight = True`` (off by default): on a CPU with AMX, the first forward with at least 32 input
+    rows also keeps the int8 weight in AMX's tile layout (``N x K`` more bytes), so later calls skip packing it
+    panel by panel (a few percent at M = 2048, K = 4096, N = 11008). The copy is rebuilt when the weight is
+    replaced or changed in place through the parameter (its version counter); after writing into
+    ``weight.data`` directly, call :meth:`drop_packed_weight`.
     """
 
     def __init__(
@@ -141,6 +162,42 @@ class Linear8bitLt(nn.Linear):
         self.index = index
         self.weight = Int8Params(self.weight.data, has_fp16_weights=has_fp16_weights, requires_grad=has_fp16_weights)
         self._register_load_state_dict_pre_hook(_check_weight_format, with_module=False)
+        self.prepack_weight = False
+        # (weight parameter, its storage (held, so no new weight can reuse the address), (data_ptr, version,
+        # shape), packed copy)
+        self._packed = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state["_packed"] = None  # a cache: never pickled or deep-copied
+        return state
+
+    def drop_packed_weight(self) -> None:
+        """Forget the AMX-layout copy of the weight (rebuilt at the next large-M forward)."""
+        self._packed = None
+
+    def _packed_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The cached ``int8_pack_weight(CB)`` where it pays (CPU with AMX, >= 32 rows, eager mode), else None."""
+        weight = self.weight
+        if (
+            not getattr(self, "prepack_weight", False)
+            or x.device.type != "cpu"
+            or weight.device.type != "cpu"
+            or x.numel() < 32 * self.in_features
+            or torch.compiler.is_compiling()
+            or weight.is_inference()
+            or F8.int8_gemm_route() != "amx"
+        ):
+            return None
+        cached = getattr(self, "_packed", None)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        if cached is not None and cached[0] is weight and cached[2] == key:
+            return cached[3]
+        with torch.no_grad():
+            packed = F8.int8_pack_weight(weight.detach())
+        self._packed = (weight, weight.untyped_storage(), key, packed)
+        return packed
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 0.0, has_fp16_weights: bool = False) -> Linear8bitLt:
@@ -188,7 +245,7 @@ class Linear8bitLt(nn.Linear):
             return matmul_8bit(x, self.weight, None, self.bias, self.threshold)
         if self.weight.SCB is None:
             raise RuntimeError("Linear8bitLt: the int8 weight has no SCB row statistics; load them with the weight")
-        return matmul_8bit(x, self.weight.data, self.weight.SCB, self.bias, self.threshold)
+        return matmul_8bit(x, self.weight.data, self.weight.SCB, self.bias, self.threshold, self._packed_weight(x))
 
     # ---- state_dict: bitsandbytes' keys ----------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -86,14 +86,34 @@ inline void check_int8_mm_dequant_args(const at::Tensor& A, const at::Tensor& ro
 }
 
 inline void check_int8_mixed_linear_args(const at::Tensor& A, const at::Tensor& CB, const at::Tensor& SCB,
-                                         const c10::optional<at::Tensor>& bias, double threshold) {
-  const char* op = "int8_mixed_linear";
+                                         const c10::optional<at::Tensor>& bias, double threshold,
+                                         const char* op = "int8_mixed_linear") {
   check_float_dtype(op, "A", A.scalar_type());
   TORCH_CHECK_VALUE(A.dim() >= 1, op, ": A must have at least one dimension, got a scalar");
   check_int8_weight(op, "CB", CB, A.size(-1), A);
   check_stats(op, "SCB", SCB, CB.size(0), A);
   check_bias(op, bias, CB.size(0), A);
   check_threshold(op, threshold);
+}
+
+inline void check_int8_pack_weight_args(const at::Tensor& CB) {
+  const char* op = "int8_pack_weight";
+  TORCH_CHECK_TYPE(CB.scalar_type() == at::kChar, op, ": CB must be int8, got ", dtype_name(CB.scalar_type()));
+  TORCH_CHECK_VALUE(CB.dim() == 2, op, ": CB must be 2-D [N, K], got ", CB.dim(), " dimensions");
+  TORCH_CHECK_VALUE(CB.size(1) <= kInt8MaxK, op, ": K must be at most ", kInt8MaxK,
+                    " so int32 sums cannot overflow, got ", CB.size(1));
+}
+
+// packed_CB: int8_pack_weight's output for CB, expected_bytes long (-1: this CPU has no packed layout).
+inline void check_int8_packed_weight(const char* op, const at::Tensor& packed_CB, int64_t expected_bytes,
+                                     const at::Tensor& A) {
+  TORCH_CHECK_TYPE(packed_CB.scalar_type() == at::kByte, op, ": packed_CB must be uint8 (from int8_pack_weight), got ",
+                   dtype_name(packed_CB.scalar_type()));
+  TORCH_CHECK_VALUE(packed_CB.dim() == 1 && (expected_bytes < 0 || packed_CB.numel() == expected_bytes), op,
+                    ": packed_CB must hold int8_pack_weight(CB)'s ", expected_bytes, " bytes, got shape ",
+                    packed_CB.sizes());
+  TORCH_CHECK(packed_CB.device() == A.device(), op, ": expected all tensors on the same device, got A on ", A.device(),
+              " and packed_CB on ", packed_CB.device());
 }
 
 // The threshold compared in the input's precision, as bitsandbytes' `A.abs() >= threshold` does.

@@ -61,8 +61,8 @@ float row_stat_generic(const void* A, int64_t base, int64_t K, float threshold) 
 inline int8_t quantize_value(float v) { return std::fabs(v) <= FLT_MAX ? static_cast<int8_t>(std::nearbyint(v)) : 0; }
 
 template <FloatType kIn>
-void vectorwise_quant_generic(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, float* stats,
-                              int64_t row_begin, int64_t row_end) {
+void vectorwise_quant_generic(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, int64_t ldq,
+                              float* stats, int64_t row_begin, int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t base = row * K;
     const float stat = row_stat_generic<kIn>(A, base, K, threshold);
@@ -70,7 +70,7 @@ void vectorwise_quant_generic(const void* A, int64_t K, float threshold, const u
     const float scale = (1.0f / stat) * 127.0f;  // torch's 127.0 / t is reciprocal(t) * 127: two roundings
     for (int64_t k = 0; k < K; ++k) {
       const bool outlier = mask != nullptr && mask[k] != 0;
-      q[base + k] = outlier ? 0 : quantize_value(load_as_float<kIn>(A, base + k) * scale);
+      q[row * ldq + k] = outlier ? 0 : quantize_value(load_as_float<kIn>(A, base + k) * scale);
     }
   }
 }
@@ -106,8 +106,8 @@ void outlier_columns_avx512(const void* A, int64_t K, float threshold, uint8_t* 
 }
 
 template <FloatType kIn>
-void vectorwise_quant_avx512(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, float* stats,
-                             int64_t row_begin, int64_t row_end) {
+void vectorwise_quant_avx512(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, int64_t ldq,
+                             float* stats, int64_t row_begin, int64_t row_end) {
   const __m512 thr = _mm512_set1_ps(threshold);
   const bool use_thr = threshold != 0.0f;
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -132,7 +132,7 @@ void vectorwise_quant_avx512(const void* A, int64_t K, float threshold, const ui
       __mmask16 valid = _mm512_cmp_ps_mask(r, r, _CMP_ORD_Q);
       if (mask != nullptr) valid &= _mm_mask_cmpeq_epi8_mask(m, _mm_maskz_loadu_epi8(m, mask + k), zero);
       const __m512i qi = _mm512_maskz_cvtps_epi32(valid, r);
-      _mm_mask_storeu_epi8(q + base + k, m, _mm512_cvtepi32_epi8(qi));
+      _mm_mask_storeu_epi8(q + row * ldq + k, m, _mm512_cvtepi32_epi8(qi));
     }
   }
 }
@@ -148,12 +148,12 @@ void outlier_columns_t(const void* A, int64_t K, float threshold, uint8_t* mask,
 }
 
 template <FloatType kIn>
-void vectorwise_quant_t(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, float* stats,
-                        int64_t rb, int64_t re) {
+void vectorwise_quant_t(const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q, int64_t ldq,
+                        float* stats, int64_t rb, int64_t re) {
 #if defined(__AVX512F__)
-  vectorwise_quant_avx512<kIn>(A, K, threshold, mask, q, stats, rb, re);
+  vectorwise_quant_avx512<kIn>(A, K, threshold, mask, q, ldq, stats, rb, re);
 #else
-  vectorwise_quant_generic<kIn>(A, K, threshold, mask, q, stats, rb, re);
+  vectorwise_quant_generic<kIn>(A, K, threshold, mask, q, ldq, stats, rb, re);
 #endif
 }
 
@@ -170,14 +170,14 @@ void outlier_columns(FloatType in_type, const void* A, int64_t K, float threshol
 }
 
 void vectorwise_quant(FloatType in_type, const void* A, int64_t K, float threshold, const uint8_t* mask, int8_t* q,
-                      float* stats, int64_t rb, int64_t re) {
+                      int64_t ldq, float* stats, int64_t rb, int64_t re) {
   switch (in_type) {
     case FloatType::kFloat32:
-      return vectorwise_quant_t<FloatType::kFloat32>(A, K, threshold, mask, q, stats, rb, re);
+      return vectorwise_quant_t<FloatType::kFloat32>(A, K, threshold, mask, q, ldq, stats, rb, re);
     case FloatType::kFloat16:
-      return vectorwise_quant_t<FloatType::kFloat16>(A, K, threshold, mask, q, stats, rb, re);
+      return vectorwise_quant_t<FloatType::kFloat16>(A, K, threshold, mask, q, ldq, stats, rb, re);
     case FloatType::kBFloat16:
-      return vectorwise_quant_t<FloatType::kBFloat16>(A, K, threshold, mask, q, stats, rb, re);
+      return vectorwise_quant_t<FloatType::kBFloat16>(A, K, threshold, mask, q, ldq, stats, rb, re);
   }
 }
 
@@ -266,10 +266,69 @@ BNBX_VNNI void gemm_vnni(const int8_t* A, const int8_t* B, int32_t* C, int64_t M
   }
 }
 
+// One masked row of up to 16 outputs of the epilogue (mm_dequant): c[0..16) are the int32 sums of
+// out[m, n..n+16). The one sequence of fp32 operations both mm_dequant and the fused AMX store run, so the
+// two give the same bits.
+template <FloatType kOut>
+inline void store16(void* out, int64_t i, __mmask16 nm, __m512 t) {
+  if constexpr (kOut == FloatType::kFloat32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(out) + i, nm, t);
+  } else if constexpr (kOut == FloatType::kFloat16) {
+    const __m256i h = _mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + i, nm, h);
+  } else {
+    // round to nearest even on the bits, NaN -> 0x7fc0 as float_to_bf16 does
+    const __m512i bits = _mm512_castps_si512(t);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + i, nm, _mm512_cvtepi32_epi16(rounded));
+  }
+}
+
+// kRows rows (m .. m + kRows) of up to 16 outputs of the epilogue (mm_dequant): c_rows[r * ldc ..] are the int32
+// sums of out[m + r, n..n+16). Every element takes the one sequence of fp32 operations (scale, bias, outlier
+// products in column order, rounding), so mm_dequant and the fused AMX store give the same bits; rows are
+// interleaved only so that the dependent adds of the outlier products of several rows overlap.
+template <FloatType kOut, int kRows>
+inline void dequant_rows(const int32_t* c_rows, int64_t ldc, int64_t m, int64_t n, __mmask16 nm, const Int8Epilogue& ep,
+                         int64_t N) {
+  const __m512 col = _mm512_maskz_loadu_ps(nm, ep.col_stats + n);
+  __m512 bias = _mm512_setzero_ps();
+  if (ep.bias != nullptr) {
+    bias = ep.bias_type == FloatType::kFloat32   ? load16<FloatType::kFloat32>(ep.bias, n, nm)
+           : ep.bias_type == FloatType::kFloat16 ? load16<FloatType::kFloat16>(ep.bias, n, nm)
+                                                 : load16<FloatType::kBFloat16>(ep.bias, n, nm);
+  }
+  __m512 t[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(nm, c_rows + r * ldc));
+    t[r] = _mm512_mul_ps(c, _mm512_mul_ps(_mm512_set1_ps(ep.row_stats[m + r]), col));
+    t[r] = _mm512_mul_ps(t[r], _mm512_set1_ps(kInv127Sq));
+    if (ep.bias != nullptr) t[r] = _mm512_add_ps(t[r], bias);
+  }
+  for (int64_t j = 0; j < ep.n_out; ++j) {
+    const __m512 b = _mm512_maskz_loadu_ps(nm, ep.b_out + j * N + n);
+    for (int r = 0; r < kRows; ++r) {
+      t[r] = _mm512_add_ps(t[r], _mm512_mul_ps(_mm512_set1_ps(ep.a_out[(m + r) * ep.n_out + j]), b));
+    }
+  }
+  for (int r = 0; r < kRows; ++r) store16<kOut>(ep.out, (m + r) * N + n, nm, t[r]);
+}
+
+// Rows [0, rows) of a block of up to 16 columns, four at a time.
+template <FloatType kOut>
+inline void dequant_block(const int32_t* c_rows, int64_t ldc, int64_t m, int64_t rows, int64_t n, __mmask16 nm,
+                          const Int8Epilogue& ep, int64_t N) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dequant_rows<kOut, 4>(c_rows + r * ldc, ldc, m + r, n, nm, ep, N);
+  for (; r < rows; ++r) dequant_rows<kOut, 1>(c_rows + r * ldc, ldc, m + r, n, nm, ep, N);
+}
+
 // ---- AMX-INT8 -------------------------------------------------------------------------------------------------
 // Tiles: 0-3 int32 accumulators (16 rows of A x 16 rows of B), 4-5 two 16-row slices of A (64 k bytes each,
-// loaded in place with stride K), 6-7 two packed 16-row blocks of B. B is packed once per call (amx_pack): its
-// cost is one pass over B, small next to the M / 32 passes the product makes over it.
+// loaded in place with stride lda), 6-7 two packed 16-row blocks of B. B is packed once (amx_pack; the layer
+// caches it with the weight).
 #define BNBX_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")))
 
 struct alignas(64) TileConfig {
@@ -283,24 +342,25 @@ struct alignas(64) TileConfig {
 int64_t amx_packed_bytes(int64_t rows, int64_t K) { return ceil_div(rows, 16) * 16 * ceil_div(K, 64) * 64; }
 
 // Block b of 16 rows of X, k chunk c: a 1 KiB tile whose row r holds, for each of the 16 rows i, the 4 bytes
-// X[16b + i, 64c + 4r .. 64c + 4r + 3] (TDPBSSD's second operand); zeros past the rows and K.
-void amx_pack(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t block_begin, int64_t block_end) {
+// X[16b + i, 64c + 4r .. 64c + 4r + 3] (TDPBSSD's second operand); zeros past the rows and K. Whole tiles are
+// a 16 x 16 transpose of 4-byte groups: one gather per tile row.
+void amx_pack_block(const int8_t* X, int64_t rows, int64_t K, int64_t b, uint8_t* dst) {
   const int64_t chunks = ceil_div(K, 64);
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      uint8_t* tile = packed + (b * chunks + c) * 1024;
-      if (b * 16 + 16 <= rows && c * 64 + 64 <= K) {
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int32_t>(K)));
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint8_t* tile = dst + c * 1024;
+    if (b * 16 + 16 <= rows && c * 64 + 64 <= K) {
+      const int8_t* src = X + b * 16 * K + c * 64;
+      for (int64_t r = 0; r < 16; ++r) {
+        _mm512_storeu_si512(tile + r * 64, _mm512_i32gather_epi32(offsets, src + r * 4, 1));
+      }
+    } else {
+      for (int64_t r = 0; r < 16; ++r) {
         for (int64_t i = 0; i < 16; ++i) {
-          const int8_t* src = X + (b * 16 + i) * K + c * 64;
-          for (int64_t r = 0; r < 16; ++r) std::memcpy(tile + r * 64 + i * 4, src + r * 4, 4);
-        }
-      } else {
-        for (int64_t r = 0; r < 16; ++r) {
-          for (int64_t i = 0; i < 16; ++i) {
-            for (int64_t j = 0; j < 4; ++j) {
-              const int64_t row = b * 16 + i, k = c * 64 + r * 4 + j;
-              tile[r * 64 + i * 4 + j] = row < rows && k < K ? static_cast<uint8_t>(X[row * K + k]) : 0;
-            }
+          for (int64_t j = 0; j < 4; ++j) {
+            const int64_t row = b * 16 + i, k = c * 64 + r * 4 + j;
+            tile[r * 64 + i * 4 + j] = row < rows && k < K ? static_cast<uint8_t>(X[row * K + k]) : 0;
           }
         }
       }
@@ -308,33 +368,53 @@ void amx_pack(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t
   }
 }
 
-// Copies the valid part of a 16 x 16 int32 tile image into C[m0.., n0..].
-inline void copy_partial_tile(const int32_t* buffer, int32_t* C, int64_t ldc, int64_t M, int64_t n_limit, int64_t m0,
-                              int64_t n0) {
-  for (int64_t i = 0; i < 16 && m0 + i < M; ++i) {
+void amx_pack(const int8_t* X, int64_t rows, int64_t K, uint8_t* packed, int64_t block_begin, int64_t block_end) {
+  const int64_t chunks = ceil_div(K, 64);
+  for (int64_t b = block_begin; b < block_end; ++b) amx_pack_block(X, rows, K, b, packed + b * chunks * 1024);
+}
+
+// The valid part (rows < M, columns < n_limit) of a 16 x 16 int32 tile image at C[m0.., n0..]: copied into C,
+// or through the epilogue into ep->out.
+inline void store_tile_image(const int32_t* buffer, int32_t* C, int64_t ldc, int64_t M, int64_t n_limit, int64_t m0,
+                             int64_t n0, const Int8Epilogue* ep) {
+  const int64_t rows = std::min<int64_t>(16, M - m0);
+  if (ep != nullptr) {
+    const __mmask16 nm = tail_mask(n_limit - n0);
+    switch (ep->out_type) {
+      case FloatType::kFloat32:
+        return dequant_block<FloatType::kFloat32>(buffer, 16, m0, rows, n0, nm, *ep, ldc);
+      case FloatType::kFloat16:
+        return dequant_block<FloatType::kFloat16>(buffer, 16, m0, rows, n0, nm, *ep, ldc);
+      case FloatType::kBFloat16:
+        return dequant_block<FloatType::kBFloat16>(buffer, 16, m0, rows, n0, nm, *ep, ldc);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < 16 && n0 + j < n_limit; ++j) C[(m0 + i) * ldc + n0 + j] = buffer[i * 16 + j];
   }
 }
 
-// Stores accumulator tile `t` (a literal: some compilers' _tile_stored pastes it into the instruction text) to
-// C[m0.., n0..]: straight into C when the 16 x 16 block is inside, else through a buffer.
-#define BNBX_STORE_TILE(t, m0, n0)                                 \
-  do {                                                             \
-    if ((m0) < M && (n0) < n_limit) {                              \
-      if ((m0) + 16 <= M && (n0) + 16 <= n_limit) {                \
-        _tile_stored(t, C + (m0) * ldc + (n0), ldc * 4);           \
-      } else {                                                     \
-        _tile_stored(t, buffer, 64);                               \
-        copy_partial_tile(buffer, C, ldc, M, n_limit, (m0), (n0)); \
-      }                                                            \
-    }                                                              \
+// Stores accumulator tile `t` (a literal: some compilers' _tile_stored pastes it into the instruction text) for
+// C[m0.., n0..]: straight into C when the int32 result is wanted and the 16 x 16 block is inside, else through
+// the buffer (partial blocks, and the fused epilogue).
+#define BNBX_STORE_TILE(t, m0, n0)                                    \
+  do {                                                                \
+    if ((m0) < M && (n0) < n_limit) {                                 \
+      if (ep == nullptr && (m0) + 16 <= M && (n0) + 16 <= n_limit) {  \
+        _tile_stored(t, C + (m0) * ldc + (n0), ldc * 4);              \
+      } else {                                                        \
+        _tile_stored(t, buffer, 64);                                  \
+        store_tile_image(buffer, C, ldc, M, n_limit, (m0), (n0), ep); \
+      }                                                               \
+    }                                                                 \
   } while (0)
 
 // One 32 x 32 (or smaller) block of C over all of K: a0/a1 rows of A with stride as, b0/b1 packed B blocks.
 template <bool kTwoM, bool kTwoN>
 BNBX_AMX inline void amx_block(const int8_t* a, int64_t as, const uint8_t* b0, const uint8_t* b1, int64_t chunks,
                                int32_t* C, int64_t ldc, int64_t M, int64_t n_limit, int64_t m0, int64_t n0,
-                               int32_t* buffer) {
+                               int32_t* buffer, const Int8Epilogue* ep) {
   _tile_zero(0);
   if (kTwoN) _tile_zero(1);
   if (kTwoM) _tile_zero(2);
@@ -359,8 +439,9 @@ BNBX_AMX inline void amx_block(const int8_t* a, int64_t as, const uint8_t* b0, c
   if (kTwoM && kTwoN) BNBX_STORE_TILE(3, m0 + 16, n0 + 16);
 }
 
-BNBX_AMX void gemm_amx(const int8_t* A, const uint8_t* packed_B, int32_t* C, int64_t M, int64_t N, int64_t K,
-                       int64_t n_begin, int64_t n_end) {
+BNBX_AMX void gemm_amx(const int8_t* A, int64_t lda, int64_t a_bytes, const int8_t* B, const uint8_t* packed_B,
+                       int32_t* C, int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end,
+                       const Int8Epilogue* ep) {
   TileConfig config{};
   config.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
@@ -373,36 +454,52 @@ BNBX_AMX void gemm_amx(const int8_t* A, const uint8_t* packed_B, int32_t* C, int
   const int64_t n_blocks = ceil_div(N, 16);
   constexpr int64_t kRowsPerPass = 256;  // rows of A (1 MiB at K = 4096) kept in L2 while B panels stream past
   std::vector<int8_t> padded;            // the last rows of A, zero-filled to whole tiles
+  std::vector<uint8_t> panel(packed_B == nullptr ? 2 * chunks * 1024 : 0);  // B packed on the fly
   alignas(64) int32_t buffer[256];
 
   for (int64_t p0 = 0; p0 < M; p0 += kRowsPerPass) {
     const int64_t p1 = std::min(M, p0 + kRowsPerPass);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += 32) {
       const int64_t nb = n0 / 16;
-      const uint8_t* b0 = packed_B + nb * chunks * 1024;
-      const uint8_t* b1 = b0 + chunks * 1024;
       const bool two_n = nb + 1 < n_blocks && n0 + 16 < n_end;
+      const uint8_t* b0;
+      if (packed_B != nullptr) {
+        b0 = packed_B + nb * chunks * 1024;
+      } else {
+        amx_pack_block(B, N, K, nb, panel.data());
+        if (two_n) amx_pack_block(B, N, K, nb + 1, panel.data() + chunks * 1024);
+        b0 = panel.data();
+        if (p0 == 0 && ep != nullptr && ep->gather_b_out != nullptr) {
+          for (int64_t n = n0; n < std::min(n0 + 32, n_end); ++n) {
+            for (int64_t j = 0; j < ep->n_out; ++j) {
+              ep->gather_b_out[j * N + n] =
+                  static_cast<float>(B[n * K + ep->gather_cols[j]]) * ep->col_stats[n] * kInv127;
+            }
+          }
+        }
+      }
+      const uint8_t* b1 = b0 + chunks * 1024;
       for (int64_t m0 = p0; m0 < p1; m0 += 32) {
-        // a tile of A reads 64 bytes per row from column 64c: past row M - 1 (or K's end in the last row)
-        // that would leave the tensor, so the last rows are copied into a zero-filled buffer first
-        const bool direct = m0 + 32 < M || (m0 + 32 == M && K % 64 == 0);
-        const int8_t* a = A + m0 * K;
-        int64_t as = K;
+        // the 32 tile rows read 64 * chunks bytes each from row m0 on; where that passes the end of A, the
+        // rows are first copied into a zero-filled buffer
+        const bool direct = (m0 + 31) * lda + chunks * 64 <= a_bytes;
+        const int8_t* a = A + m0 * lda;
+        int64_t as = lda;
         if (!direct) {
           padded.assign(32 * chunks * 64, 0);
-          for (int64_t r = 0; r < 32 && m0 + r < M; ++r) std::memcpy(&padded[r * chunks * 64], A + (m0 + r) * K, K);
+          for (int64_t r = 0; r < 32 && m0 + r < M; ++r) std::memcpy(&padded[r * chunks * 64], A + (m0 + r) * lda, K);
           a = padded.data();
           as = chunks * 64;
         }
         const bool two_m = m0 + 16 < M;
         if (two_m && two_n)
-          amx_block<true, true>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
+          amx_block<true, true>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer, ep);
         else if (two_m)
-          amx_block<true, false>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
+          amx_block<true, false>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer, ep);
         else if (two_n)
-          amx_block<false, true>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
+          amx_block<false, true>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer, ep);
         else
-          amx_block<false, false>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer);
+          amx_block<false, false>(a, as, b0, b1, chunks, C, N, M, n_end, m0, n0, buffer, ep);
       }
     }
   }
@@ -438,40 +535,14 @@ template <FloatType kOut>
 void mm_dequant_avx512(const int32_t* C, const float* row_stats, const float* col_stats, FloatType bias_type,
                        const void* bias, const float* a_out, const float* b_out, int64_t n_out, void* out, int64_t N,
                        int64_t rb, int64_t re) {
-  const __m512 k = _mm512_set1_ps(kInv127Sq);
-  for (int64_t m = rb; m < re; ++m) {
-    const __m512 r = _mm512_set1_ps(row_stats[m]);
-    for (int64_t n = 0; n < N; n += 16) {
-      const __mmask16 nm = tail_mask(N - n);
-      const __m512 c = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(nm, C + m * N + n));
-      __m512 t = _mm512_mul_ps(c, _mm512_mul_ps(r, _mm512_maskz_loadu_ps(nm, col_stats + n)));
-      t = _mm512_mul_ps(t, k);
-      if (bias != nullptr) {
-        const __m512 bv = bias_type == FloatType::kFloat32   ? load16<FloatType::kFloat32>(bias, n, nm)
-                          : bias_type == FloatType::kFloat16 ? load16<FloatType::kFloat16>(bias, n, nm)
-                                                             : load16<FloatType::kBFloat16>(bias, n, nm);
-        t = _mm512_add_ps(t, bv);
-      }
-      for (int64_t j = 0; j < n_out; ++j) {
-        const __m512 prod =
-            _mm512_mul_ps(_mm512_set1_ps(a_out[m * n_out + j]), _mm512_maskz_loadu_ps(nm, b_out + j * N + n));
-        t = _mm512_add_ps(t, prod);
-      }
-      if constexpr (kOut == FloatType::kFloat32) {
-        _mm512_mask_storeu_ps(static_cast<float*>(out) + m * N + n, nm, t);
-      } else if constexpr (kOut == FloatType::kFloat16) {
-        const __m256i h = _mm512_cvtps_ph(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + m * N + n, nm, h);
-      } else {
-        // round to nearest even on the bits, NaN -> 0x7fc0 as float_to_bf16 does
-        const __m512i bits = _mm512_castps_si512(t);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i rounded =
-            _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
-        rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + m * N + n, nm, _mm512_cvtepi32_epi16(rounded));
-      }
-    }
+  const Int8Epilogue ep{row_stats, col_stats, bias_type, bias, a_out, b_out, n_out, kOut, out, nullptr, nullptr};
+  // four rows at a time, row-major order through C
+  int64_t m = rb;
+  for (; m + 4 <= re; m += 4) {
+    for (int64_t n = 0; n < N; n += 16) dequant_rows<kOut, 4>(C + m * N + n, N, m, n, tail_mask(N - n), ep, N);
+  }
+  for (; m < re; ++m) {
+    for (int64_t n = 0; n < N; n += 16) dequant_rows<kOut, 1>(C + m * N + n, N, m, n, tail_mask(N - n), ep, N);
   }
 }
 #endif
