@@ -1,13 +1,16 @@
-"""Shared test parameters: devices (CUDA skipped cleanly without a GPU or a CUDA build), dtypes, seeds."""
+"""Shared test parameters: devices (CUDA skipped cleanly without a GPU or a CUDA build), dtypes, seeds, and the
+CPU instruction-set switch."""
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import pytest
 import torch
 
 import bnbx
+from bnbx import _library
 
 CUDA_READY = torch.cuda.is_available() and bnbx.cuda_built()
 DEVICES = [
@@ -20,6 +23,30 @@ DEVICES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 QUANT_TYPES = ["nf4", "fp4"]
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    """Run the bnbx CPU kernels of instruction set ``name`` ("scalar", "avx2", "avx512") inside the block."""
+    previous = _library.cpu_capability()
+    _library.set_cpu_capability(name)
+    try:
+        yield
+    finally:
+        _library.set_cpu_capability(previous)
+
+
+def cpu_supports(name: str) -> bool:
+    try:
+        with cpu_isa(name):
+            return True
+    except ValueError:
+        return False
+
+
+def isa_params(*names: str) -> list:
+    """pytest parameters for the instruction sets ``names``, each skipped where this CPU lacks it."""
+    return [pytest.param(n, marks=pytest.mark.skipif(not cpu_supports(n), reason=f"this CPU lacks {n}")) for n in names]
 
 
 def dtype_id(dtype: torch.dtype) -> str:

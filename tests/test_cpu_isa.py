@@ -15,31 +15,16 @@ misaligned out= tensor.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
 import torch
 
-from bnbx import _library
 from bnbx import functional as F
-from conftest import BLOCKSIZES, DTYPES, QUANT_TYPES, dtype_id
+from conftest import BLOCKSIZES, DTYPES, QUANT_TYPES, cpu_isa, dtype_id, isa_params
 
 
-def _cpu_supports(name: str) -> bool:
-    previous = _library.cpu_capability()
-    try:
-        _library.set_cpu_capability(name)
-    except ValueError:
-        return False
-    _library.set_cpu_capability(previous)
-    return True
-
-
-ISAS = [
-    pytest.param(name, marks=pytest.mark.skipif(not _cpu_supports(name), reason=f"this CPU lacks {name}"))
-    for name in ("avx2", "avx512")
-]
+ISAS = isa_params("avx2", "avx512")
 
 # Element counts: empty, tiny, around one block, odd, and enough for several groups of 16 blocks of 256.
 SIZES = [0, 1, 2, 7, 31, 63, 64, 65, 129, 1000, 4097, 40000 + 3]
@@ -56,21 +41,11 @@ _THRESHOLDS = torch.tensor(
 _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
-@contextlib.contextmanager
-def cpu_capability(name: str):
-    previous = _library.cpu_capability()
-    _library.set_cpu_capability(name)
-    try:
-        yield
-    finally:
-        _library.set_cpu_capability(previous)
-
-
 def on_both(isa: str, fn):
     """fn() under the scalar kernels and under `isa`; returns (scalar result, isa result)."""
-    with cpu_capability("scalar"):
+    with cpu_isa("scalar"):
         expected = fn()
-    with cpu_capability(isa):
+    with cpu_isa(isa):
         actual = fn()
     return expected, actual
 
@@ -88,8 +63,10 @@ def assert_bits_equal(actual, expected, what: str) -> None:
         actual, expected = actual.contiguous().view(view), expected.contiguous().view(view)
     if not torch.equal(actual, expected):
         bad = (actual.reshape(-1) != expected.reshape(-1)).nonzero().reshape(-1)
-        pytest.fail(f"{what}: {bad.numel()} elements differ, first at flat index {bad[:5].tolist()}: "
-                    f"{actual.reshape(-1)[bad[:5]].tolist()} vs scalar {expected.reshape(-1)[bad[:5]].tolist()}")
+        pytest.fail(
+            f"{what}: {bad.numel()} elements differ, first at flat index {bad[:5].tolist()}: "
+            f"{actual.reshape(-1)[bad[:5]].tolist()} vs scalar {expected.reshape(-1)[bad[:5]].tolist()}"
+        )
 
 
 def make_input(n: int, dtype: torch.dtype, blocksize: int, kind: str) -> torch.Tensor:
@@ -247,8 +224,16 @@ def test_flush_denormal_mode(isa):
                 packed, absmax = torch.ops.bnbx.quantize_4bit(X, 64, "fp4", torch.uint8)
                 codes, absmax8 = torch.ops.bnbx.quantize_blockwise(X, F.create_dynamic_map(), 256)
                 q, scale, zero_point = torch.ops.bnbx.quantize_int8(X, 64, False)
-                return (packed, absmax, torch.ops.bnbx.dequantize_4bit(packed, absmax, 64, "fp4", [X.numel()], dtype),
-                        codes, absmax8, q, scale, zero_point)
+                return (
+                    packed,
+                    absmax,
+                    torch.ops.bnbx.dequantize_4bit(packed, absmax, 64, "fp4", [X.numel()], dtype),
+                    codes,
+                    absmax8,
+                    q,
+                    scale,
+                    zero_point,
+                )
 
             expected, actual = on_both(isa, run)
             assert_bits_equal(actual, expected, f"flush-denormal mode {dtype_id(dtype)}")

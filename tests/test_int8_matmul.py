@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import DTYPES, dtype_id
+from conftest import DTYPES, cpu_isa, dtype_id
 from reference_int8_matmul import (
     int8_linear_matmul_ref,
     int8_mixed_linear_ref,
@@ -26,16 +26,6 @@ ISAS = [isa for isa in ("scalar", "avx2", "avx512") if isa != "avx512" or _libra
 if _library.cpu_capability() == "scalar":
     ISAS = ["scalar"]
 ROUTES = ["auto", "amx", "avx512_vnni", "base"]
-
-
-@contextlib.contextmanager
-def cpu_isa(name: str):
-    before = _library.cpu_capability()
-    _library.set_cpu_capability(name)
-    try:
-        yield
-    finally:
-        _library.set_cpu_capability(before)
 
 
 @contextlib.contextmanager

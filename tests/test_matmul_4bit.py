@@ -6,15 +6,13 @@ dense weight; they must be as close to the float64 product as dequantize-then-ma
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 import bnbx
-from bnbx import _library
 from bnbx import functional as F
-from conftest import BLOCKSIZES, DTYPES, dtype_id
+from conftest import BLOCKSIZES, DTYPES, cpu_isa, dtype_id, isa_params
 from reference_gemm_4bit import dequantize_then_matmul, gemm_4bit_ref
 
 # Rows of A on each side of the GEMV / GEMM crossover; K values that do and do not fill SIMD groups (128 lanes
@@ -23,30 +21,7 @@ M_VALUES = [1, 3, 17]
 KN_VALUES = [(128, 33), (256, 7), (65, 5), (1, 3), (384, 19)]
 
 
-def _cpu_supports(name: str) -> bool:
-    previous = _library.cpu_capability()
-    try:
-        _library.set_cpu_capability(name)
-    except ValueError:
-        return False
-    _library.set_cpu_capability(previous)
-    return True
-
-
-ISAS = [
-    pytest.param(name, marks=pytest.mark.skipif(not _cpu_supports(name), reason=f"this CPU lacks {name}"))
-    for name in ("scalar", "avx2", "avx512")
-]
-
-
-@contextlib.contextmanager
-def cpu_isa(name: str):
-    previous = _library.cpu_capability()
-    _library.set_cpu_capability(name)
-    try:
-        yield
-    finally:
-        _library.set_cpu_capability(previous)
+ISAS = isa_params("scalar", "avx2", "avx512")
 
 
 def _close_to_reference(ours: torch.Tensor, A, packed, state, bias=None) -> None:

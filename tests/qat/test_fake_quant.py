@@ -3,15 +3,13 @@ fake_quantize (bit for bit), every CPU instruction set, gradients, opcheck and b
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, dtype_id
+from conftest import DEVICES, DTYPES, cpu_isa, dtype_id, isa_params
 from reference_fake_quant import fake_quantize_ref, grid, lsq_ref
 
 import bnbx
-from bnbx import _library
 from bnbx.qat import fake_quantize, fake_quantize_4bit, fake_quantize_lsq, lsq_init_scale
 
 
@@ -19,27 +17,7 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
-@contextlib.contextmanager
-def isa(name: str):
-    previous = _library.cpu_capability()
-    _library.set_cpu_capability(name)
-    try:
-        yield
-    finally:
-        _library.set_cpu_capability(previous)
-
-
-def _supported(name: str) -> bool:
-    try:
-        with isa(name):
-            return True
-    except ValueError:
-        return False
-
-
-ISAS = [
-    pytest.param(n, marks=pytest.mark.skipif(not _supported(n), reason=f"no {n}")) for n in ("scalar", "avx2", "avx512")
-]
+ISAS = isa_params("scalar", "avx2", "avx512")
 SHAPES_GROUPS = [((0,), 5), ((1,), 1), ((7,), 3), ((33, 17), 17), ((5, 130), 10), ((3, 1000), 7), ((2, 4100), 4100)]
 
 
@@ -58,7 +36,7 @@ def _special(shape, dtype):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("symmetric,full", [(True, False), (True, True), (False, True), (False, False)])
 def test_kernel_matches_reference(isa_name, dtype, bits, symmetric, full):
-    with isa(isa_name):
+    with cpu_isa(isa_name):
         for shape, group in SHAPES_GROUPS:
             x = _special(shape, dtype)
             out, scale, zp = torch.ops.bnbx.fake_quantize(x, group, bits, symmetric, full, "none", 2.0)
@@ -75,7 +53,7 @@ def test_nonfinite_and_zero_groups(isa_name):
     x[2, 0] = float("inf")
     x[3] = 0.0
     x[4] = 2.5  # all equal: zero range for symmetric? no: absmax 2.5; asymmetric range [0, 2.5]
-    with isa(isa_name):
+    with cpu_isa(isa_name):
         for symmetric in (True, False):
             out, scale, _ = torch.ops.bnbx.fake_quantize(x, 40, 4, symmetric, not symmetric, "none", 2.0)
             assert out[1].isnan().all() and out[2].isnan().all()

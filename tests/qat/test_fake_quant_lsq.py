@@ -4,15 +4,13 @@ set, deterministic gradient sums, autograd, opcheck, torch.compile and bad input
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
-from conftest import DEVICES, dtype_id
+from conftest import DEVICES, cpu_isa, cpu_supports, dtype_id, isa_params
 from reference_fake_quant import lsq_ref, lsq_torch, lsq_torch_backward, sum_to
 
-from bnbx import _library
 from bnbx.qat import fake_quantize, fake_quantize_lsq, lsq_init_scale
 
 LSQ_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -22,27 +20,7 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
-@contextlib.contextmanager
-def isa(name: str):
-    previous = _library.cpu_capability()
-    _library.set_cpu_capability(name)
-    try:
-        yield
-    finally:
-        _library.set_cpu_capability(previous)
-
-
-def _supported(name: str) -> bool:
-    try:
-        with isa(name):
-            return True
-    except ValueError:
-        return False
-
-
-ISAS = [
-    pytest.param(n, marks=pytest.mark.skipif(not _supported(n), reason=f"no {n}")) for n in ("scalar", "avx2", "avx512")
-]
+ISAS = isa_params("scalar", "avx2", "avx512")
 
 # (x shape, scale shape, offset shape): per row of a weight, per tensor, per token, elementwise, leading ones,
 # odd sizes, a row longer than one backward segment (32768 elements), empty tensors
@@ -93,7 +71,7 @@ def test_matches_torch_formula(isa_name, dtype, layout):
     x, scale, offset = _inputs(*layout, dtype)
     qmin, qmax = (-8.0, 7.0) if x.numel() % 2 else (-7.0, 7.0)
     grad = torch.randn(x.shape).to(dtype)
-    with isa(isa_name):
+    with cpu_isa(isa_name):
         out = torch.ops.bnbx.fake_quantize_lsq(x, scale, offset, qmin, qmax, 0.3)
         grad_x, grad_s, grad_o = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, offset, qmin, qmax, 0.3)
     assert_same(out, lsq_torch(x, scale, offset, qmin, qmax))
@@ -112,7 +90,7 @@ def test_matches_torch_formula(isa_name, dtype, layout):
 
 @pytest.mark.parametrize("dtype", LSQ_DTYPES[:3], ids=dtype_id)
 def test_same_bits_on_every_isa_and_thread_count(dtype):
-    supported = [n for n in ("scalar", "avx2", "avx512") if _supported(n)]
+    supported = [n for n in ("scalar", "avx2", "avx512") if cpu_supports(n)]
     results = []
     threads = torch.get_num_threads()
     for shape, scale_shape in [((3, 70001), ()), ((6, 40000), (6, 1))]:
@@ -122,7 +100,7 @@ def test_same_bits_on_every_isa_and_thread_count(dtype):
             for n in (1, 2):
                 torch.set_num_threads(n)
                 try:
-                    with isa(name):
+                    with cpu_isa(name):
                         out = torch.ops.bnbx.fake_quantize_lsq(x, scale, offset, -7.0, 7.0)
                         grads = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, offset, -7.0, 7.0, 0.01)
                 finally:
@@ -337,7 +315,7 @@ def test_fp16_overflow_as_the_formula(isa_name):
     # 65000 / 40000 rounds to code 2: 80000 does not fit fp16 and becomes Inf, as the formula's .to(float16)
     x = torch.tensor([[65000.0, -65000.0, 30000.0] * 6], dtype=torch.float16)
     scale = torch.full((1, 1), 40000.0)
-    with isa(isa_name):
+    with cpu_isa(isa_name):
         out = torch.ops.bnbx.fake_quantize_lsq(x, scale, torch.zeros(()), -7.0, 7.0)
     assert_same(out, lsq_torch(x, scale, torch.zeros(()), -7.0, 7.0))
     assert out.isinf().sum() == 12
