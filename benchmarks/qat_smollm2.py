@@ -53,7 +53,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training block")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4, help="weights")
-    parser.add_argument("--scale-lr", type=float, default=1e-3, help="LSQ weight scales")
+    parser.add_argument(
+        "--scale-lr",
+        type=float,
+        default=1e-3,
+        help="LSQ weight scales at 4 bits; times 7 / qmax at other widths (an Adam step has a fixed size, while a "
+        "scale is absmax / qmax: 1e-3 is 7%% of a typical 4-bit scale but more than a whole 8-bit one)",
+    )
     parser.add_argument("--method", default="lsq", choices=["lsq", "minmax"], help="QAT weight quantizer")
     parser.add_argument("--kv-granularity", default="head", choices=["head", "token"])
     parser.add_argument("--eval-len", type=int, default=256)
@@ -112,7 +118,7 @@ def main() -> None:
             batch_size=args.batch,
             max_steps=args.steps,
             lr=args.lr,
-            scale_lr=args.scale_lr,
+            scale_lr=args.scale_lr * 7 / (2 ** (w - 1) - 1),
             progress=False,
         )
         train_time = cpu_time() - t0
@@ -137,7 +143,8 @@ def main() -> None:
     lines.append(
         f"\nfull precision ppl {fp:.3f}; data generation {gen_time:.0f} s CPU ({len(data)} x {args.gen_len} "
         f"tokens); {args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, scale lr "
-        f"{args.scale_lr}, weights {args.method} per channel, KV per {args.kv_granularity}; "
+        f"{args.scale_lr} at 4 bits (x 7/qmax otherwise), weights {args.method} per channel, "
+        f"KV per {args.kv_granularity}; "
         f"eval {eval_ids.numel()} tokens"
     )
     table = "\n".join(lines)

@@ -240,6 +240,11 @@ def distill(
     loss :func:`kd_loss` (no ground-truth term). Both models must be Hugging Face causal LMs
     (``get_decoder()`` and ``get_output_embeddings()``). Returns the loss of
     every step.
+
+    Choosing ``scale_lr``: an Adam step moves a parameter by about the learning rate whatever its gradient, and
+    an LSQ scale is about absmax / qmax, so one learning rate is a very different relative step at different
+    widths. 1e-3 worked for 4-bit weights of SmolLM2-135M (``benchmarks/qat_smollm2.py``); scale it by
+    7 / qmax for other widths (about 5.5e-5 at 8 bits), or the scales move by more than their own size.
     """
     blocks = _blocks(_load_sequences(data), seq_len)
     generator = torch.Generator().manual_seed(seed)
