@@ -43,7 +43,9 @@ int64_t tile_rows() {
 }
 
 // Largest M for the AMX kernel (bf16 inputs); above it, tiles into at::mm, whose blocking over M is better.
-constexpr int64_t kAmxMaxRows = 512;  // measured: at M = 128-512 it matched or beat the tiles; at 2048 the tiles
+// Measured on the 2-core Xeon (NF4 + double quant, bf16; ms AMX / tiles): 4096x11008 M=128 9.6 / 13.2, M=256
+// 21.4 / 19.4, M=512 45.1 / 27.6; 1024x2816 M=128 0.87 / 0.98, M=256 1.48 / 1.34; 2816x1024 M=256 2.5 / 1.1.
+constexpr int64_t kAmxMaxRows = 128;
 
 int64_t amx_max_rows() {
   if (const char* value = std::getenv("BNBX_GEMM_4BIT_AMX_MAX_M")) return std::atoll(value);
