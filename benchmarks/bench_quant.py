@@ -16,7 +16,10 @@ dequantize decodes them), bf16 weights, blocksize 64. Columns:
 - new out ms: dequantize into a freshly allocated output, the way bitsandbytes and the plain-torch version
   run (bitsandbytes has no CPU out= kernel); page faults of a fresh allocation count here. On Linux a
   fresh 90 MB tensor costs tens of ms of faults and zeroing; THP_MEM_ALLOC_ENABLE=1 (torch's allocator
-  asks for huge pages) removes most of that; the header says whether it was set.
+  asks for huge pages) removes most of that; the header says whether it was set. With bitsandbytes
+  installed, this column and bitsandbytes' dequantize are timed alternately, call for call, because a fresh
+  output's cost depends on the allocator's state (what was just freed), which differs between two
+  separate loops.
 - vs bnb, vs torch: how many times faster bnbx is than bitsandbytes (same op and arguments) and than the
   plain-torch version below, each compared with bnbx's like-for-like time (fresh outputs for dequantize).
   "n/a" when bitsandbytes is not installed (or has no kernel for the device).
@@ -131,6 +134,19 @@ class Timer:
         times = [first] + [self.once(fns[(i + 1) % len(fns)]) for i in range(repeat - 1)]
         return statistics.median(times) * 1e3
 
+    def interleaved_median_ms(
+        self, fns_a: list[Callable[[], object]], fns_b: list[Callable[[], object]], repeat: int
+    ) -> tuple[float, float]:
+        """Medians of two functions timed alternately (a, b, a, b, ...), so both see the same machine and the
+        same allocator state: a fresh output's cost depends on what was freed just before."""
+        for fn in fns_a + fns_b:
+            self.once(fn)
+        times_a, times_b = [], []
+        for i in range(repeat):
+            times_a.append(self.once(fns_a[i % len(fns_a)]))
+            times_b.append(self.once(fns_b[i % len(fns_b)]))
+        return statistics.median(times_a) * 1e3, statistics.median(times_b) * 1e3
+
 
 def copy_bandwidth_gbs(timer: Timer, elements: int, copies: int, repeat: int, device: torch.device) -> float:
     sources = [torch.randn(elements, device=device).to(WEIGHT_DTYPE) for _ in range(copies)]
@@ -205,9 +221,17 @@ def bench_device(device: torch.device, shapes, args, bnb_functional) -> tuple[li
                 ]
                 bnb_q = timer.median_ms(bnb_quantize, args.repeat, BASELINE_BUDGET_S)
                 bnb_state = [fn() for fn in bnb_quantize]
-                bnb_dq = timer.median_ms([lambda p=p, s=s: bnb_functional.dequantize_4bit(p, s) for p, s in bnb_state],
-                                         args.repeat, BASELINE_BUDGET_S)  # fmt: skip
-                del bnb_state
+                # a fresh output each call on both sides, timed alternately (see interleaved_median_ms)
+                ours = [F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=quant_type, compress_statistics=compress)
+                        for w in ws]  # fmt: skip
+                dq_new_fair, bnb_dq = timer.interleaved_median_ms(
+                    [lambda p=p, s=s: F.dequantize_4bit(p, s) for p, s in ours],
+                    [lambda p=p, s=s: bnb_functional.dequantize_4bit(p, s) for p, s in bnb_state],
+                    args.repeat,
+                )
+                q_ms, dq_ms, _ = bnbx_ms[(shape, quant_type, compress)]
+                bnbx_ms[(shape, quant_type, compress)] = (q_ms, dq_ms, dq_new_fair)
+                del bnb_state, ours
             except Exception as error:  # e.g. no kernel for this device
                 print(f"bitsandbytes 4-bit failed on {device}: {error}", file=sys.stderr)
         torch_quantize = [lambda w=w: plain.quantize(w, quant_type, compress) for w in ws]
