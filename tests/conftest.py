@@ -49,6 +49,18 @@ def isa_params(*names: str) -> list:
     return [pytest.param(n, marks=pytest.mark.skipif(not cpu_supports(n), reason=f"this CPU lacks {n}")) for n in names]
 
 
+@contextlib.contextmanager
+def gemm_route(name: str):
+    """Run bnbx's CPU int8 GEMM through route ``name`` ("auto", "amx", "avx512_vnni", "base") inside the block."""
+    from bnbx.functional_int8 import _force_int8_gemm
+
+    _force_int8_gemm(name)
+    try:
+        yield
+    finally:
+        _force_int8_gemm("auto")
+
+
 def dtype_id(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 

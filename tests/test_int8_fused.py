@@ -4,17 +4,16 @@ bit for bit to the plain-torch reference and to the unfused route, over odd shap
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
-from conftest import DTYPES, dtype_id
+from conftest import DTYPES, dtype_id, gemm_route
 from reference_int8_matmul import int8_linear_matmul_ref, int8_mixed_linear_ref
 
 from bnbx import _library
 from bnbx import functional as F
-from bnbx.functional_int8 import _force_int8_gemm, int8_gemm_route
+from bnbx.functional_int8 import int8_gemm_route
 from bnbx.matmul_int8 import matmul_8bit
 from bnbx.nn import Linear8bitLt
 
@@ -22,15 +21,6 @@ ops = torch.ops.bnbx
 
 AVX512 = _library.cpu_capability() == "avx512"
 needs_avx512 = pytest.mark.skipif(not AVX512, reason="the AMX weight layout is packed by the AVX-512 kernels")
-
-
-@contextlib.contextmanager
-def gemm_route(name: str):
-    _force_int8_gemm(name)
-    try:
-        yield
-    finally:
-        _force_int8_gemm("auto")
 
 
 def layer_inputs(M: int, N: int, K: int, dtype: torch.dtype, outlier_cols=(), seed: int = 0):

@@ -3,11 +3,10 @@ bad input, opcheck, torch.compile and the autograd path."""
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
-from conftest import DTYPES, cpu_isa, dtype_id
+from conftest import DTYPES, cpu_isa, dtype_id, gemm_route
 from reference_int8_matmul import (
     int8_linear_matmul_ref,
     int8_mixed_linear_ref,
@@ -18,7 +17,6 @@ from reference_int8_matmul import (
 
 from bnbx import _library
 from bnbx import functional as F
-from bnbx.functional_int8 import _force_int8_gemm
 
 ops = torch.ops.bnbx
 
@@ -26,15 +24,6 @@ ISAS = [isa for isa in ("scalar", "avx2", "avx512") if isa != "avx512" or _libra
 if _library.cpu_capability() == "scalar":
     ISAS = ["scalar"]
 ROUTES = ["auto", "amx", "avx512_vnni", "base"]
-
-
-@contextlib.contextmanager
-def gemm_route(name: str):
-    _force_int8_gemm(name)
-    try:
-        yield
-    finally:
-        _force_int8_gemm("auto")
 
 
 def with_outliers(shape, dtype, cols=(3,), value=20.0):
