@@ -52,7 +52,7 @@ def lsq_ref(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: fl
 
 # --- LSQ / LSQ+: the plain-torch formula the fused ops (bnbx.qat.fake_quantize_lsq) reproduce bit for bit
 # (forward and grad_x; the scale and offset sums up to the summation order). It was bnbx's implementation
-# before the fused kernels; benchmarks/bench_qat.py times it as the peer.
+# before the fused kernels; benchmarks/bench_qat.py measures it as the peer.
 
 
 def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:

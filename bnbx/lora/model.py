@@ -42,7 +42,7 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     if callable(get_output):
         try:
             output = get_output()
-        except (AttributeError, NotImplementedError):
+        except (AttributeError, NotImplementedError):  # transformers models without an output layer raise it
             output = None
         if output is not None:
             names |= {name for name, module in model.named_modules() if module is output}
