@@ -10,7 +10,7 @@ _library.load()
 
 from . import _ops  # noqa: E402, F401  (fake kernels for the ops registered by _C.so)
 from . import functional  # noqa: E402
-from ._library import cpu_capability, cuda_built  # noqa: E402
+from ._library import cpu_cache_stats, cpu_capability, cuda_built, empty_cpu_cache, set_cpu_cache_limit  # noqa: E402
 from .functional import (  # noqa: E402
     dequantize_4bit,
     dequantize_blockwise,
@@ -36,6 +36,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BnbxConfig",
+    "cpu_cache_stats",
+    "empty_cpu_cache",
+    "set_cpu_cache_limit",
     "dequantize_model",
     "quantize_model_",
     "replace_linear",

@@ -46,6 +46,12 @@ def load() -> ctypes.CDLL:
     handle.bnbx_cpu_extensions.restype = ctypes.c_char_p
     handle.bnbx_cuda_built.restype = ctypes.c_int
     handle.bnbx_cuda_architectures.restype = ctypes.c_char_p
+    handle.bnbx_cpu_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    handle.bnbx_cpu_cache_stats.restype = None
+    handle.bnbx_cpu_cache_set_limit.argtypes = [ctypes.c_int64]
+    handle.bnbx_cpu_cache_set_limit.restype = None
+    handle.bnbx_cpu_cache_clear.restype = None
+    _check_cache_environment()
     return handle
 
 
@@ -79,3 +85,46 @@ def cuda_built() -> bool:
 def cuda_architectures() -> str:
     """The CUDA architectures compiled in, e.g. ``"80,86,89,90"``; empty for a CPU-only build."""
     return load().bnbx_cuda_architectures().decode()
+
+
+# --- the cache of freed large CPU outputs (csrc/cpu/fresh_output.cpp) ----------------------------------------
+_CACHE_STATS = ("limit_bytes", "cached_bytes", "in_use_bytes", "hits", "misses")
+
+
+def cpu_cache_stats() -> dict[str, int]:
+    """The cache of freed large CPU outputs: its limit, the bytes it holds for reuse, the bytes of live outputs
+    that came from it, and how many large outputs reused a block (hits) or were newly mapped (misses).
+
+    Large outputs (8 MiB and more) of bnbx's CPU ops get memory advised for transparent huge pages; when one is
+    freed, its memory is kept (up to the limit) and handed to the next output of about the same size, so a
+    training loop does not pay the page faults of fresh memory every step. ``BNBX_CPU_CACHE_MB`` sets the limit
+    at import (default 1024 MiB; 0 turns the cache off); sanitizer builds keep it off.
+    """
+    values = (ctypes.c_int64 * len(_CACHE_STATS))()
+    load().bnbx_cpu_cache_stats(values)
+    return dict(zip(_CACHE_STATS, values))
+
+
+def set_cpu_cache_limit(limit_bytes: int) -> None:
+    """Keep at most ``limit_bytes`` of freed large CPU outputs for reuse (0 turns the cache off and frees what
+    it holds). Live outputs are never affected."""
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
+        raise ValueError(f"set_cpu_cache_limit: limit_bytes must be a non-negative int, got {limit_bytes!r}")
+    load().bnbx_cpu_cache_set_limit(limit_bytes)
+
+
+def empty_cpu_cache() -> None:
+    """Free the memory the CPU output cache holds for reuse (like ``torch.cuda.empty_cache``); the limit stays."""
+    load().bnbx_cpu_cache_clear()
+
+
+def _check_cache_environment() -> None:
+    import os
+    import warnings
+
+    text = os.environ.get("BNBX_CPU_CACHE_MB", "")
+    if text and not (text.isdigit()):
+        warnings.warn(
+            f"BNBX_CPU_CACHE_MB={text!r} is not a non-negative whole number of MiB; the default (1024) is used",
+            stacklevel=3,
+        )

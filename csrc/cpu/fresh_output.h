@@ -1,40 +1,24 @@
-// Fresh outputs of the CPU ops. A large fresh output is written once, by the kernel; on Linux most of its
-// cost is the page faults of first touch (one per 4 KiB page, each zeroing its page), about as much as the
-// pass itself for a 4096x11008 weight. For large outputs ask for transparent huge pages (2 MiB, one fault
-// each) on the 2 MiB-aligned part of the allocation, where the kernel's THP mode is "madvise" (the common
-// default); a hint only, so a refusal changes nothing.
+// Fresh outputs of the CPU ops, from a cache of freed large outputs.
+//
+// A large fresh output is written once, by the kernel; on Linux most of its cost is first touch: one page fault
+// per 4 KiB page, each zeroing its page (and in a VM that hands freed memory back to the host, the host's fault
+// as well). For a 4096x11008 weight that is about as much as the pass itself, and a training loop asks for the
+// same sizes every step. So, like torch's CUDA caching allocator: large outputs (>= 8 MiB) get 2 MiB-aligned
+// memory advised for transparent huge pages (one fault per 2 MiB), and when such an output is freed its memory
+// is kept, up to a limit, and handed to the next output of about the same size, already mapped.
+//
+// The limit: BNBX_CPU_CACHE_MB at import (default 1024; 0 turns the cache off), or bnbx.set_cpu_cache_limit().
+// Off in sanitizer builds, where reused memory would hide use-after-free. Only outputs the kernel writes in
+// full may come from here: reused memory holds an earlier tensor's values.
 #pragma once
 
-#include <ATen/ops/empty.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
 namespace bnbx::cpu {
 
-constexpr int64_t kHugePageBytes = int64_t{2} << 20;
-
-inline void advise_huge_pages(const at::Tensor& out) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
-  if (bytes < 4 * kHugePageBytes) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.const_data_ptr());
-  const uintptr_t first = (begin + kHugePageBytes - 1) & ~static_cast<uintptr_t>(kHugePageBytes - 1);
-  const uintptr_t last = (begin + bytes) & ~static_cast<uintptr_t>(kHugePageBytes - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)out;
-#endif
-}
-
-// at::empty for an output the kernel writes in full.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-  advise_huge_pages(out);
-  return out;
-}
+// at::empty for an output the kernel writes in full (contiguous, CPU).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace bnbx::cpu

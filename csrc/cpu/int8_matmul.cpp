@@ -14,6 +14,7 @@
 
 #include "../common/checks_int8_matmul.h"
 #include "cpu_features.h"
+#include "fresh_output.h"
 #include "kernels/int8_matmul.h"
 
 namespace bnbx {
@@ -166,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cpu(const a
   const at::Tensor input = A.contiguous();
   const int64_t K = input.size(-1);
   const int64_t rows = leading_rows(input);
-  at::Tensor q = at::empty(input.sizes(), input.options().dtype(at::kChar));
+  at::Tensor q = cpu::empty_output(input.sizes(), input.options().dtype(at::kChar));
   at::Tensor stats = at::empty({rows}, input.options().dtype(at::kFloat));
   if (K == 0) {
     stats.zero_();
@@ -184,7 +185,7 @@ at::Tensor int8_vectorwise_dequant_cpu(const at::Tensor& A, const at::Tensor& st
   const at::Tensor s = stats.contiguous();
   const int64_t K = q.size(-1);
   const int64_t rows = leading_rows(q);
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor out = cpu::empty_output(q.sizes(), q.options().dtype(at::kFloat));
   const cpu::Int8MatmulKernels& kt = int8_kernels();
   at::parallel_for(0, rows, grain_rows(K), [&](int64_t b, int64_t e) {
     kt.vectorwise_dequant(q.const_data_ptr<int8_t>(), s.const_data_ptr<float>(), K, out.mutable_data_ptr<float>(), b,
@@ -232,7 +233,7 @@ at::Tensor int8_mm_dequant_cpu(const at::Tensor& A, const at::Tensor& row_stats,
   const at::Tensor cs = col_stats.contiguous();
   const int64_t N = C.size(-1);
   const int64_t rows = leading_rows(C);
-  at::Tensor out = at::empty(C.sizes(), C.options().dtype(out_dtype));
+  at::Tensor out = cpu::empty_output(C.sizes(), C.options().dtype(out_dtype));
   mm_dequant_into(C.const_data_ptr<int32_t>(), rs.const_data_ptr<float>(), cs.const_data_ptr<float>(), bias, nullptr,
                   nullptr, 0, out_dtype, out.mutable_data_ptr(), rows, N);
   return out;

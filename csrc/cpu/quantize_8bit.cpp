@@ -8,6 +8,7 @@
 
 #include "../common/checks.h"
 #include "cpu_features.h"
+#include "fresh_output.h"
 #include "kernels/quantize_8bit.h"
 
 namespace bnbx {
@@ -28,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, c
   check_code_sorted(code_values);
   const int64_t n = input.numel();
   const int64_t blocks = ceil_div(n, blocksize);
-  at::Tensor out = at::empty(input.sizes(), input.options().dtype(at::kByte));
+  at::Tensor out = cpu::empty_output(input.sizes(), input.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
 
   const cpu::Quantize8bitKernels& kernels =
@@ -98,7 +99,7 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
   const at::Tensor stats = absmax.contiguous();
   const at::Tensor code_values = code.contiguous();
   const int64_t n = codes.numel();
-  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  at::Tensor out = cpu::empty_output(codes.sizes(), codes.options().dtype(dtype));
 
   const cpu::Quantize8bitKernels& kernels =
       cpu::select_kernels(cpu::quantize_8bit_scalar, cpu::quantize_8bit_avx2, cpu::quantize_8bit_avx512);

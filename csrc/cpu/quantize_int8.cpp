@@ -5,6 +5,7 @@
 
 #include "../common/checks.h"
 #include "cpu_features.h"
+#include "fresh_output.h"
 #include "kernels/quantize_int8.h"
 
 namespace bnbx {
@@ -18,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tenso
   const at::Tensor input = A.contiguous();
   const int64_t n = input.numel();
   const int64_t groups = ceil_div(n, group_size);
-  at::Tensor q = at::empty(input.sizes(), input.options().dtype(at::kChar));
+  at::Tensor q = cpu::empty_output(input.sizes(), input.options().dtype(at::kChar));
   at::Tensor scale = at::empty({groups}, input.options().dtype(at::kFloat));
   at::Tensor zero_point = at::empty({groups}, input.options().dtype(at::kInt));
 
@@ -42,7 +43,7 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& A, const at::Tensor& scale, con
   const at::Tensor scales = scale.contiguous();
   const at::Tensor zero_points = zero_point.contiguous();
   const int64_t n = q.numel();
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  at::Tensor out = cpu::empty_output(q.sizes(), q.options().dtype(dtype));
 
   const cpu::QuantizeInt8Kernels& kernels =
       cpu::select_kernels(cpu::quantize_int8_scalar, cpu::quantize_int8_avx2, cpu::quantize_int8_avx512);
