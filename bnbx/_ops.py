@@ -1,11 +1,13 @@
 """Fake (meta) kernels for every ``torch.ops.bnbx`` op, so ``torch.compile`` and ``opcheck`` can trace them.
 
-The schemas live in ``csrc/ops.cpp``. Each fake repeats the C++ checks of ``csrc/common/checks.h`` with the
-same words (``tests/test_errors.py`` holds both to it), computes output shapes and dtypes with
-``torch.empty`` on the input's device, and never reads data.
+The schemas live in ``csrc/ops.cpp``, whose ``set_python_module("bnbx._ops")`` makes torch require every
+``register_fake`` of those ops to be called from this module. Each fake repeats the C++ checks of
+``csrc/common/checks*.h`` with the same words (``_checks.py``, ``_ops_qat.py`` and the blocks below;
+``tests/test_errors.py`` holds both to it), computes output shapes and dtypes with ``torch.empty`` on the
+input's device, and never reads data.
 
-The quantize/dequantize ops are not differentiable (quantization has no useful gradient here; fake-quant ops
-with a straight-through estimator are separate). ``gemm_4bit`` registers autograd for A and bias (the 4-bit
+The quantize/dequantize ops are not differentiable (quantization has no useful gradient here; the fake-quant
+ops of QAT have their autograd in ``_ops_qat.py``). ``gemm_4bit`` registers autograd for A and bias (the 4-bit
 weight is frozen).
 """
 
@@ -16,71 +18,24 @@ from typing import Sequence
 
 import torch
 
-from ._formats import BLOCKSIZES, BLOCKSIZES_8BIT, DYNAMIC_MAP_SIZE, QUANT_STORAGES, QUANT_TYPES, SUPPORTED_FLOATS
+from ._checks import (
+    check_block_stats,
+    check_blocksize,
+    check_code,
+    check_float_dtype,
+    check_quant_storage,
+    check_quant_type,
+    check_same_device,
+    checked_numel,
+)
+from ._formats import BLOCKSIZES_8BIT
 from ._formats import dtype_name as _dtype_name
-
-
-def check_float_dtype(op: str, name: str, dtype: torch.dtype) -> None:
-    torch._check_type(
-        dtype in SUPPORTED_FLOATS,
-        lambda: f"{op}: {name} must be float32, float16 or bfloat16, got {_dtype_name(dtype)}",
-    )
-
-
-def check_blocksize(op: str, blocksize: int, allowed: tuple[int, ...] = BLOCKSIZES) -> None:
-    """4-bit ops take ``BLOCKSIZES`` (32..4096), 8-bit blockwise ops ``BLOCKSIZES_8BIT`` (32..16384)."""
-    torch._check_value(
-        blocksize in allowed,
-        lambda: f"{op}: blocksize must be a power of two from {allowed[0]} to {allowed[-1]}, got {blocksize}",
-    )
-
-
-def check_quant_type(op: str, quant_type: str) -> None:
-    torch._check_value(
-        quant_type in QUANT_TYPES, lambda: f"{op}: quant_type must be 'nf4' or 'fp4', got '{quant_type}'"
-    )
-
-
-def check_quant_storage(op: str, storage: torch.dtype) -> None:
-    torch._check_type(
-        storage in QUANT_STORAGES,
-        lambda: f"{op}: quant_storage must be uint8, int8, float16, bfloat16 or float32, got {_dtype_name(storage)}",
-    )
-
-
-def checked_numel(op: str, shape: Sequence[int]) -> int:
-    for size in shape:
-        torch._check_value(size >= 0, lambda: f"{op}: shape must not hold negative sizes, got {list(shape)}")
-    n = math.prod(shape)
-    torch._check_value(n < 2**62, lambda: f"{op}: shape {list(shape)} has too many elements")
-    return n
-
-
-def check_same_device(op: str, a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
-    torch._check(
-        a.device == b.device,
-        lambda: f"{op}: expected all tensors on the same device, got {a_name} on {a.device} and {b_name} on {b.device}",
-    )
-
-
-def check_block_stats(op: str, name: str, stats: torch.Tensor, expected: int, dtype=torch.float32) -> None:
-    torch._check_type(
-        stats.dtype == dtype, lambda: f"{op}: {name} must be {_dtype_name(dtype)}, got {_dtype_name(stats.dtype)}"
-    )
-    torch._check_value(
-        stats.numel() == expected,
-        lambda: f"{op}: {name} must hold one value per block ({expected} values), got {stats.numel()}",
-    )
+from ._ops_qat import check_grad_scale, check_fake_quantize_args, check_fake_quantize_lsq_args
 
 
 def packed_4bit_bytes(n: int, storage_itemsize: int) -> int:
     """Bytes of packed storage for ``n`` 4-bit codes, rounded up to whole ``quant_storage`` elements."""
     return -(-(-(-n // 2)) // storage_itemsize) * storage_itemsize
-
-
-def check_code(op: str, code: torch.Tensor) -> None:
-    torch._check_type(code.dtype == torch.float32, lambda: f"{op}: code must be float32, got {_dtype_name(code.dtype)}")
-    torch._check_value(code.numel() == DYNAMIC_MAP_SIZE, lambda: f"{op}: code must hold 256 values, got {code.numel()}")
 
 
 @torch.library.register_fake("bnbx::quantize_4bit")
@@ -333,15 +288,23 @@ def _check_stats(op: str, name: str, stats: torch.Tensor, expected: int, A: torc
     check_same_device(op, A, "A", stats, name)
 
 
-def _check_int8_weight(op: str, name: str, B: torch.Tensor, K: int, A: torch.Tensor) -> None:
+def _check_int8_matrix(op: str, name: str, B: torch.Tensor) -> None:
     torch._check_type(B.dtype == torch.int8, lambda: f"{op}: {name} must be int8, got {_dtype_name(B.dtype)}")
     torch._check_value(B.dim() == 2, lambda: f"{op}: {name} must be 2-D [N, K], got {B.dim()} dimensions")
-    torch._check_value(
-        B.shape[1] == K, lambda: f"{op}: {name} must be [N, K] with K = A.shape[-1] = {K}, got {list(B.shape)}"
-    )
+
+
+def _check_int8_k(op: str, K: int) -> None:
     torch._check_value(
         K <= INT8_MAX_K, lambda: f"{op}: K must be at most {INT8_MAX_K} so int32 sums cannot overflow, got {K}"
     )
+
+
+def _check_int8_weight(op: str, name: str, B: torch.Tensor, K: int, A: torch.Tensor) -> None:
+    _check_int8_matrix(op, name, B)
+    torch._check_value(
+        B.shape[1] == K, lambda: f"{op}: {name} must be [N, K] with K = A.shape[-1] = {K}, got {list(B.shape)}"
+    )
+    _check_int8_k(op, K)
     check_same_device(op, A, "A", B, name)
 
 
@@ -351,6 +314,15 @@ def _check_bias(op: str, bias, N: int, A: torch.Tensor) -> None:
     check_float_dtype(op, "bias", bias.dtype)
     torch._check_value(bias.numel() == N, lambda: f"{op}: bias must hold N = {N} values, got {bias.numel()}")
     check_same_device(op, A, "A", bias, "bias")
+
+
+def _check_int8_mixed_linear_args(A, CB, SCB, bias, threshold: float, op: str = "int8_mixed_linear") -> None:
+    check_float_dtype(op, "A", A.dtype)
+    torch._check_value(A.dim() >= 1, lambda: f"{op}: A must have at least one dimension, got a scalar")
+    _check_int8_weight(op, "CB", CB, A.shape[-1], A)
+    _check_stats(op, "SCB", SCB, CB.shape[0], A)
+    _check_bias(op, bias, CB.shape[0], A)
+    check_threshold(op, threshold)
 
 
 @torch.library.register_fake("bnbx::int8_vectorwise_quant")
@@ -397,13 +369,7 @@ def _(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, dtype=N
 
 @torch.library.register_fake("bnbx::int8_mixed_linear")
 def _(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias=None, threshold: float = 0.0):
-    op = "int8_mixed_linear"
-    check_float_dtype(op, "A", A.dtype)
-    torch._check_value(A.dim() >= 1, lambda: f"{op}: A must have at least one dimension, got a scalar")
-    _check_int8_weight(op, "CB", CB, A.shape[-1], A)
-    _check_stats(op, "SCB", SCB, CB.shape[0], A)
-    _check_bias(op, bias, CB.shape[0], A)
-    check_threshold(op, threshold)
+    _check_int8_mixed_linear_args(A, CB, SCB, bias, threshold)
     return torch.empty((*A.shape[:-1], CB.shape[0]), dtype=A.dtype, device=A.device)
 
 
@@ -414,25 +380,15 @@ def int8_packed_weight_bytes(N: int, K: int) -> int:
 
 @torch.library.register_fake("bnbx::int8_pack_weight")
 def _(CB: torch.Tensor):
-    op = "int8_pack_weight"
-    torch._check_type(CB.dtype == torch.int8, lambda: f"{op}: CB must be int8, got {_dtype_name(CB.dtype)}")
-    torch._check_value(CB.dim() == 2, lambda: f"{op}: CB must be 2-D [N, K], got {CB.dim()} dimensions")
-    torch._check_value(
-        CB.shape[1] <= INT8_MAX_K,
-        lambda: f"{op}: K must be at most {INT8_MAX_K} so int32 sums cannot overflow, got {CB.shape[1]}",
-    )
+    _check_int8_matrix("int8_pack_weight", "CB", CB)
+    _check_int8_k("int8_pack_weight", CB.shape[1])
     return torch.empty((int8_packed_weight_bytes(*CB.shape),), dtype=torch.uint8, device=CB.device)
 
 
 @torch.library.register_fake("bnbx::int8_mixed_linear_packed")
 def _(A: torch.Tensor, CB: torch.Tensor, packed_CB: torch.Tensor, SCB: torch.Tensor, bias=None, threshold=0.0):
     op = "int8_mixed_linear_packed"
-    check_float_dtype(op, "A", A.dtype)
-    torch._check_value(A.dim() >= 1, lambda: f"{op}: A must have at least one dimension, got a scalar")
-    _check_int8_weight(op, "CB", CB, A.shape[-1], A)
-    _check_stats(op, "SCB", SCB, CB.shape[0], A)
-    _check_bias(op, bias, CB.shape[0], A)
-    check_threshold(op, threshold)
+    _check_int8_mixed_linear_args(A, CB, SCB, bias, threshold, op)
     torch._check_type(
         packed_CB.dtype == torch.uint8,
         lambda: f"{op}: packed_CB must be uint8 (from int8_pack_weight), got {_dtype_name(packed_CB.dtype)}",
@@ -447,26 +403,8 @@ def _(A: torch.Tensor, CB: torch.Tensor, packed_CB: torch.Tensor, SCB: torch.Ten
 
 
 # --- fake_quant (QAT) -------------------------------------------------------------------------------------
-# Fake kernel with the checks of csrc/common/checks_fake_quant.h, and the straight-through gradient. Scales and
-# zero points are statistics (no gradient); the learnable-scale path (LSQ) is the fake_quant_lsq block below.
-FAKE_QUANT_MASKS = ("none", "range", "absolute")
-
-
-def check_fake_quantize_args(x: torch.Tensor, group_size: int, bits: int, mask: str, clip: float) -> None:
-    op = "fake_quantize"
-    check_float_dtype(op, "x", x.dtype)
-    torch._check_value(2 <= bits <= 8, lambda: f"{op}: bits must be from 2 to 8, got {bits}")
-    torch._check_value(group_size >= 1, lambda: f"{op}: group_size must be at least 1, got {group_size}")
-    torch._check_value(
-        mask in FAKE_QUANT_MASKS, lambda: f"{op}: mask must be 'none', 'range' or 'absolute', got '{mask}'"
-    )
-    torch._check_value(clip > 0.0, lambda: f"{op}: clip must be positive, got {clip}")
-
-
-def fake_quant_grid(bits: int, full_range: bool) -> tuple[float, float]:
-    """(qmin, qmax) of the integer grid, as csrc/common/checks_fake_quant.h defines it."""
-    qmax = float(2 ** (bits - 1) - 1)
-    return (-qmax - 1.0 if full_range else -qmax), qmax
+# The fake kernels of fake_quantize, fake_quantize_lsq and its backward; their checks (csrc/common/
+# checks_fake_quant.h) and autograd are in _ops_qat.py.
 
 
 @torch.library.register_fake("bnbx::fake_quantize")
@@ -479,101 +417,10 @@ def _(x: torch.Tensor, group_size: int, bits: int, symmetric: bool, full_range: 
     return out, scale, zero_point
 
 
-def _fake_quantize_setup(ctx, inputs, output) -> None:
-    _, group_size, bits, _, full_range, mask, clip = inputs
-    x = inputs[0]
-    ctx.mask, ctx.clip, ctx.group_size = mask, clip, group_size
-    ctx.grid = fake_quant_grid(bits, full_range)
-    _, scale, zero_point = output
-    if mask == "none":
-        ctx.save_for_backward()
-    else:
-        ctx.save_for_backward(x, scale, zero_point)
-
-
-def _fake_quantize_backward(ctx, grad_out, grad_scale, grad_zero_point):
-    if ctx.mask == "none" or grad_out is None:
-        return grad_out, None, None, None, None, None, None
-    x, scale, zero_point = ctx.saved_tensors
-    if ctx.mask == "absolute":
-        keep = x.abs() < ctx.clip  # LLM-QAT's clip_val: no gradient at |x| >= clip
-    else:
-        # the code before clamping, as the kernel computes it (x * (1 / scale), round half to even)
-        n, size = x.numel(), ctx.group_size
-        flat = x.reshape(-1).float()
-        pad = (-n) % size
-        groups = torch.nn.functional.pad(flat, (0, pad)).view(-1, size)
-        inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)[:, None]
-        # a subnormal scale, whose reciprocal overflows, divides (as the kernel does)
-        scaled = torch.where(inv.isinf(), groups / scale[:, None], groups * inv)
-        code = torch.round(scaled) + zero_point.float()[:, None]
-        qmin, qmax = ctx.grid
-        keep = ((code >= qmin) & (code <= qmax)).view(-1)[:n].view(x.shape)
-    return grad_out * keep, None, None, None, None, None, None
-
-
-torch.library.register_autograd("bnbx::fake_quantize", _fake_quantize_backward, setup_context=_fake_quantize_setup)
-
-
-# --- fake_quant_lsq (QAT: LSQ / LSQ+) -------------------------------------------------------------------------
-# The checks of csrc/common/checks_fake_quant.h (check_fake_quantize_lsq_args) with the same words, the fake
-# kernels, and the autograd formula: the backward is one more fused op.
-LSQ_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-# Plain raises rather than torch._check: bnbx.qat.fake_quantize_lsq calls these too, and torch.compile cannot
-# trace a torch._check message that formats tensor shapes.
-def _check_lsq_param_shape(op: str, name: str, x: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether ``t`` holds one value per row of ``x`` (x's leading sizes followed by ones); False for one value."""
-    if t.dim() > x.dim():
-        raise ValueError(f"{op}: {name} has more dimensions ({t.dim()}) than x ({x.dim()})")
-    if t.numel() == 1:
-        return False
-    aligned = [1] * (x.dim() - t.dim()) + list(t.shape)
-    k = 0  # the sizes after the last one that is not 1
-    for j, size in enumerate(aligned):
-        if size != 1:
-            k = j + 1
-    if aligned[:k] != list(x.shape[:k]):
-        example = [x.shape[0]] + [1] * (x.dim() - 1) if x.dim() else []
-        raise ValueError(
-            f"{op}: {name} of shape {list(t.shape)} must hold one value or one per row of x of shape "
-            f"{list(x.shape)}: x's leading sizes followed by ones, e.g. {example}"
-        )
-    return True
-
-
-def check_fake_quantize_lsq_args(
-    op: str, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float
-) -> None:
-    for name, t in (("x", x), ("scale", scale), ("offset", offset)):
-        if t.dtype not in LSQ_FLOATS:
-            raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {_dtype_name(t.dtype)}")
-    for name, t in (("scale", scale), ("offset", offset)):
-        if t.device != x.device:
-            raise RuntimeError(
-                f"{op}: expected all tensors on the same device, got x on {x.device} and {name} on {t.device}"
-            )
-    if not (math.isfinite(qmin) and math.isfinite(qmax) and qmin < qmax):
-        raise ValueError(f"{op}: qmin and qmax must be finite with qmin < qmax, got qmin={qmin:g}, qmax={qmax:g}")
-    scale_per_row = _check_lsq_param_shape(op, "scale", x, scale)
-    offset_per_row = _check_lsq_param_shape(op, "offset", x, offset)
-    if scale_per_row and offset_per_row and scale.numel() != offset.numel():
-        raise ValueError(
-            f"{op}: scale of shape {list(scale.shape)} and offset of shape {list(offset.shape)} must have as "
-            "many values when both have more than one"
-        )
-
-
-def _check_grad_scale(op: str, grad_scale: float) -> None:
-    if not math.isfinite(grad_scale):
-        raise ValueError(f"{op}: grad_scale must be finite, got {grad_scale:g}")
-
-
 @torch.library.register_fake("bnbx::fake_quantize_lsq")
 def _(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: float, qmax: float, grad_scale: float = 1.0):
     check_fake_quantize_lsq_args("fake_quantize_lsq", x, scale, offset, qmin, qmax)
-    _check_grad_scale("fake_quantize_lsq", grad_scale)
+    check_grad_scale("fake_quantize_lsq", grad_scale)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -589,7 +436,7 @@ def _(grad, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
         ),
     )
     check_same_device(op, x, "x", grad, "grad")
-    _check_grad_scale(op, grad_scale)
+    check_grad_scale(op, grad_scale)
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
         torch.empty(scale.shape, dtype=scale.dtype, device=scale.device),
@@ -597,21 +444,6 @@ def _(grad, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
     )
 
 
-def _fake_quantize_lsq_setup(ctx, inputs, output) -> None:
-    x, scale, offset, qmin, qmax, grad_scale = inputs
-    ctx.args = (qmin, qmax, grad_scale)
-    ctx.save_for_backward(x, scale, offset)
-
-
-def _fake_quantize_lsq_backward(ctx, grad):
-    x, scale, offset = ctx.saved_tensors
-    grad_x, grad_scale, grad_offset = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, offset, *ctx.args)
-    return grad_x, grad_scale, grad_offset, None, None, None
-
-
-torch.library.register_autograd(
-    "bnbx::fake_quantize_lsq", _fake_quantize_lsq_backward, setup_context=_fake_quantize_lsq_setup
-)
 # --- double quantization -----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from . import _formats, _ops
+from . import _checks, _formats
 from ._formats import (
     canonical_code,
     create_dynamic_map,
@@ -65,20 +65,20 @@ def _check_tensor(op: str, name: str, value: Any) -> None:
 
 def _check_input(op: str, A: torch.Tensor) -> None:
     _check_tensor(op, "A", A)
-    _ops.check_float_dtype(op, "A", A.dtype)
+    _checks.check_float_dtype(op, "A", A.dtype)
 
 
 def _check_blocksize(op: str, blocksize: Any, allowed: tuple[int, ...]) -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int):
         raise TypeError(f"{op}: blocksize must be an int, got {type(blocksize).__name__}")
-    _ops.check_blocksize(op, blocksize, allowed)
+    _checks.check_blocksize(op, blocksize, allowed)
     return blocksize
 
 
 def _check_quant_type(op: str, quant_type: Any) -> str:
     if not isinstance(quant_type, str):
         raise TypeError(f"{op}: quant_type must be a str, got {type(quant_type).__name__}")
-    _ops.check_quant_type(op, quant_type)
+    _checks.check_quant_type(op, quant_type)
     return quant_type
 
 
@@ -293,7 +293,7 @@ def dequantize_fp4(
 
 def _check_code(op: str, code: Any, device: torch.device) -> torch.Tensor:
     _check_tensor(op, "code", code)
-    _ops.check_code(op, code)
+    _checks.check_code(op, code)
     code = code.reshape(-1).to(device)
     if code.device.type != "cpu" and code.device.type != "meta":
         # the CPU kernel checks the order itself; on a GPU check it here (one sync, only for a custom code)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops
+from . import _formats
 from .quant_state import QuantState
 
 __all__ = ["matmul_4bit"]
@@ -45,9 +45,9 @@ def matmul_4bit(
         raise TypeError(f"{op}: B must be a torch.Tensor, got {type(B).__name__}")
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"{op}: quant_state must be a QuantState, got {type(quant_state).__name__}")
-    if A.dtype not in _ops.SUPPORTED_FLOATS:
-        raise TypeError(f"{op}: A must be float32, float16 or bfloat16, got {_ops._dtype_name(A.dtype)}")
-    if quant_state.quant_type not in _ops.QUANT_TYPES or len(quant_state.shape) != 2:
+    if A.dtype not in _formats.SUPPORTED_FLOATS:
+        raise TypeError(f"{op}: A must be float32, float16 or bfloat16, got {_formats.dtype_name(A.dtype)}")
+    if quant_state.quant_type not in _formats.QUANT_TYPES or len(quant_state.shape) != 2:
         raise ValueError(
             f"{op}: quant_state must describe a 4-bit [out_features, in_features] weight, got quant_type "
             f"{quant_state.quant_type!r} and shape {list(quant_state.shape)}"
@@ -79,7 +79,7 @@ def matmul_4bit(
         return result
     if out.shape != result.shape or out.dtype != result.dtype:
         raise ValueError(
-            f"{op}: out must have shape {list(result.shape)} and dtype {_ops._dtype_name(result.dtype)}, "
-            f"got {list(out.shape)} and {_ops._dtype_name(out.dtype)}"
+            f"{op}: out must have shape {list(result.shape)} and dtype {_formats.dtype_name(result.dtype)}, "
+            f"got {list(out.shape)} and {_formats.dtype_name(out.dtype)}"
         )
     return out.copy_(result)

@@ -62,7 +62,7 @@ TORCH_LIBRARY(bnbx, m) {
   // Integer fake quantization with dynamic MinMax scales over contiguous groups of group_size elements of
   // the flattened x (the last group may be partial): out shaped and typed like x, scale fp32 and zero_point
   // int32 [ceil(n/group_size)]. Grid: bits 2..8, restricted +-(2^(b-1)-1) or full [-2^(b-1), 2^(b-1)-1];
-  // rules in common/rules.h (8 bits: exactly quantize_int8 + dequantize_int8). Differentiable (bnbx/_ops.py):
+  // rules in common/rules.h (8 bits: exactly quantize_int8 + dequantize_int8). Differentiable (bnbx/_ops_qat.py):
   // straight-through, masked where the code was clamped (mask 'range'), where |x| >= clip ('absolute'), or
   // not at all ('none').
   m.def(
@@ -78,7 +78,7 @@ TORCH_LIBRARY(bnbx, m) {
   // ones, e.g. [out, 1] for a weight [out, in]). out like x = clamp(round((x - offset) * (1 / scale)), qmin,
   // qmax) * scale + offset in fp32 (fp64 for fp64 x), rules in common/rules.h. A scale must be positive and
   // finite (checked on the CPU). grad_scale only scales the scale's gradient (LSQ's 1/sqrt(N * Qp)); the
-  // forward does not read it. Differentiable (bnbx/_ops.py) through fake_quantize_lsq_backward.
+  // forward does not read it. Differentiable (bnbx/_ops_qat.py) through fake_quantize_lsq_backward.
   m.def(
       "fake_quantize_lsq(Tensor x, Tensor scale, Tensor offset, float qmin, float qmax, float grad_scale=1.0)"
       " -> Tensor");

@@ -91,7 +91,7 @@ BAD_OP_CALLS = [
         torch.ones(8, device=d), torch.ones(2, device=d), torch.zeros(2, dtype=torch.int32, device=d), 4,
         torch.float32),
      TypeError, "dequantize_int8: A must be int8, got float32"),
-    # LSQ (csrc/common/checks_fake_quant.h and bnbx/_ops.py)
+    # LSQ (csrc/common/checks_fake_quant.h and bnbx/_ops_qat.py)
     ("lsq scale per column", lambda d: ops.fake_quantize_lsq(
         torch.ones(4, 10, device=d), torch.ones(1, 10, device=d), torch.zeros((), device=d), -7.0, 7.0),
      ValueError, "fake_quantize_lsq: scale of shape [1, 10] must hold one value or one per row of x of shape "

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from .. import _ops
+from .. import _formats
 
 if importlib.util.find_spec("transformers") is not None:
     from transformers.utils.quantization_config import QuantizationConfigMixin as _Base
@@ -134,8 +134,8 @@ class BnbxConfig(_Base):
             raise ValueError(f"BnbxConfig: bnb_4bit_quant_type must be 'fp4' or 'nf4', got {bnb_4bit_quant_type!r}")
         if blocksize is None:
             blocksize = 256 if weight_only == "blockwise8" else 64
-        if blocksize not in _ops.BLOCKSIZES:
-            raise ValueError(f"BnbxConfig: blocksize must be one of {list(_ops.BLOCKSIZES)}, got {blocksize!r}")
+        if blocksize not in _formats.BLOCKSIZES:
+            raise ValueError(f"BnbxConfig: blocksize must be one of {list(_formats.BLOCKSIZES)}, got {blocksize!r}")
         self._load_in_4bit = load_in_4bit
         self._load_in_8bit = load_in_8bit
         self.llm_int8_threshold = float(llm_int8_threshold)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .. import _ops
+from .. import _checks, _formats, _ops
 from ..functional import dequantize_4bit, quantize_4bit
 from ..matmul import matmul_4bit
 from ..quant_state import QuantState
@@ -60,9 +60,9 @@ class Params4bit(nn.Parameter):
         if data is None:
             data = torch.empty(0)
         blocksize = 64 if blocksize is None else blocksize
-        _ops.check_blocksize("Params4bit", blocksize)
-        _ops.check_quant_type("Params4bit", quant_type)
-        _ops.check_quant_storage("Params4bit", quant_storage)
+        _checks.check_blocksize("Params4bit", blocksize)
+        _checks.check_quant_type("Params4bit", quant_type)
+        _checks.check_quant_storage("Params4bit", quant_storage)
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.blocksize = blocksize
         self.compress_statistics = compress_statistics
@@ -232,7 +232,7 @@ class Linear4bit(nn.Linear):
         device: Optional[torch.device | str] = None,
         blocksize: int = 64,
     ) -> None:
-        if compute_dtype is not None and compute_dtype not in _ops.SUPPORTED_FLOATS:
+        if compute_dtype is not None and compute_dtype not in _formats.SUPPORTED_FLOATS:
             raise TypeError(
                 f"Linear4bit: compute_dtype must be None, float32, float16 or bfloat16, got {compute_dtype}"
             )
@@ -339,7 +339,7 @@ class Linear4bit(nn.Linear):
                 f"Linear4bit: the state_dict's quant_state describes a weight of shape {list(state.shape)}, "
                 f"but this layer's weight is {list(expected)} (out_features, in_features)"
             )
-        if not isinstance(packed, torch.Tensor) or packed.dtype not in _ops.QUANT_STORAGES:
+        if not isinstance(packed, torch.Tensor) or packed.dtype not in _formats.QUANT_STORAGES:
             raise ValueError("Linear4bit: the state_dict's weight must be a packed uint8/int8/float tensor")
         stored = packed.numel() * packed.element_size()
         needed = _ops.packed_4bit_bytes(state.numel, packed.element_size())
@@ -369,7 +369,7 @@ class Linear4bit(nn.Linear):
             shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"Linear4bit: the state_dict's weight has shape {shape}, expected {list(expected)} "
                              "(a float weight), or packed codes with their quant_state keys")
-        if weight.dtype not in _ops.SUPPORTED_FLOATS:
+        if weight.dtype not in _formats.SUPPORTED_FLOATS:
             raise TypeError(f"Linear4bit: a dense weight must be float32, float16 or bfloat16, got {weight.dtype}")
         old = self.weight
         target = old.device if old.device.type != "meta" else weight.device

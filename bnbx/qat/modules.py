@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _ops
+from .. import _ops_qat
 from ..functional import Int8QuantState, dequantize_4bit, dequantize_int8, quantize_4bit
 from .config import QATConfig
 from .ops import fake_quantize, fake_quantize_4bit, fake_quantize_lsq, lsq_init_scale
@@ -187,7 +187,7 @@ class QuantizedLinear(nn.Module):
             return cls(layer.in_features, layer.out_features, packed, state.absmax, layer.bias, c, w.dtype)
         if not c.quantize_weights:
             raise ValueError("convert: w_bits >= 16 leaves weights in full precision; nothing to convert")
-        qmin, qmax = _ops.fake_quant_grid(c.w_bits, c.range == "full")
+        qmin, qmax = _ops_qat.fake_quant_grid(c.w_bits, c.range == "full")
         if c.method == "lsq":
             scale = layer.weight_scale.detach().clamp_min(1e-8).float()
             if c.weight_granularity == "tensor":

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import torch
 
-from .. import _ops
+from .. import _checks, _formats, _ops_qat
 
 Granularity = Literal["tensor", "channel", "token", "group"]
 GRANULARITIES = ("tensor", "channel", "token", "group")
@@ -147,12 +147,12 @@ def fake_quantize_lsq(
     _check_bits(op, bits)
     if range not in RANGES:
         raise ValueError(f"{op}: range must be 'restricted' or 'full', got {range!r}")
-    qmin, qmax = _ops.fake_quant_grid(bits, range == "full")
+    qmin, qmax = _ops_qat.fake_quant_grid(bits, range == "full")
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * qmax)
     if offset is None:
         offset = torch.zeros((), dtype=scale.dtype, device=scale.device)
-    _ops.check_fake_quantize_lsq_args(op, x, scale, offset, qmin, qmax)
+    _ops_qat.check_fake_quantize_lsq_args(op, x, scale, offset, qmin, qmax)
     return torch.ops.bnbx.fake_quantize_lsq(x, scale, offset, qmin, qmax, float(grad_scale))
 
 
@@ -171,7 +171,7 @@ def lsq_init_scale(
     _check_bits("lsq_init_scale", bits)
     if granularity not in ("tensor", "channel"):
         raise ValueError(f"lsq_init_scale: granularity must be 'tensor' or 'channel', got {granularity!r}")
-    _, qmax = _ops.fake_quant_grid(bits, range == "full")
+    _, qmax = _ops_qat.fake_quant_grid(bits, range == "full")
     a = x.detach().float().abs()
     if granularity == "channel":
         a = a.reshape(a.shape[0], -1)
@@ -195,8 +195,8 @@ def _fake_quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tor
 
 @_fake_quantize_4bit.register_fake
 def _(x, blocksize, quant_type):
-    _ops.check_float_dtype("fake_quantize_4bit", "x", x.dtype)
-    _ops.check_blocksize("fake_quantize_4bit", blocksize)
+    _checks.check_float_dtype("fake_quantize_4bit", "x", x.dtype)
+    _checks.check_blocksize("fake_quantize_4bit", blocksize)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -206,6 +206,6 @@ _fake_quantize_4bit.register_autograd(lambda ctx, grad: (grad, None, None))
 def fake_quantize_4bit(x: torch.Tensor, quant_type: Literal["nf4", "fp4"] = "nf4", blocksize: int = 64) -> torch.Tensor:
     """NF4/FP4 fake quantization through bnbx's 4-bit kernels (blockwise absmax over the flattened tensor),
     with a straight-through gradient: exactly ``dequantize_4bit(*quantize_4bit(x, blocksize, quant_type))``."""
-    if quant_type not in _ops.QUANT_TYPES:
+    if quant_type not in _formats.QUANT_TYPES:
         raise ValueError(f"fake_quantize_4bit: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     return torch.ops.bnbx.fake_quantize_4bit(x, blocksize, quant_type)

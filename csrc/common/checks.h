@@ -1,5 +1,5 @@
 // Argument checks shared by the CPU and CUDA implementations of every op, so both raise the same error
-// with the same words. bnbx/_ops.py repeats them (same wording) in the fake kernels; tests/test_errors.py
+// with the same words. bnbx/_checks.py repeats them (same wording) for the fake kernels; tests/test_errors.py
 // asserts on the messages. User errors raise ValueError/TypeError (TORCH_CHECK_VALUE/TYPE); the device is
 // already guaranteed by the dispatcher, so it is not re-checked here except between tensors.
 #pragma once

@@ -1,5 +1,5 @@
-// Argument checks of the fake_quant family (QAT), shared by the CPU and CUDA host code; bnbx/_ops.py repeats
-// them with the same words in the fake kernel, and bnbx/qat/ops.py in the Python API.
+// Argument checks of the fake_quant family (QAT), shared by the CPU and CUDA host code; bnbx/_ops_qat.py repeats
+// them with the same words for the fake kernels (bnbx/_ops.py) and the Python API (bnbx/qat/ops.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>
