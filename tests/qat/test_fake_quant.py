@@ -62,6 +62,26 @@ def test_nonfinite_and_zero_groups(isa_name):
             assert_same(out, fake_quantize_ref(x, 40, 4, symmetric, not symmetric)[0])
 
 
+@pytest.mark.parametrize("isa_name", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("symmetric,full", [(True, False), (False, True)])
+def test_large_outputs_match_reference(isa_name, dtype, symmetric, full):
+    # >= 8 MiB: written with non-temporal stores, each odd-length row starting off the store alignment; rows
+    # with a subnormal scale, near the fp32 / fp16 limits, or all zero take the kernel's other branches
+    x = torch.randn(2100, 4099) * 3
+    x[1] = torch.randn(4099) * 1e-39
+    x[2] = torch.randn(4099) * 3e38
+    x[3] = torch.randn(4099) * 65000
+    x[4] = 0.0
+    x = x.to(dtype)
+    with cpu_isa(isa_name):
+        out, scale, zp = torch.ops.bnbx.fake_quantize(x, 4099, 8, symmetric, full, "none", 2.0)
+    ref_out, ref_scale, ref_zp = fake_quantize_ref(x, 4099, 8, symmetric, full)
+    assert_same(out, ref_out)
+    assert_same(scale, ref_scale)
+    assert torch.equal(zp, ref_zp)
+
+
 @pytest.mark.parametrize("granularity", ["channel", "token"])
 def test_zero_range_rows_give_no_nan(granularity):
     w = torch.randn(8, 16)

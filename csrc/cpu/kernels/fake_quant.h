@@ -17,9 +17,10 @@ struct FakeQuantKernels {
   // so the range holds 0), *nonfinite |= a NaN or an Inf was seen.
   void (*range)(FloatType type, const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite);
   // out[begin, end) = affine_fake_quant(in[i], params, qmin, qmax), rounded once to `type` (fp16 saturates at
-  // +-65504, as int8 dequantize does). `in` and `out` have the same type.
+  // +-65504, as int8 dequantize does). `in` and `out` have the same type. `stream`: write around the caches
+  // (non-temporal stores, where the instruction set has them), for outputs too large to stay in them.
   void (*apply)(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params,
-                float qmin, float qmax);
+                float qmin, float qmax, bool stream);
 };
 
 extern const FakeQuantKernels fake_quant_scalar;

@@ -37,7 +37,7 @@ static inline float fq_output_limit() {
 
 template <FloatType kType>
 static void apply_generic(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params, float qmin,
-                          float qmax) {
+                          float qmax, bool /*stream*/ = false) {
   const float limit = fq_output_limit<kType>();
   for (int64_t i = begin; i < end; ++i) {
     const float value = affine_fake_quant(load_as_float<kType>(in, i), params, qmin, qmax);
@@ -46,6 +46,8 @@ static void apply_generic(const void* in, void* out, int64_t begin, int64_t end,
 }
 
 #if defined(__AVX512F__)
+#define BNBX_FQ_BF16_TARGET __attribute__((target("avx512bf16,avx512bw,avx512vl,avx512f")))
+
 // fp32 -> the output type with simd_avx512.h's conversions (float_to_bf16 / float_to_fp16's bits)
 template <FloatType kType>
 static inline void fq_store16(void* out, int64_t i, __m512 value) {
@@ -66,7 +68,25 @@ static void range_simd(const void* in, int64_t begin, int64_t end, float* low, f
   __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
   __m512i worst = _mm512_setzero_si512();
   int64_t i = begin;
+  if constexpr (kType == FloatType::kBFloat16) {
+    // 32 values per load: a dword's high half is the odd value's fp32 bits once the low half is masked off,
+    // its low half shifted up the even value's; Inf and NaN are the 16-bit magnitudes from 0x7f80 up
+    const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    const __m512i magnitude16 = _mm512_set1_epi16(0x7fff);
+    __m512i worst16 = _mm512_setzero_si512();
+    for (; i + 32 <= end; i += 32) {
+      if (((i - begin) & 63) == 0) prefetch_ahead<kType>(in, i, 64);  // the pass that reads memory (see simd.h)
+      const __m512i bits = _mm512_loadu_si512(static_cast<const uint16_t*>(in) + i);
+      const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(bits, high_half));
+      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+      lo = _mm512_min_ps(odd, _mm512_min_ps(even, lo));
+      hi = _mm512_max_ps(odd, _mm512_max_ps(even, hi));
+      worst16 = _mm512_max_epu16(worst16, _mm512_and_si512(bits, magnitude16));
+    }
+    *nonfinite |= _mm512_cmpge_epu16_mask(worst16, _mm512_set1_epi16(0x7f80)) != 0;
+  }
   for (; i + 16 <= end; i += 16) {
+    if (((i - begin) & 63) == 0) prefetch_ahead<kType>(in, i, 64);  // the pass that reads memory (see simd.h)
     const __m512 x = load_16_as_float<kType>(in, i);
     lo = _mm512_min_ps(x, lo);
     hi = _mm512_max_ps(x, hi);
@@ -87,24 +107,87 @@ static void range_simd(const void* in, int64_t begin, int64_t end, float* low, f
   range_generic<kType>(in, i, end, low, high, nonfinite);
 }
 
+// The loop of apply_simd, with three exact shortcuts of affine_fake_quant (no NaN or Inf reaches it):
+// - clamp(round(v) + zp, qmin, qmax) - zp = round(clamp(v, qmin - zp, qmax - zp)) (integer bounds), and that
+//   rounding is (v + 1.5 * 2^23) - 1.5 * 2^23 in the current rounding mode (exact for |v| < 2^22); a zero code
+//   comes out +0 either way, as rintf(v) + zp does.
+// - kClampOutput: the output-type clamp; skipped when no code times the scale can pass it.
+// - kNativeBf16: vcvtneps2bf16 rounds to nearest even like bf16_bits_16 but flushes subnormals, so it is used
+//   only when the scale is normal (then every nonzero output is at least the scale).
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+
+template <FloatType kType, bool kClampOutput, bool kNativeBf16, bool kStream>
+BNBX_FQ_BF16_TARGET static int64_t apply_groups(const void* in, void* out, int64_t i, int64_t end,
+                                                const AffineParams& params, float low_code, float high_code) {
+  const __m512 inv = _mm512_set1_ps(params.inv_scale), scale = _mm512_set1_ps(params.scale);
+  const __m512 lowest = _mm512_set1_ps(low_code), highest = _mm512_set1_ps(high_code);
+  const __m512 magic = _mm512_set1_ps(kRoundMagic);
+  const __m512 limit = _mm512_set1_ps(fq_output_limit<kType>());
+  const __m512 negative_limit = _mm512_set1_ps(-fq_output_limit<kType>());
+  for (; i + 16 <= end; i += 16) {
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load_16_as_float<kType>(in, i), inv), lowest), highest);
+    __m512 value = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(v, magic), magic), scale);
+    if constexpr (kClampOutput) value = _mm512_max_ps(negative_limit, _mm512_min_ps(limit, value));
+    if constexpr (kType == FloatType::kFloat32) {
+      if constexpr (kStream) {
+        _mm512_stream_ps(static_cast<float*>(out) + i, value);
+      } else {
+        _mm512_storeu_ps(static_cast<float*>(out) + i, value);
+      }
+    } else {
+      __m256i bits;
+      if constexpr (kNativeBf16) {
+        bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value));
+      } else if constexpr (kType == FloatType::kFloat16) {
+        bits = fp16_bits_16(value);
+      } else {
+        bits = _mm512_cvtepi32_epi16(bf16_bits_16(value));
+      }
+      __m256i* to = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i);
+      if constexpr (kStream) {
+        _mm256_stream_si256(to, bits);
+      } else {
+        _mm256_storeu_si256(to, bits);
+      }
+    }
+  }
+  return i;  // the first element not written
+}
+
+template <FloatType kType, bool kStream>
+static void apply_fast(const void* in, void* out, int64_t& i, int64_t end, const AffineParams& params, float low_code,
+                       float high_code, bool clamp) {
+  static const bool native_bf16 = __builtin_cpu_supports("avx512bf16");
+  if (kType == FloatType::kBFloat16 && native_bf16 && !clamp && params.scale >= FLT_MIN) {
+    i = apply_groups<kType, false, true, kStream>(in, out, i, end, params, low_code, high_code);
+  } else if (clamp) {
+    i = apply_groups<kType, true, false, kStream>(in, out, i, end, params, low_code, high_code);
+  } else {
+    i = apply_groups<kType, false, false, kStream>(in, out, i, end, params, low_code, high_code);
+  }
+}
+
 template <FloatType kType>
 static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params, float qmin,
-                       float qmax) {
+                       float qmax, bool stream) {
   int64_t i = begin;
   if (!denormals_flushed() && !params.nonfinite && params.inv_scale <= FLT_MAX) {
-    const __m512 inv = _mm512_set1_ps(params.inv_scale), scale = _mm512_set1_ps(params.scale);
-    const __m512 zp = _mm512_set1_ps(params.zero_point);
-    const __m512 lowest = _mm512_set1_ps(qmin), highest = _mm512_set1_ps(qmax);
-    const __m512 limit = _mm512_set1_ps(fq_output_limit<kType>()),
-                 negative_limit = _mm512_set1_ps(-fq_output_limit<kType>());
-    for (; i + 16 <= end; i += 16) {
-      const __m512 rounded = _mm512_roundscale_ps(_mm512_mul_ps(load_16_as_float<kType>(in, i), inv),
-                                                  _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
-      // std_max(qmin, v) = qmin < v ? v : qmin = max_ps(v, qmin); std_min(qmax, v) = v < qmax ? v : qmax
-      const __m512 code = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(rounded, zp), lowest), highest);
-      const __m512 value = _mm512_mul_ps(_mm512_sub_ps(code, zp), scale);
-      // std::max(std::min(value, limit), -limit) of the loop
-      fq_store16<kType>(out, i, _mm512_max_ps(negative_limit, _mm512_min_ps(limit, value)));
+    const float low_code = qmin - params.zero_point, high_code = qmax - params.zero_point;
+    // the largest |output| before the clamp: the extreme code times the scale (a product rounds monotonically)
+    const float extreme = std::max(-low_code, high_code) * params.scale;
+    const bool clamp = !(extreme < fq_output_limit<kType>());
+    if (stream) {
+      // non-temporal stores need 64 (fp32) or 32 (16-bit) byte alignment: the first elements up to it here
+      constexpr int64_t kAlign = kType == FloatType::kFloat32 ? 64 : 32;
+      const auto address = reinterpret_cast<uintptr_t>(out) + static_cast<uintptr_t>(i) * (kAlign / 16);
+      const int64_t head =
+          std::min(end, i + static_cast<int64_t>(((kAlign - address % kAlign) % kAlign) / (kAlign / 16)));
+      apply_generic<kType>(in, out, i, head, params, qmin, qmax);
+      i = head;
+      apply_fast<kType, true>(in, out, i, end, params, low_code, high_code, clamp);
+      _mm_sfence();  // streamed stores are weakly ordered: visible before the caller signals the end of its task
+    } else {
+      apply_fast<kType, false>(in, out, i, end, params, low_code, high_code, clamp);
     }
   }
   apply_generic<kType>(in, out, i, end, params, qmin, qmax);
@@ -156,7 +239,7 @@ static void range_simd(const void* in, int64_t begin, int64_t end, float* low, f
 
 template <FloatType kType>
 static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params, float qmin,
-                       float qmax) {
+                       float qmax, bool /*stream*/) {
   int64_t i = begin;
   if (!denormals_flushed() && !params.nonfinite && params.inv_scale <= FLT_MAX) {
     const __m256 inv = _mm256_set1_ps(params.inv_scale), scale = _mm256_set1_ps(params.scale);
@@ -195,14 +278,14 @@ static void range(FloatType type, const void* in, int64_t begin, int64_t end, fl
 }
 
 static void apply(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const AffineParams& params,
-                  float qmin, float qmax) {
+                  float qmin, float qmax, bool stream) {
   switch (type) {
     case FloatType::kFloat32:
-      return BNBX_FQ_KERNEL(apply)<FloatType::kFloat32>(in, out, begin, end, params, qmin, qmax);
+      return BNBX_FQ_KERNEL(apply)<FloatType::kFloat32>(in, out, begin, end, params, qmin, qmax, stream);
     case FloatType::kFloat16:
-      return BNBX_FQ_KERNEL(apply)<FloatType::kFloat16>(in, out, begin, end, params, qmin, qmax);
+      return BNBX_FQ_KERNEL(apply)<FloatType::kFloat16>(in, out, begin, end, params, qmin, qmax, stream);
     case FloatType::kBFloat16:
-      return BNBX_FQ_KERNEL(apply)<FloatType::kBFloat16>(in, out, begin, end, params, qmin, qmax);
+      return BNBX_FQ_KERNEL(apply)<FloatType::kBFloat16>(in, out, begin, end, params, qmin, qmax, stream);
   }
 }
 
