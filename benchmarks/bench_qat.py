@@ -8,12 +8,17 @@ the 4096x11008 weight with a learned fp32 scale per output channel (4 bits, bnbx
 and forward+backward (gradients of the weight and of the scale).
 Columns:
 - ms: median wall time (time.perf_counter) after a warm-up, alternating between 2 copies of the input.
+- fwd+bwd: the forward, then torch.autograd.grad of the output (with a given gradient) with respect to the input
+  (and the LSQ scale). Not .backward(): its AccumulateGrad clones a gradient the caller still holds into fresh
+  memory (11 ms for the fp32 activations here), the same for every peer and no part of the op.
 - GB/s: one read of the input and one write of the output (forward), plus one read of the gradient and one
   write of the input's gradient (forward+backward; LSQ's backward also reads the input again), over the time.
+  bnbx's plain straight-through backward hands the gradient on unchanged, without that pass, so its
+  forward+backward rate can exceed copy bandwidth.
 - % copy: that rate over this machine's copy bandwidth (a same-sized .copy_ into an existing tensor, bytes
-  read + written), measured in the same run. Every op here returns a new tensor, whose fresh pages the kernel
-  faults in and zeroes on first touch; the "clone" row (a new tensor, copied) shows that cost, which is most of
-  the gap to 100% (torch's THP_MEM_ALLOC_ENABLE=1, huge pages, shrinks it).
+  read + written), measured in the same run. Every op here returns a new tensor. torch's fresh tensors fault
+  in and zero new pages on first touch (the "clone" row: a new tensor, copied); bnbx's large outputs come from
+  its cache of freed outputs (README, "What is in it"), so after the warm-up call they do not.
 - vs built-in: torch.fake_quantize_per_channel_affine (also for per token: one scale per row) with the MinMax
   scales computed by plain torch first (the built-in takes scales; it has no dynamic mode) / bnbx time.
   LSQ rows: the same built-in with the learned scale (its gradient is the straight-through one for the weight
@@ -107,7 +112,7 @@ def lsq_functions(x: torch.Tensor):
     def plain_lsq(t):
         return LsqTorch.apply(t, scale, offset, -float(LSQ_QMAX), float(LSQ_QMAX), grad_scale)
 
-    return ours, builtin_lsq, plain_lsq
+    return ours, builtin_lsq, plain_lsq, scale
 
 
 def main() -> None:
@@ -146,10 +151,12 @@ def main() -> None:
             copy_gbs = 2 * nbytes / copy_ms / 1e6
             clone_ms = median_ms(torch.clone, inputs, args.repeat)
             if granularity == "lsq":
-                ours, builtin_fn, plain_fn = lsq_functions(inputs[0])
+                ours, builtin_fn, plain_fn, scale = lsq_functions(inputs[0])
+                learned = [scale]
             else:
                 ours = functools.partial(fake_quantize, bits=8, symmetric=True, granularity=granularity)
                 builtin_fn, plain_fn = builtin, plain
+                learned = []
             for pass_name in ("fwd", "fwd+bwd"):
                 if pass_name == "fwd":
                     run = lambda fn: fn  # noqa: E731
@@ -159,10 +166,9 @@ def main() -> None:
                     grad = torch.randn(shape, dtype=dtype)
                     grad_inputs = [t.clone().requires_grad_() for t in inputs]
 
-                    def run(fn, grad=grad):
+                    def run(fn, grad=grad, learned=learned):
                         def step(x):
-                            x.grad = None
-                            fn(x).backward(grad)
+                            torch.autograd.grad(fn(x), [x, *learned], grad, allow_unused=True)
 
                         return step
 

@@ -17,9 +17,6 @@ namespace bnbx {
 namespace {
 
 constexpr int64_t kSegment = 1 << 16;  // elements per task of a split group (256 KiB of fp32)
-// Outputs at least this large are written around the caches: they would not stay there, and a cache-line
-// write that bypasses them skips reading the line first (a third of the memory traffic of the pass).
-constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tensor& x, int64_t group_size, int64_t bits,
                                                                  bool symmetric, bool full_range, c10::string_view mask,
@@ -41,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_cpu(const at::Tenso
   void* out_ptr = out.mutable_data_ptr();
   float* scale_ptr = scale.mutable_data_ptr<float>();
   int32_t* zero_point_ptr = zero_point.mutable_data_ptr<int32_t>();
-  const bool stream = n * input.element_size() >= kStreamBytes;
+  const bool stream = cpu::stream_output(out);
   auto store = [&](int64_t group, const AffineParams& params) {
     scale_ptr[group] = params.scale;
     zero_point_ptr[group] = static_cast<int32_t>(params.zero_point);

@@ -99,10 +99,11 @@ at::Tensor fake_quantize_lsq_cpu(const at::Tensor& x, const at::Tensor& scale, c
   const FloatType type = to_float_type(input.scalar_type());
   const void* in = input.const_data_ptr();
   void* out_ptr = out.mutable_data_ptr();
+  const bool stream = cpu::stream_output(out);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for_row_pieces(begin, end, layout.inner, [&](int64_t row, int64_t start, int64_t stop) {
       const cpu::LsqParams params{p.s(row), p.inv(row), p.o(row), static_cast<float>(qmin), static_cast<float>(qmax)};
-      kernels.forward(type, in, out_ptr, start, stop, params);
+      kernels.forward(type, in, out_ptr, start, stop, params, stream);
     });
   });
   return out;
@@ -185,11 +186,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quantize_lsq_backward_cpu(co
     const void* x_ptr = input.const_data_ptr();
     const void* g_ptr = g.const_data_ptr();
     void* gx_ptr = grad_x.mutable_data_ptr();
+    const bool stream = cpu::stream_output(grad_x);
     at::parallel_for(0, units, grain, [&](int64_t first, int64_t last) {
       for (int64_t unit = first; unit < last; ++unit) {
         const auto [row, begin, end] = unit_bounds(unit);
         const cpu::LsqParams params{p.s(row), p.inv(row), p.o(row), static_cast<float>(qmin), static_cast<float>(qmax)};
-        kernels.backward(type, x_ptr, g_ptr, gx_ptr, begin, end, params, &scale_partials[unit], &offset_partials[unit]);
+        kernels.backward(type, x_ptr, g_ptr, gx_ptr, begin, end, params, stream, &scale_partials[unit],
+                         &offset_partials[unit]);
       }
     });
   }

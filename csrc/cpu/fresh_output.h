@@ -21,4 +21,10 @@ namespace bnbx::cpu {
 // at::empty for an output the kernel writes in full (contiguous, CPU).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// Whether a kernel should write `out` around the caches (non-temporal stores): at 8 MiB and more it would not
+// stay there, and a store that bypasses them skips reading each line first (a third of the pass's traffic).
+inline bool stream_output(const at::Tensor& out) {
+  return out.numel() * static_cast<int64_t>(out.element_size()) >= (int64_t{8} << 20);
+}
+
 }  // namespace bnbx::cpu

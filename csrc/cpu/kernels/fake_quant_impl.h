@@ -48,19 +48,6 @@ static void apply_generic(const void* in, void* out, int64_t begin, int64_t end,
 #if defined(__AVX512F__)
 #define BNBX_FQ_BF16_TARGET __attribute__((target("avx512bf16,avx512bw,avx512vl,avx512f")))
 
-// fp32 -> the output type with simd_avx512.h's conversions (float_to_bf16 / float_to_fp16's bits)
-template <FloatType kType>
-static inline void fq_store16(void* out, int64_t i, __m512 value) {
-  if constexpr (kType == FloatType::kFloat32) {
-    _mm512_storeu_ps(static_cast<float*>(out) + i, value);
-  } else if constexpr (kType == FloatType::kFloat16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), fp16_bits_16(value));
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
-                        _mm512_cvtepi32_epi16(bf16_bits_16(value)));
-  }
-}
-
 template <FloatType kType>
 static void range_simd(const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite) {
   if (denormals_flushed()) return range_generic<kType>(in, begin, end, low, high, nonfinite);
@@ -128,27 +115,16 @@ BNBX_FQ_BF16_TARGET static int64_t apply_groups(const void* in, void* out, int64
     const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(load_16_as_float<kType>(in, i), inv), lowest), highest);
     __m512 value = _mm512_mul_ps(_mm512_sub_ps(_mm512_add_ps(v, magic), magic), scale);
     if constexpr (kClampOutput) value = _mm512_max_ps(negative_limit, _mm512_min_ps(limit, value));
-    if constexpr (kType == FloatType::kFloat32) {
-      if constexpr (kStream) {
-        _mm512_stream_ps(static_cast<float*>(out) + i, value);
-      } else {
-        _mm512_storeu_ps(static_cast<float*>(out) + i, value);
-      }
-    } else {
-      __m256i bits;
-      if constexpr (kNativeBf16) {
-        bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value));
-      } else if constexpr (kType == FloatType::kFloat16) {
-        bits = fp16_bits_16(value);
-      } else {
-        bits = _mm512_cvtepi32_epi16(bf16_bits_16(value));
-      }
+    if constexpr (kNativeBf16) {
+      const __m256i bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(value));
       __m256i* to = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i);
       if constexpr (kStream) {
         _mm256_stream_si256(to, bits);
       } else {
         _mm256_storeu_si256(to, bits);
       }
+    } else {
+      store_16_from_float<kType, kStream>(out, i, value);
     }
   }
   return i;  // the first element not written
@@ -177,11 +153,7 @@ static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, co
     const float extreme = std::max(-low_code, high_code) * params.scale;
     const bool clamp = !(extreme < fq_output_limit<kType>());
     if (stream) {
-      // non-temporal stores need 64 (fp32) or 32 (16-bit) byte alignment: the first elements up to it here
-      constexpr int64_t kAlign = kType == FloatType::kFloat32 ? 64 : 32;
-      const auto address = reinterpret_cast<uintptr_t>(out) + static_cast<uintptr_t>(i) * (kAlign / 16);
-      const int64_t head =
-          std::min(end, i + static_cast<int64_t>(((kAlign - address % kAlign) % kAlign) / (kAlign / 16)));
+      const int64_t head = stream_start<kType>(out, i, end);  // the elements before it: plain stores
       apply_generic<kType>(in, out, i, head, params, qmin, qmax);
       i = head;
       apply_fast<kType, true>(in, out, i, end, params, low_code, high_code, clamp);
@@ -193,19 +165,6 @@ static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, co
   apply_generic<kType>(in, out, i, end, params, qmin, qmax);
 }
 #elif defined(__AVX2__)
-template <FloatType kType>
-static inline void fq_store8(void* out, int64_t i, __m256 value) {
-  if constexpr (kType == FloatType::kFloat32) {
-    _mm256_storeu_ps(static_cast<float*>(out) + i, value);
-  } else if constexpr (kType == FloatType::kFloat16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), fp16_bits_8(value));
-  } else {
-    const __m256i rounded = bf16_bits_8(value);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
-                     _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
-  }
-}
-
 template <FloatType kType>
 static void range_simd(const void* in, int64_t begin, int64_t end, float* low, float* high, bool* nonfinite) {
   if (denormals_flushed()) return range_generic<kType>(in, begin, end, low, high, nonfinite);
@@ -252,7 +211,7 @@ static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, co
                                              _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
       const __m256 code = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(rounded, zp), lowest), highest);
       const __m256 value = _mm256_mul_ps(_mm256_sub_ps(code, zp), scale);
-      fq_store8<kType>(out, i, _mm256_max_ps(negative_limit, _mm256_min_ps(limit, value)));
+      store_8_from_float<kType>(out, i, _mm256_max_ps(negative_limit, _mm256_min_ps(limit, value)));
     }
   }
   apply_generic<kType>(in, out, i, end, params, qmin, qmax);

@@ -20,12 +20,14 @@ struct FakeQuantLsqKernels {
   const char* name;  // "scalar", "avx2" or "avx512"
 
   // out[begin, end) = lsq_fake_quant(in[i]) in fp32, rounded once to `type`; `in` and `out` have that type.
-  void (*forward)(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p);
+  // `stream`: write the output around the caches (non-temporal stores, where the instruction set has them).
+  void (*forward)(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p,
+                  bool stream);
   // grad_x[begin, end) = grad * inside, and the sums over [begin, end) of the scale term grad * slope and
   // the offset term grad * outside (fp32 terms, summed in double over kLsqLanes lanes, then lanes 0..15 in
   // order: the same bits on every instruction set). x, grad and grad_x have the type `type`.
   void (*backward)(FloatType type, const void* x, const void* grad, void* grad_x, int64_t begin, int64_t end,
-                   const LsqParams& p, double* scale_sum, double* offset_sum);
+                   const LsqParams& p, bool stream, double* scale_sum, double* offset_sum);
 };
 
 extern const FakeQuantLsqKernels fake_quant_lsq_scalar;

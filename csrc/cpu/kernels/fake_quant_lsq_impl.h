@@ -17,7 +17,8 @@ namespace BNBX_ISA {
 #include "simd.h"
 
 template <FloatType kType>
-static void forward_generic(const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p) {
+static void forward_generic(const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p,
+                            bool /*stream*/ = false) {
   for (int64_t i = begin; i < end; ++i) {
     const float x = load_as_float<kType>(in, i);
     store_from_float<kType>(out, i, lsq_fake_quant(x, p.scale, p.inv_scale, p.offset, p.qmin, p.qmax));
@@ -50,36 +51,39 @@ static void sum_lanes(const double* scale_lanes, const double* offset_lanes, dou
 
 template <FloatType kType>
 static void backward_generic(const void* x, const void* grad, void* grad_x, int64_t begin, int64_t end,
-                             const LsqParams& p, double* scale_sum, double* offset_sum) {
+                             const LsqParams& p, bool /*stream*/, double* scale_sum, double* offset_sum) {
   double scale_lanes[kLsqLanes] = {}, offset_lanes[kLsqLanes] = {};
   backward_lanes<kType>(x, grad, grad_x, begin, begin, end, p, scale_lanes, offset_lanes);
   sum_lanes(scale_lanes, offset_lanes, scale_sum, offset_sum);
 }
 
 #if defined(__AVX512F__)
-template <FloatType kType>
-static inline void lsq_store16(void* out, int64_t i, __m512 value) {
-  if constexpr (kType == FloatType::kFloat32) {
-    _mm512_storeu_ps(static_cast<float*>(out) + i, value);
-  } else if constexpr (kType == FloatType::kFloat16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), fp16_bits_16(value));
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
-                        _mm512_cvtepi32_epi16(bf16_bits_16(value)));
+template <FloatType kType, bool kStream>
+static int64_t forward_vectors(const void* in, void* out, int64_t i, int64_t end, const LsqParams& p) {
+  const __m512 inv = _mm512_set1_ps(p.inv_scale), scale = _mm512_set1_ps(p.scale);
+  const __m512 offset = _mm512_set1_ps(p.offset), qmin = _mm512_set1_ps(p.qmin), qmax = _mm512_set1_ps(p.qmax);
+  const int64_t first = i;
+  for (; i + 16 <= end; i += 16) {
+    if (((i - first) & 63) == 0) prefetch_ahead<kType>(in, i, 64);  // the input streams from memory (simd.h)
+    const __m512 v = _mm512_mul_ps(_mm512_sub_ps(load_16_as_float<kType>(in, i), offset), inv);
+    const __m512 rounded = _mm512_roundscale_ps(v, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+    const __m512 code = _mm512_min_ps(qmax, _mm512_max_ps(qmin, rounded));
+    store_16_from_float<kType, kStream>(out, i, _mm512_add_ps(_mm512_mul_ps(code, scale), offset));
   }
+  return i;
 }
 
 template <FloatType kType>
-static void forward_simd(const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p) {
+static void forward_simd(const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p, bool stream) {
   int64_t i = begin;
   if (!denormals_flushed()) {
-    const __m512 inv = _mm512_set1_ps(p.inv_scale), scale = _mm512_set1_ps(p.scale);
-    const __m512 offset = _mm512_set1_ps(p.offset), qmin = _mm512_set1_ps(p.qmin), qmax = _mm512_set1_ps(p.qmax);
-    for (; i + 16 <= end; i += 16) {
-      const __m512 v = _mm512_mul_ps(_mm512_sub_ps(load_16_as_float<kType>(in, i), offset), inv);
-      const __m512 rounded = _mm512_roundscale_ps(v, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
-      const __m512 code = _mm512_min_ps(qmax, _mm512_max_ps(qmin, rounded));
-      lsq_store16<kType>(out, i, _mm512_add_ps(_mm512_mul_ps(code, scale), offset));
+    if (stream) {
+      const int64_t head = stream_start<kType>(out, i, end);  // the elements before it: plain stores
+      forward_generic<kType>(in, out, i, head, p);
+      i = forward_vectors<kType, true>(in, out, head, end, p);
+      _mm_sfence();  // streamed stores are weakly ordered: visible before the caller signals the end of its task
+    } else {
+      i = forward_vectors<kType, false>(in, out, i, end, p);
     }
   }
   forward_generic<kType>(in, out, i, end, p);
@@ -90,10 +94,9 @@ static inline __m512d high_half_pd(__m512 v) {
   return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-template <FloatType kType>
-static void backward_simd(const void* x, const void* grad, void* grad_x, int64_t begin, int64_t end, const LsqParams& p,
-                          double* scale_sum, double* offset_sum) {
-  if (denormals_flushed()) return backward_generic<kType>(x, grad, grad_x, begin, end, p, scale_sum, offset_sum);
+template <FloatType kType, bool kStream>
+static void backward_vectors(const void* x, const void* grad, void* grad_x, int64_t begin, int64_t end,
+                             const LsqParams& p, double* scale_sum, double* offset_sum) {
   const __m512 inv = _mm512_set1_ps(p.inv_scale), offset = _mm512_set1_ps(p.offset);
   const __m512 qmin = _mm512_set1_ps(p.qmin), qmax = _mm512_set1_ps(p.qmax);
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
@@ -102,6 +105,10 @@ static void backward_simd(const void* x, const void* grad, void* grad_x, int64_t
   __m512d offset_lo = _mm512_setzero_pd(), offset_hi = _mm512_setzero_pd();
   int64_t i = begin;
   for (; i + 16 <= end; i += 16) {
+    if (((i - begin) & 63) == 0) {  // both inputs stream from memory (simd.h)
+      prefetch_ahead<kType>(grad, i, 64);
+      prefetch_ahead<kType>(x, i, 64);
+    }
     const __m512 g = load_16_as_float<kType>(grad, i);
     const __m512 v = _mm512_mul_ps(_mm512_sub_ps(load_16_as_float<kType>(x, i), offset), inv);
     const __mmask16 below = _mm512_cmp_ps_mask(v, qmin, _CMP_LT_OQ);
@@ -110,7 +117,7 @@ static void backward_simd(const void* x, const void* grad, void* grad_x, int64_t
     // mask_blend(k, a, b) is k ? b : a
     const __m512 slope =
         _mm512_mask_blend_ps(outside, _mm512_sub_ps(rounded, v), _mm512_mask_blend_ps(below, qmax, qmin));
-    lsq_store16<kType>(grad_x, i, _mm512_mul_ps(g, _mm512_mask_blend_ps(outside, one, zero)));
+    store_16_from_float<kType, kStream>(grad_x, i, _mm512_mul_ps(g, _mm512_mask_blend_ps(outside, one, zero)));
     const __m512 scale_term = _mm512_mul_ps(g, slope);
     const __m512 offset_term = _mm512_mul_ps(g, _mm512_mask_blend_ps(outside, zero, one));
     scale_lo = _mm512_add_pd(scale_lo, low_half_pd(scale_term));
@@ -126,22 +133,23 @@ static void backward_simd(const void* x, const void* grad, void* grad_x, int64_t
   backward_lanes<kType>(x, grad, grad_x, begin, i, end, p, scale_lanes, offset_lanes);
   sum_lanes(scale_lanes, offset_lanes, scale_sum, offset_sum);
 }
-#elif defined(__AVX2__)
-template <FloatType kType>
-static inline void lsq_store8(void* out, int64_t i, __m256 value) {
-  if constexpr (kType == FloatType::kFloat32) {
-    _mm256_storeu_ps(static_cast<float*>(out) + i, value);
-  } else if constexpr (kType == FloatType::kFloat16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), fp16_bits_8(value));
-  } else {
-    const __m256i rounded = bf16_bits_8(value);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
-                     _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
-  }
-}
 
 template <FloatType kType>
-static void forward_simd(const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p) {
+static void backward_simd(const void* x, const void* grad, void* grad_x, int64_t begin, int64_t end, const LsqParams& p,
+                          bool stream, double* scale_sum, double* offset_sum) {
+  if (denormals_flushed()) return backward_generic<kType>(x, grad, grad_x, begin, end, p, false, scale_sum, offset_sum);
+  // the lanes follow the element order from begin (the sums' bits depend on it), so no unaligned head is
+  // peeled off: streamed stores only where grad_x + begin is already aligned for them
+  if (stream && stream_start<kType>(grad_x, begin, end) == begin) {
+    backward_vectors<kType, true>(x, grad, grad_x, begin, end, p, scale_sum, offset_sum);
+    _mm_sfence();  // streamed stores are weakly ordered: visible before the caller signals the end of its task
+  } else {
+    backward_vectors<kType, false>(x, grad, grad_x, begin, end, p, scale_sum, offset_sum);
+  }
+}
+#elif defined(__AVX2__)
+template <FloatType kType>
+static void forward_simd(const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p, bool /*stream*/) {
   int64_t i = begin;
   if (!denormals_flushed()) {
     const __m256 inv = _mm256_set1_ps(p.inv_scale), scale = _mm256_set1_ps(p.scale);
@@ -150,7 +158,7 @@ static void forward_simd(const void* in, void* out, int64_t begin, int64_t end, 
       const __m256 v = _mm256_mul_ps(_mm256_sub_ps(load_8_as_float<kType>(in, i), offset), inv);
       const __m256 rounded = _mm256_round_ps(v, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
       const __m256 code = _mm256_min_ps(qmax, _mm256_max_ps(qmin, rounded));
-      lsq_store8<kType>(out, i, _mm256_add_ps(_mm256_mul_ps(code, scale), offset));
+      store_8_from_float<kType>(out, i, _mm256_add_ps(_mm256_mul_ps(code, scale), offset));
     }
   }
   forward_generic<kType>(in, out, i, end, p);
@@ -170,7 +178,7 @@ static inline void backward8(const void* x, const void* grad, void* grad_x, int6
   const __m256 rounded = _mm256_round_ps(v, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
   // blendv(a, b, m) is m ? b : a
   const __m256 slope = _mm256_blendv_ps(_mm256_sub_ps(rounded, v), _mm256_blendv_ps(qmax, qmin, below), outside);
-  lsq_store8<kType>(grad_x, i, _mm256_mul_ps(g, _mm256_blendv_ps(one, zero, outside)));
+  store_8_from_float<kType>(grad_x, i, _mm256_mul_ps(g, _mm256_blendv_ps(one, zero, outside)));
   const __m256 scale_term = _mm256_mul_ps(g, slope);
   const __m256 offset_term = _mm256_mul_ps(g, _mm256_blendv_ps(zero, one, outside));
   scale_acc[0] = _mm256_add_pd(scale_acc[0], _mm256_cvtps_pd(_mm256_castps256_ps128(scale_term)));
@@ -181,8 +189,8 @@ static inline void backward8(const void* x, const void* grad, void* grad_x, int6
 
 template <FloatType kType>
 static void backward_simd(const void* x, const void* grad, void* grad_x, int64_t begin, int64_t end, const LsqParams& p,
-                          double* scale_sum, double* offset_sum) {
-  if (denormals_flushed()) return backward_generic<kType>(x, grad, grad_x, begin, end, p, scale_sum, offset_sum);
+                          bool /*stream*/, double* scale_sum, double* offset_sum) {
+  if (denormals_flushed()) return backward_generic<kType>(x, grad, grad_x, begin, end, p, false, scale_sum, offset_sum);
   // four registers of four lanes each: lanes 0..3, 4..7, 8..11, 12..15 of the plain loop
   __m256d scale_acc[4], offset_acc[4];
   for (int k = 0; k < 4; ++k) scale_acc[k] = offset_acc[k] = _mm256_setzero_pd();
@@ -207,26 +215,30 @@ static void backward_simd(const void* x, const void* grad, void* grad_x, int64_t
 #define BNBX_LSQ_KERNEL(name) name##_generic
 #endif
 
-static void forward(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p) {
+static void forward(FloatType type, const void* in, void* out, int64_t begin, int64_t end, const LsqParams& p,
+                    bool stream) {
   switch (type) {
     case FloatType::kFloat32:
-      return BNBX_LSQ_KERNEL(forward)<FloatType::kFloat32>(in, out, begin, end, p);
+      return BNBX_LSQ_KERNEL(forward)<FloatType::kFloat32>(in, out, begin, end, p, stream);
     case FloatType::kFloat16:
-      return BNBX_LSQ_KERNEL(forward)<FloatType::kFloat16>(in, out, begin, end, p);
+      return BNBX_LSQ_KERNEL(forward)<FloatType::kFloat16>(in, out, begin, end, p, stream);
     case FloatType::kBFloat16:
-      return BNBX_LSQ_KERNEL(forward)<FloatType::kBFloat16>(in, out, begin, end, p);
+      return BNBX_LSQ_KERNEL(forward)<FloatType::kBFloat16>(in, out, begin, end, p, stream);
   }
 }
 
 static void backward(FloatType type, const void* x, const void* grad, void* grad_x, int64_t begin, int64_t end,
-                     const LsqParams& p, double* scale_sum, double* offset_sum) {
+                     const LsqParams& p, bool stream, double* scale_sum, double* offset_sum) {
   switch (type) {
     case FloatType::kFloat32:
-      return BNBX_LSQ_KERNEL(backward)<FloatType::kFloat32>(x, grad, grad_x, begin, end, p, scale_sum, offset_sum);
+      return BNBX_LSQ_KERNEL(backward)<FloatType::kFloat32>(x, grad, grad_x, begin, end, p, stream, scale_sum,
+                                                            offset_sum);
     case FloatType::kFloat16:
-      return BNBX_LSQ_KERNEL(backward)<FloatType::kFloat16>(x, grad, grad_x, begin, end, p, scale_sum, offset_sum);
+      return BNBX_LSQ_KERNEL(backward)<FloatType::kFloat16>(x, grad, grad_x, begin, end, p, stream, scale_sum,
+                                                            offset_sum);
     case FloatType::kBFloat16:
-      return BNBX_LSQ_KERNEL(backward)<FloatType::kBFloat16>(x, grad, grad_x, begin, end, p, scale_sum, offset_sum);
+      return BNBX_LSQ_KERNEL(backward)<FloatType::kBFloat16>(x, grad, grad_x, begin, end, p, stream, scale_sum,
+                                                             offset_sum);
   }
 }
 

@@ -21,6 +21,20 @@ static inline __m128i fp16_bits_8(__m256 value) {
   return _mm_blendv_epi8(half, nan_bits16, nan16);
 }
 
+// Stores 8 fp32 values at out[i] as kType, rounded as float_to_bf16 / float_to_fp16 round.
+template <FloatType kType>
+static inline void store_8_from_float(void* out, int64_t i, __m256 value) {
+  if constexpr (kType == FloatType::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(out) + i, value);
+  } else if constexpr (kType == FloatType::kFloat16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), fp16_bits_8(value));
+  } else {
+    const __m256i rounded = bf16_bits_8(value);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                     _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
+  }
+}
+
 template <FloatType kIn>
 static inline __m256 load_8_as_float(const void* in, int64_t i) {
   if constexpr (kIn == FloatType::kFloat32) {

@@ -20,6 +20,39 @@ static inline __m256i fp16_bits_16(__m512 value) {
   return _mm256_mask_mov_epi16(half, _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q), _mm512_cvtepi32_epi16(nan_bits));
 }
 
+// Stores 16 fp32 values at out[i] as kType, rounded as float_to_bf16 / float_to_fp16 round. kStream: a
+// non-temporal store (write around the caches, for outputs too large to stay there), out + i aligned as
+// stream_start gives.
+template <FloatType kType, bool kStream = false>
+static inline void store_16_from_float(void* out, int64_t i, __m512 value) {
+  if constexpr (kType == FloatType::kFloat32) {
+    float* to = static_cast<float*>(out) + i;
+    if constexpr (kStream) {
+      _mm512_stream_ps(to, value);
+    } else {
+      _mm512_storeu_ps(to, value);
+    }
+  } else {
+    const __m256i bits =
+        kType == FloatType::kFloat16 ? fp16_bits_16(value) : _mm512_cvtepi32_epi16(bf16_bits_16(value));
+    __m256i* to = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i);
+    if constexpr (kStream) {
+      _mm256_stream_si256(to, bits);
+    } else {
+      _mm256_storeu_si256(to, bits);
+    }
+  }
+}
+
+// The first index from i (at most end) at which a streamed store of kType elements is aligned: 64 bytes for
+// fp32 (a zmm), 32 for 16-bit types (a ymm).
+template <FloatType kType>
+static inline int64_t stream_start(const void* out, int64_t i, int64_t end) {
+  constexpr int64_t kBytes = kType == FloatType::kFloat32 ? 4 : 2, kAlign = 16 * kBytes;
+  const auto address = reinterpret_cast<uintptr_t>(out) + static_cast<uintptr_t>(i * kBytes);
+  return std::min(end, i + static_cast<int64_t>((kAlign - address % kAlign) % kAlign) / kBytes);
+}
+
 template <FloatType kIn>
 static inline __m512 load_16_as_float(const void* in, int64_t i) {
   if constexpr (kIn == FloatType::kFloat32) {
