@@ -52,7 +52,9 @@ def _ops():
     row_stats, col_stats = torch.rand(2048, generator=g) * 5, torch.rand(2100, generator=g) * 5
     lsq_scale = bnbx.qat.lsq_init_scale(big, 4, "channel", "minmax")
     grad = torch.randn_like(big)
+    odd = torch.randn(4097, 4097, generator=g).to(torch.bfloat16)  # 8.4 MB packed, the last byte half-used
     return {
+        "quantize_4bit": lambda: torch.ops.bnbx.quantize_4bit(odd, 64, "nf4", torch.uint8),
         "dequantize_4bit": lambda: bnbx.dequantize_4bit(packed, state),
         "quantize_blockwise": lambda: torch.ops.bnbx.quantize_blockwise(w, bnbx.functional.create_dynamic_map(), 256),
         "dequantize_blockwise": lambda: torch.ops.bnbx.dequantize_blockwise(

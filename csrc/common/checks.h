@@ -132,11 +132,14 @@ struct Quantize4bitOutputs {
   at::Tensor absmax;  // fp32 [ceil(n / blocksize)]
   at::ScalarType storage;
 
-  Quantize4bitOutputs(const at::Tensor& input, int64_t blocksize, at::ScalarType quant_storage)
+  // allocate_packed: how the packed bytes are allocated (the CPU passes cpu::empty_output); at::empty if null
+  Quantize4bitOutputs(const at::Tensor& input, int64_t blocksize, at::ScalarType quant_storage,
+                      at::Tensor (*allocate_packed)(at::IntArrayRef, const at::TensorOptions&) = nullptr)
       : storage(quant_storage) {
     const int64_t n = input.numel();
     const int64_t bytes = packed_4bit_bytes(n, static_cast<int64_t>(c10::elementSize(quant_storage)));
-    packed = at::empty({bytes}, input.options().dtype(at::kByte));
+    const at::TensorOptions byte_options = input.options().dtype(at::kByte);
+    packed = allocate_packed != nullptr ? allocate_packed({bytes}, byte_options) : at::empty({bytes}, byte_options);
     absmax = at::empty({ceil_div(n, blocksize)}, input.options().dtype(at::kFloat));
     if (bytes > ceil_div(n, 2)) packed.narrow(0, ceil_div(n, 2), bytes - ceil_div(n, 2)).zero_();
   }

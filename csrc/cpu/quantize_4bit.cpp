@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   const at::Tensor input = A.contiguous();
   const int64_t n = input.numel();
   const int64_t blocks = ceil_div(n, blocksize);
-  Quantize4bitOutputs outputs(input, blocksize, quant_storage);
+  Quantize4bitOutputs outputs(input, blocksize, quant_storage, &cpu::empty_output);
 
   const cpu::Quantize4bitKernels& kernels =
       cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
