@@ -53,7 +53,10 @@ def _ops():
     lsq_scale = bnbx.qat.lsq_init_scale(big, 4, "channel", "minmax")
     grad = torch.randn_like(big)
     odd = torch.randn(4097, 4097, generator=g).to(torch.bfloat16)  # 8.4 MB packed, the last byte half-used
+    w4, w4_state = bnbx.quantize_4bit(torch.randn(7000, 256, generator=g).to(torch.bfloat16), quant_type="nf4")
+    a = torch.randn(640, 256, generator=g).to(torch.bfloat16)  # M above the fused kernels: tiles into at::mm
     return {
+        "matmul_4bit": lambda: bnbx.matmul_4bit(a, w4.t(), w4_state),
         "quantize_4bit": lambda: torch.ops.bnbx.quantize_4bit(odd, 64, "nf4", torch.uint8),
         "dequantize_4bit": lambda: bnbx.dequantize_4bit(packed, state),
         "quantize_blockwise": lambda: torch.ops.bnbx.quantize_blockwise(w, bnbx.functional.create_dynamic_map(), 256),

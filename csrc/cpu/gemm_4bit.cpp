@@ -17,6 +17,7 @@
 
 #include "../common/checks_gemm_4bit.h"
 #include "cpu_features.h"
+#include "fresh_output.h"
 #include "kernels/gemm_4bit.h"
 #include "kernels/quantize_4bit.h"
 
@@ -132,7 +133,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
   const cpu::Quantize4bitKernels& base =
       cpu::select_kernels(cpu::quantize_4bit_scalar, cpu::quantize_4bit_avx2, cpu::quantize_4bit_avx512);
   const FloatType tile_type = to_float_type(A.scalar_type());
-  at::Tensor out = at::empty({M, N}, A.options());
+  at::Tensor out = cpu::empty_output({M, N}, A.options());  // every tile's mm_out writes its columns
   // One tile at a time: its dequantization split over the threads, then at::mm, which is multithreaded itself
   // (oneDNN blocks a large product better than independent per-thread products would).
   at::Tensor tile = at::empty({rows_per_tile, K}, A.options());
