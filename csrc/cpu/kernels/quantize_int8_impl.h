@@ -161,13 +161,7 @@ static void dequantize_int8_simd(const int8_t* q, const float* scale, const int3
       const __m512 value = _mm512_mul_ps(_mm512_sub_ps(codes, zp_vector), group_scale);
       // std::min(value, limit) = limit < value ? limit : value; std::max(r, -limit) = -limit > r ? -limit : r
       const __m512 clamped = _mm512_max_ps(negative_limit, _mm512_min_ps(limit, value));
-      if constexpr (kOut == FloatType::kFloat32) {
-        _mm512_storeu_ps(static_cast<float*>(out) + i, clamped);
-      } else {
-        const __m256i rounded =
-            kOut == FloatType::kFloat16 ? fp16_bits_16(clamped) : _mm512_cvtepi32_epi16(bf16_bits_16(clamped));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), rounded);
-      }
+      store_16_from_float<kOut>(out, i, clamped);
     }
     dequantize_int8_values<kOut>(q, scale[group], zp, i, end, out);
   }
@@ -251,15 +245,7 @@ static void dequantize_int8_simd(const int8_t* q, const float* scale, const int3
       const __m256 value = _mm256_mul_ps(_mm256_sub_ps(codes, zp_vector), group_scale);
       // std::min(value, limit) = limit < value ? limit : value; std::max(r, -limit) = -limit > r ? -limit : r
       const __m256 clamped = _mm256_max_ps(negative_limit, _mm256_min_ps(limit, value));
-      if constexpr (kOut == FloatType::kFloat32) {
-        _mm256_storeu_ps(static_cast<float*>(out) + i, clamped);
-      } else if constexpr (kOut == FloatType::kFloat16) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), fp16_bits_8(clamped));
-      } else {
-        const __m256i rounded = bf16_bits_8(clamped);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
-                         _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
-      }
+      store_8_from_float<kOut>(out, i, clamped);
     }
     dequantize_int8_values<kOut>(q, scale[group], zp, i, end, out);
   }
