@@ -7,7 +7,8 @@ quantization, compute_dtype bf16), ``torch.nn.functional.linear`` with the bf16 
 ``Linear4bit`` with the same settings (eval mode, no gradient: its fastest CPU path). Columns:
 - ms: median wall time (time.perf_counter; --clock cpu: CPU time of all threads) after a warm-up, rotating several
   copies of each layer so that the
-  weight is not still in a cache (bnbx: 4 copies of 23 MB; torch and bitsandbytes: 2 of 90 / 23 MB).
+  weight is not still in a cache (bnbx and bitsandbytes: 4 copies of 23 MB, the same bytes for the two 4-bit
+  layers; torch: 2 of 90 MB).
 - vs torch, vs bnb: how many times faster bnbx is (their ms / bnbx ms), measured in the same run.
 - GB/s: bnbx's packed weight bytes (codes + statistics as stored) / time; % copy: that over this machine's
   copy bandwidth (a 90 MB bf16 tensor's .copy_, bytes read + written), measured in the same run.
@@ -129,7 +130,7 @@ def main() -> None:
     bnb = None if args.no_bnb else load_bitsandbytes()
     theirs = []
     if bnb is not None:
-        for _ in range(2):
+        for _ in range(4):
             layer = bnb.nn.Linear4bit(K, N, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
             layer.load_state_dict(dense.state_dict())
             theirs.append(layer.to("cpu").eval())
@@ -146,7 +147,7 @@ def main() -> None:
             ms_torch = median_ms([lambda i=i: torch_layers[i](xs[i]) for i in range(2)], args.repeat, BUDGET_S)
             ms_bnb = None
             if theirs:
-                ms_bnb = median_ms([lambda i=i: theirs[i](xs[i]) for i in range(2)], args.repeat, BUDGET_S)
+                ms_bnb = median_ms([lambda i=i: theirs[i](xs[i]) for i in range(4)], args.repeat, BUDGET_S)
             gbs = packed_bytes / (ms_ours * 1e6)
             rows.append([
                 str(M), f"{ms_ours:.3f}", f"{ms_torch:.3f}", "n/a" if ms_bnb is None else f"{ms_bnb:.3f}",
