@@ -37,7 +37,7 @@ import time
 
 import torch
 
-import bnbx  # noqa: F401
+import bnbx
 from bnbx import _library
 from bnbx.qat import fake_quantize, fake_quantize_lsq, lsq_init_scale
 
@@ -134,7 +134,8 @@ def main() -> None:
         cases = [(name, (shape[0] // 16, shape[1] // 16), g) for name, shape, g in cases]
     print(
         f"bnbx fake_quantize, CPU ({_library.cpu_capability()}), {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, median of {args.repeat}"
+        f"torch {torch.__version__}, median of {args.repeat}, "
+        f"bnbx CPU output cache {bnbx.cpu_cache_stats()['limit_bytes'] >> 20} MiB"
     )
     header = (
         f"| {'case':34} | {'dtype':5} | {'pass':7} | {'bnbx ms':>8} | {'GB/s':>6} | {'% copy':>6} | "

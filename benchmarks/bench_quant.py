@@ -16,7 +16,9 @@ dequantize decodes them), bf16 weights, blocksize 64. Columns:
 - new out ms: dequantize into a freshly allocated output, the way bitsandbytes and the plain-torch version
   run (bitsandbytes has no CPU out= kernel); page faults of a fresh allocation count here. On Linux a
   fresh 90 MB tensor costs tens of ms of faults and zeroing; THP_MEM_ALLOC_ENABLE=1 (torch's allocator
-  asks for huge pages) removes most of that; the header says whether it was set. With bitsandbytes
+  asks for huge pages) removes most of that; the header says whether it was set. bnbx's large CPU outputs
+  come from its cache of freed outputs (BNBX_CPU_CACHE_MB; the header prints it), so after the first call
+  they fault nothing. With bitsandbytes
   installed, this column and bitsandbytes' dequantize are timed alternately, call for call, because a fresh
   output's cost depends on the allocator's state (what was just freed), which differs between two
   separate loops.
@@ -340,9 +342,10 @@ def main() -> None:
         else:
             notes.append(f"cuda: {torch.cuda.get_device_name(device)}, copy bandwidth {copy_gbs:.1f} GB/s")
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    cache_mib = bnbx.cpu_cache_stats()["limit_bytes"] >> 20
     print(f"bnbx {bnbx.__version__}, torch {torch.__version__}, bitsandbytes {bnb_version or 'not installed'}; "
           f"bf16 weights, blocksize {BLOCKSIZE}, dq = double quantization; THP_MEM_ALLOC_ENABLE={thp}; "
-          + "; ".join(notes))  # fmt: skip
+          f"bnbx CPU output cache {cache_mib} MiB; " + "; ".join(notes))  # fmt: skip
     header = ["device", "weight", "op", "type", "dq", "bnbx ms", "GB/s", "% copy", "new out ms",
               "bnb ms", "vs bnb", "torch ms", "vs torch"]  # fmt: skip
     print_table(header, all_rows)
