@@ -4,6 +4,7 @@ can come from it writes that output in full (reused memory holds an earlier tens
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -160,3 +161,27 @@ def test_environment_limit(value, limit):
     if not SANITIZED:
         assert int(result.stdout.strip()) == limit
     assert ("is not a non-negative whole number" in result.stderr) == (value == "lots")
+
+
+def _child_reuses_the_block(x: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.set_num_threads(1)  # OpenMP's pool does not survive fork (torch's DataLoader workers do the same)
+    hits = bnbx.cpu_cache_stats()["hits"]
+    ok = torch.equal(bnbx.qat.fake_quantize(x, granularity="token"), expected)
+    sys.exit(0 if ok and bnbx.cpu_cache_stats()["hits"] == hits + 1 else 1)
+
+
+@needs_cache
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_forked_child_uses_the_cache(cache):
+    # a child process starts with the parent's cache (its blocks are the child's copies) and an unlocked lock
+    x = torch.randn(1024, 4096)
+    expected = bnbx.qat.fake_quantize(x, granularity="token")
+    del_me = bnbx.qat.fake_quantize(x, granularity="token")
+    del del_me  # one cached block for the child to reuse
+    child = multiprocessing.get_context("fork").Process(target=_child_reuses_the_block, args=(x, expected))
+    child.start()
+    child.join(timeout=60)  # a hung child fails the test instead of hanging the suite
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0

@@ -7,12 +7,14 @@
 #include <c10/util/Exception.h>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
 #include <cstdlib>
 #include <list>
 #include <mutex>
+#include <new>
 
 namespace bnbx::cpu {
 namespace {
@@ -52,6 +54,13 @@ struct Block {
 // their total stays within the limit.
 class OutputCache final : public c10::Allocator {
  public:
+  OutputCache() {
+#if defined(__linux__)
+    // a child forked while another thread held the lock would wait on it forever: the child starts unlocked
+    pthread_atfork(nullptr, nullptr, [] { new (&instance().mutex_) std::mutex(); });
+#endif
+  }
+
   c10::DataPtr allocate(size_t n) override {
     if (static_cast<int64_t>(n) < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(n);
     const int64_t bytes = (static_cast<int64_t>(n) + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
