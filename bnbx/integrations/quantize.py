@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from .._model import output_layer_names
 from ..nn import weight_only
 
 logger = logging.getLogger("bnbx")
@@ -106,9 +107,7 @@ def default_skip_modules(model: nn.Module) -> list[str]:
     parameters = list(model.named_parameters())
     if parameters:
         skip.add(parameters[-1][0].rsplit(".", 1)[0])
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if output is not None:
-        skip |= {name for name, module in model.named_modules() if module is output}
+    skip |= output_layer_names(model)
     return sorted(name for name in skip if name)
 
 

@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from .._model import output_layer_names
 from ._base import _quant_state, base_compute_dtype, dense_weight, is_quantized_layer
 from .layer import AdapterConfig, LoraLinear
 
@@ -37,17 +38,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
-    names = set()
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output):
-        try:
-            output = get_output()
-        except (AttributeError, NotImplementedError):  # transformers models without an output layer raise it
-            output = None
-        if output is not None:
-            names |= {name for name, module in model.named_modules() if module is output}
-    names |= {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
-    return names
+    names = output_layer_names(model)
+    return names | {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"}
 
 
 def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear") -> list[str]:
@@ -84,12 +76,6 @@ def find_target_modules(model: nn.Module, target_modules: Targets = "all-linear"
             f"its linear layers are: {shown or 'none'}"
         )
     return names
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def add_lora(
@@ -130,7 +116,7 @@ def add_lora(
     for param in model.parameters():
         param.requires_grad_(False)
     for name in names:
-        _set_submodule(model, name, LoraLinear(model.get_submodule(name), config))
+        model.set_submodule(name, LoraLinear(model.get_submodule(name), config))
     return model
 
 
@@ -177,7 +163,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def remove_lora(model: nn.Module) -> nn.Module:
     """Put the untouched base layers back, dropping the adapters (nothing is merged)."""
     for name, layer in _require_lora(model, "remove_lora"):
-        _set_submodule(model, name, layer.base_layer)
+        model.set_submodule(name, layer.base_layer)
     return model
 
 
@@ -278,7 +264,7 @@ def merge_and_unload(
                             name, errors[name].max_abs, errors[name].relative_rms)
             else:
                 new = _dense_linear(weight.to(dtype), None if bias is None else bias.to(dtype), dtype)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
     if not requantize:
         for name, module in list(model.named_modules()):
             if name and is_quantized_layer(module) and isinstance(module, nn.Linear):
@@ -287,7 +273,7 @@ def merge_and_unload(
                     new = _dense_linear(
                         dense_weight(module, dtype), None if bias is None else bias.detach().to(dtype), dtype
                     )
-                _set_submodule(model, name, new)
+                model.set_submodule(name, new)
     if hasattr(model, "peft_config"):
         del model.peft_config
     if errors:

@@ -7,6 +7,7 @@ import logging
 
 from torch import nn
 
+from .._model import output_layer_names
 from .config import QATConfig
 from .kv import attach_kv_fake_quant, is_llama_attention
 from .modules import FakeQuantLinear, QuantizedLinear
@@ -27,11 +28,6 @@ def _check_names(model: nn.Module, names: tuple[str, ...], what: str) -> None:
         raise ValueError(f"prepare: {what} names modules that do not exist in the model: {missing}")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def prepare(model: nn.Module, config: QATConfig, inplace: bool = True) -> nn.Module:
     """Prepare ``model`` for QAT: every ``nn.Linear`` (except ``lm_head``, output embeddings tied to the input
     embeddings, and ``config.skip``) becomes a :class:`FakeQuantLinear` sharing its parameters; with
@@ -49,16 +45,16 @@ def prepare(model: nn.Module, config: QATConfig, inplace: bool = True) -> nn.Mod
     if config.modules is not None:
         _check_names(model, config.modules, "config.modules")
     skip = DEFAULT_SKIP + config.skip
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_layers = output_layer_names(model)
     targets = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or module is output_embeddings or _matches(name, skip):
+        if type(module) is not nn.Linear or name in output_layers or _matches(name, skip):
             continue
         if config.modules is not None and not _matches(name, config.modules):
             continue
         targets.append((name, module))
     for name, module in targets:
-        _set_module(model, name, FakeQuantLinear.from_linear(module, config))
+        model.set_submodule(name, FakeQuantLinear.from_linear(module, config))
     logger.info("bnbx.qat.prepare: %d Linear layers fake-quantized", len(targets))
     if config.quantize_kv:
         attention = {name: m for name, m in model.named_modules() if is_llama_attention(m) and not _matches(name, skip)}
@@ -78,5 +74,5 @@ def convert(model: nn.Module) -> nn.Module:
     if not targets:
         raise ValueError("convert: the model has no FakeQuantLinear layers; call bnbx.qat.prepare first")
     for name, module in targets:
-        _set_module(model, name, QuantizedLinear.from_fake_quant(module))
+        model.set_submodule(name, QuantizedLinear.from_fake_quant(module))
     return model
