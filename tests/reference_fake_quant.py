@@ -71,16 +71,23 @@ def lsq_torch(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: 
     return (code * scale.to(ct) + offset.to(ct)).to(x.dtype)
 
 
-def lsq_torch_backward(grad, x, scale, offset, qmin: float, qmax: float, grad_scale: float):
-    """(grad_x, grad_scale, grad_offset) of lsq_torch with LSQ's scale gradient times grad_scale."""
+def lsq_torch_backward(grad, x, scale, offset, qmin: float, qmax: float, grad_scale: float, sums_in_double=False):
+    """(grad_x, grad_scale, grad_offset) of lsq_torch with LSQ's scale gradient times grad_scale.
+
+    sums_in_double: add the fp32 terms in double and return the sums as double (the kernel's precision)
+    instead of summing in the compute dtype and returning the parameters' dtypes."""
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     v = (x.to(ct) - offset.to(ct)) * (1.0 / scale.to(ct))
     below, above = v < qmin, v > qmax
     inside = ~(below | above)
     g = grad.to(ct)
     d_scale = torch.where(inside, torch.round(v) - v, torch.where(below, qmin, qmax))
-    grad_s = sum_to(g * d_scale, scale.shape) * grad_scale
-    grad_o = sum_to(g * (~inside), offset.shape)
+    scale_terms, offset_terms = g * d_scale, g * (~inside)
+    if sums_in_double:
+        grad_s = sum_to(scale_terms.double(), scale.shape) * grad_scale
+        return (g * inside).to(x.dtype), grad_s, sum_to(offset_terms.double(), offset.shape)
+    grad_s = sum_to(scale_terms, scale.shape) * grad_scale
+    grad_o = sum_to(offset_terms, offset.shape)
     return (g * inside).to(x.dtype), grad_s.to(scale.dtype), grad_o.to(offset.dtype)
 
 

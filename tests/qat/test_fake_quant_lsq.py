@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES, cpu_isa, cpu_supports, dtype_id, isa_params
-from reference_fake_quant import lsq_ref, lsq_torch, lsq_torch_backward, sum_to
+from reference_fake_quant import lsq_ref, lsq_torch, lsq_torch_backward
 
 from bnbx.qat import fake_quantize, fake_quantize_lsq, lsq_init_scale
 
@@ -51,19 +51,6 @@ def _inputs(shape, scale_shape, offset_shape, dtype, device="cpu"):
     return x.to(dtype), scale, offset
 
 
-def _reference_backward(grad, x, scale, offset, qmin, qmax, g):
-    """The formula's grad_x, and its sums with every fp32 term added in double (the kernel's precision)."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    v = (x.to(ct) - offset.to(ct)) * (1.0 / scale.to(ct))
-    below, above = v < qmin, v > qmax
-    inside = ~(below | above)
-    gt = grad.to(ct)
-    slope = torch.where(inside, torch.round(v) - v, torch.where(below, qmin, qmax))
-    grad_s = sum_to((gt * slope).double(), scale.shape) * g
-    grad_o = sum_to((gt * ~inside).double(), offset.shape)
-    return (gt * inside).to(x.dtype), grad_s, grad_o
-
-
 @pytest.mark.parametrize("isa_name", ISAS)
 @pytest.mark.parametrize("dtype", LSQ_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"{t[0]}-{t[1]}-{t[2]}")
@@ -75,7 +62,7 @@ def test_matches_torch_formula(isa_name, dtype, layout):
         out = torch.ops.bnbx.fake_quantize_lsq(x, scale, offset, qmin, qmax, 0.3)
         grad_x, grad_s, grad_o = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, offset, qmin, qmax, 0.3)
     assert_same(out, lsq_torch(x, scale, offset, qmin, qmax))
-    ref_x, ref_s, ref_o = _reference_backward(grad, x, scale, offset, qmin, qmax, 0.3)
+    ref_x, ref_s, ref_o = lsq_torch_backward(grad, x, scale, offset, qmin, qmax, 0.3, sums_in_double=True)
     assert_same(grad_x, ref_x)
     assert grad_s.shape == scale.shape and grad_s.dtype == scale.dtype
     assert grad_o.shape == offset.shape and grad_o.dtype == offset.dtype
@@ -186,7 +173,7 @@ def test_devices_agree(device):
         out = torch.ops.bnbx.fake_quantize_lsq(x, scale, offset, -8.0, 7.0)
         assert_same(out, lsq_torch(x, scale, offset, -8.0, 7.0))
         grad_x, grad_s, grad_o = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, offset, -8.0, 7.0, 0.5)
-        ref_x, ref_s, ref_o = _reference_backward(grad, x, scale, offset, -8.0, 7.0, 0.5)
+        ref_x, ref_s, ref_o = lsq_torch_backward(grad, x, scale, offset, -8.0, 7.0, 0.5, sums_in_double=True)
         assert_same(grad_x, ref_x)
         torch.testing.assert_close(grad_s.double(), ref_s, rtol=1e-6, atol=1e-9, equal_nan=True)
         torch.testing.assert_close(grad_o.double(), ref_o, rtol=1e-6, atol=1e-9, equal_nan=True)
@@ -276,7 +263,7 @@ def test_cuda_kernels_emulated(dtype, layout):
     out = emu.fake_quantize_lsq(x, scale, offset, -8.0, 7.0)
     assert_same(out, torch.ops.bnbx.fake_quantize_lsq(x, scale, offset, -8.0, 7.0))
     grad_x, grad_s, grad_o = emu.fake_quantize_lsq_backward(grad, x, scale, offset, -8.0, 7.0, 0.5)
-    ref_x, ref_s, ref_o = _reference_backward(grad, x, scale, offset, -8.0, 7.0, 0.5)
+    ref_x, ref_s, ref_o = lsq_torch_backward(grad, x, scale, offset, -8.0, 7.0, 0.5, sums_in_double=True)
     assert_same(grad_x, ref_x)
     if x.numel():
         torch.testing.assert_close(grad_s.view(ref_s.shape), ref_s, rtol=1e-9, atol=1e-12, equal_nan=True)
@@ -306,7 +293,7 @@ def test_non_contiguous_inputs():
     assert out.is_contiguous() and out.shape == x.shape
     assert_same(out, lsq_torch(x, scale, torch.zeros(()), -7.0, 7.0))
     grad_x, grad_s, _ = torch.ops.bnbx.fake_quantize_lsq_backward(grad, x, scale, torch.zeros(()), -7.0, 7.0, 1.0)
-    ref_x, ref_s, _ = _reference_backward(grad, x, scale, torch.zeros(()), -7.0, 7.0, 1.0)
+    ref_x, ref_s, _ = lsq_torch_backward(grad, x, scale, torch.zeros(()), -7.0, 7.0, 1.0, sums_in_double=True)
     assert_same(grad_x, ref_x)
     torch.testing.assert_close(grad_s.double(), ref_s, rtol=1e-6, atol=1e-9)  # rounded to scale's fp32
 
