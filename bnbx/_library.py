@@ -108,8 +108,10 @@ def cpu_cache_stats() -> dict[str, int]:
 def set_cpu_cache_limit(limit_bytes: int) -> None:
     """Keep at most ``limit_bytes`` of freed large CPU outputs for reuse (0 turns the cache off and frees what
     it holds). Live outputs are never affected."""
-    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
-        raise ValueError(f"set_cpu_cache_limit: limit_bytes must be a non-negative int, got {limit_bytes!r}")
+    if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or not 0 <= limit_bytes < 2**63:
+        raise ValueError(
+            f"set_cpu_cache_limit: limit_bytes must be a non-negative int below 2**63, got {limit_bytes!r}"
+        )
     load().bnbx_cpu_cache_set_limit(limit_bytes)
 
 

@@ -145,13 +145,16 @@ def test_cached_outputs_behave_like_any_tensor(cache):
     assert torch.equal(torch.load(buffer), z)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "1", True])
+@pytest.mark.parametrize("bad", [-1, 1.5, "1", True, 2**63])
 def test_bad_limit(bad):
     with pytest.raises(ValueError, match="non-negative int"):
         bnbx.set_cpu_cache_limit(bad)
 
 
-@pytest.mark.parametrize("value, limit", [("0", 0), ("64", 64 << 20), ("lots", 1024 << 20)])
+HUGE = ("99999999999999999999", (2**63 - 1) >> 20 << 20)  # more MiB than int64 bytes hold: the largest limit
+
+
+@pytest.mark.parametrize("value, limit", [("0", 0), ("64", 64 << 20), ("lots", 1024 << 20), HUGE])
 def test_environment_limit(value, limit):
     code = "import warnings, bnbx; print(bnbx.cpu_cache_stats()['limit_bytes'])"
     env = {**os.environ, "BNBX_CPU_CACHE_MB": value}

@@ -11,7 +11,9 @@
 #include <sys/mman.h>
 #endif
 
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <list>
 #include <mutex>
 #include <new>
@@ -42,7 +44,7 @@ int64_t limit_from_environment() {
   char* end = nullptr;
   const long long mib = std::strtoll(text, &end, 10);
   if (*end != '\0' || mib < 0) return kDefaultLimitBytes;  // unreadable: the default (Python warns)
-  return static_cast<int64_t>(mib) << 20;
+  return std::min<int64_t>(mib, std::numeric_limits<int64_t>::max() >> 20) << 20;  // no overflow
 }
 
 struct Block {

@@ -7,6 +7,7 @@
 // - apply: the same fp32 product x * inv_scale, rounding in the current mode (as nearbyint), the clamp in
 //   std_min/std_max's operand order, one product by the scale, one rounding to the output type.
 // Non-finite groups, subnormal scales, FTZ/DAZ threads and tails use the plain loop.
+#include "../cpu_features.h"
 #include "isa_unit.h"
 #include "fake_quant.h"
 
@@ -133,7 +134,7 @@ BNBX_FQ_BF16_TARGET static int64_t apply_groups(const void* in, void* out, int64
 template <FloatType kType, bool kStream>
 static void apply_fast(const void* in, void* out, int64_t& i, int64_t end, const AffineParams& params, float low_code,
                        float high_code, bool clamp) {
-  static const bool native_bf16 = __builtin_cpu_supports("avx512bf16");
+  static const bool native_bf16 = cpu_has_avx512_bf16();
   if (kType == FloatType::kBFloat16 && native_bf16 && !clamp && params.scale >= FLT_MIN) {
     i = apply_groups<kType, false, true, kStream>(in, out, i, end, params, low_code, high_code);
   } else if (clamp) {
