@@ -5,7 +5,8 @@
 //   expressions; the accumulators start at +0 and only take strictly smaller (larger) values, so the lane
 //   order cannot change the result (as in quantize_int8_impl.h).
 // - apply: the same fp32 product x * inv_scale, rounding in the current mode (as nearbyint), the clamp in
-//   std_min/std_max's operand order, one product by the scale, one rounding to the output type.
+//   std_min/std_max's operand order, one product by the scale, one rounding to the output type (AVX2); the
+//   AVX-512 path computes the same bits with the shortcuts described at apply_groups.
 // Non-finite groups, subnormal scales, FTZ/DAZ threads and tails use the plain loop.
 #include "../cpu_features.h"
 #include "isa_unit.h"
@@ -131,17 +132,15 @@ BNBX_FQ_BF16_TARGET static int64_t apply_groups(const void* in, void* out, int64
   return i;  // the first element not written
 }
 
+// apply_groups in the variant the group allows; returns the first element not written
 template <FloatType kType, bool kStream>
-static void apply_fast(const void* in, void* out, int64_t& i, int64_t end, const AffineParams& params, float low_code,
-                       float high_code, bool clamp) {
+static int64_t apply_fast(const void* in, void* out, int64_t i, int64_t end, const AffineParams& params, float low_code,
+                          float high_code, bool clamp) {
   static const bool native_bf16 = cpu_has_avx512_bf16();
-  if (kType == FloatType::kBFloat16 && native_bf16 && !clamp && params.scale >= FLT_MIN) {
-    i = apply_groups<kType, false, true, kStream>(in, out, i, end, params, low_code, high_code);
-  } else if (clamp) {
-    i = apply_groups<kType, true, false, kStream>(in, out, i, end, params, low_code, high_code);
-  } else {
-    i = apply_groups<kType, false, false, kStream>(in, out, i, end, params, low_code, high_code);
-  }
+  if (kType == FloatType::kBFloat16 && native_bf16 && !clamp && params.scale >= FLT_MIN)
+    return apply_groups<kType, false, true, kStream>(in, out, i, end, params, low_code, high_code);
+  if (clamp) return apply_groups<kType, true, false, kStream>(in, out, i, end, params, low_code, high_code);
+  return apply_groups<kType, false, false, kStream>(in, out, i, end, params, low_code, high_code);
 }
 
 template <FloatType kType>
@@ -156,11 +155,10 @@ static void apply_simd(const void* in, void* out, int64_t begin, int64_t end, co
     if (stream) {
       const int64_t head = stream_start<kType>(out, i, end);  // the elements before it: plain stores
       apply_generic<kType>(in, out, i, head, params, qmin, qmax);
-      i = head;
-      apply_fast<kType, true>(in, out, i, end, params, low_code, high_code, clamp);
+      i = apply_fast<kType, true>(in, out, head, end, params, low_code, high_code, clamp);
       _mm_sfence();  // streamed stores are weakly ordered: visible before the caller signals the end of its task
     } else {
-      apply_fast<kType, false>(in, out, i, end, params, low_code, high_code, clamp);
+      i = apply_fast<kType, false>(in, out, i, end, params, low_code, high_code, clamp);
     }
   }
   apply_generic<kType>(in, out, i, end, params, qmin, qmax);
