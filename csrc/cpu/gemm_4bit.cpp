@@ -46,6 +46,8 @@ int64_t tile_rows() {
 // Largest M for the AMX kernel (bf16 inputs); above it, tiles into at::mm, whose blocking over M is better.
 // Measured on the 2-core Xeon (NF4 + double quant, bf16; ms AMX / tiles): 4096x11008 M=128 9.6 / 13.2, M=256
 // 21.4 / 19.4, M=512 45.1 / 27.6; 1024x2816 M=128 0.87 / 0.98, M=256 1.48 / 1.34; 2816x1024 M=256 2.5 / 1.1.
+// After the tile-layout scratch and bf16 stores (2026-11-30), 4096x11008 M=256 read 18.5-21.1 / 21.4-24.0 in two
+// runs: inside the noise of this VM, so the crossover stays.
 constexpr int64_t kAmxMaxRows = 128;
 
 int64_t amx_max_rows() {
@@ -113,16 +115,20 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());
     kernels.pack_x_amx(reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>()), M, K, Mp, Kp, blocksize,
                        x_ptr);
-    at::Tensor out32 = at::empty({M, N}, A.options().dtype(at::kFloat));
-    float* out_ptr = out32.mutable_data_ptr<float>();
+    // bf16 straight from the accumulators, the bias added in fp32 before the one rounding
+    at::Tensor out = cpu::empty_output({M, N}, A.options());
+    uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+    const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const float* bias_ptr = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
     at::parallel_for(0, ceil_div(N, 32), 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<uint16_t[]> wbuf(new uint16_t[static_cast<size_t>(32 * Kp)]);  // fully written before read
+      // scratch, each part fully written before it is read
+      std::unique_ptr<uint16_t[]> wbuf(new uint16_t[static_cast<size_t>(32 * Kp)]);
+      std::unique_ptr<float[]> acc(new float[static_cast<size_t>(Mp * 32)]);
       std::vector<float> row_scales(static_cast<size_t>(32 * (K / blocksize + 2)));
-      kernels.gemm_amx(x_ptr, M, Mp, K, Kp, packed_ptr, scales, blocksize, args.type, out_ptr, N, begin, end,
-                       wbuf.get(), row_scales.data());
+      kernels.gemm_amx(x_ptr, M, Mp, K, Kp, packed_ptr, scales, blocksize, args.type, out_ptr, bias_ptr, N, begin, end,
+                       wbuf.get(), row_scales.data(), acc.get());
     });
-    if (bias.has_value()) out32.add_(bias->to(at::kFloat));
-    return out32.to(A.scalar_type()).view(out_shape);
+    return out.view(out_shape);
   }
 
   // Tiles start on a block boundary so that each one is a self-contained run of blocks: a multiple of

@@ -43,11 +43,12 @@ struct Gemm4bitKernels {
   // pack_x_amx: bf16 x [M, K] -> the B-operand layout, zero-padded to Mp (multiple of 16) rows and Kp (of 32),
   // its columns in gemm_amx's order of the weight's columns for this K and blocksize.
   void (*pack_x_amx)(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, int64_t blocksize, uint16_t* out);
-  // out[m * N + n] = sum_k x[m, k] * bf16(W[n, k]) (fp32 accumulation) for rows of W in the blocks of 32
-  // [block_begin, block_end); wbuf (32 * Kp bf16) and row_scales (32 * (K / blocksize + 2) floats) are scratch.
+  // out bf16 [m * N + n] = sum_k x[m, k] * bf16(W[n, k]) (fp32 accumulation) + bias[n] (fp32, or nullptr),
+  // rounded once, for rows of W in the blocks of 32 [block_begin, block_end). Scratch: wbuf 32 * Kp bf16,
+  // row_scales 32 * (K / blocksize + 2) floats, acc Mp * 32 floats.
   void (*gemm_amx)(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, const uint8_t* packed,
-                   const Absmax4bit& absmax, int64_t blocksize, QuantType quant_type, float* out, int64_t N,
-                   int64_t block_begin, int64_t block_end, uint16_t* wbuf, float* row_scales);
+                   const Absmax4bit& absmax, int64_t blocksize, QuantType quant_type, uint16_t* out, const float* bias,
+                   int64_t N, int64_t block_begin, int64_t block_end, uint16_t* wbuf, float* row_scales, float* acc);
 };
 
 extern const Gemm4bitKernels gemm_4bit_scalar;

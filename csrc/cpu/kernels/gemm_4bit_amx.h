@@ -6,7 +6,8 @@
 // code * absmax rounded once to bf16, exactly dequantize_4bit's bf16 values) into a per-thread scratch
 // buffer, so no more than 32 rows of W are ever dense; x is reformatted once per call into the pair-
 // interleaved ("VNNI") layout AMX wants for B. Each step multiplies two 16 x 32 A tiles by two 32 x 16 B
-// tiles into four 16 x 16 fp32 accumulators, over the whole K, so the product is fp32-accumulated.
+// tiles into four 16 x 16 fp32 accumulators, over the whole K, so the product is fp32-accumulated. The
+// accumulators leave as bf16, the bias added in fp32 first: one rounding, no fp32 copy of the output.
 #pragma once
 
 #define BNBX_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512bw,avx512vl,avx512f")))
@@ -43,12 +44,16 @@ static void pack_x_amx(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int6
   for (int64_t c = 0; c < Mp / 16; ++c) {
     for (int64_t s = 0; s < steps; ++s) {
       uint16_t* tile = out + (c * steps + s) * 512;
-      for (int64_t pair = 0; pair < 16; ++pair) {
-        for (int64_t r = 0; r < 16; ++r) {
-          const int64_t m = c * 16 + r;
-          for (int64_t j = 0; j < 2; ++j) {
-            const int64_t k = s * 32 + 2 * pair + j;
-            tile[pair * 32 + r * 2 + j] = (m < M && k < K) ? x[m * K + amx_column(k, group_order)] : 0;
+      for (int64_t r = 0; r < 16; ++r) {
+        const int64_t m = c * 16 + r;
+        if (m < M && group_order) {
+          // step s of a group: its 32 columns are elements 4j + q of the group (amx_column), a stride of 4
+          const uint16_t* src = x + m * K + amx_column(s * 32, true);
+          for (int64_t j = 0; j < 32; ++j) tile[(j / 2) * 32 + r * 2 + j % 2] = src[4 * j];
+        } else {
+          for (int64_t j = 0; j < 32; ++j) {
+            const int64_t k = s * 32 + j;
+            tile[(j / 2) * 32 + r * 2 + j % 2] = (m < M && k < K) ? x[m * K + k] : 0;
           }
         }
       }
@@ -66,17 +71,30 @@ static void decode_row_scales(const Absmax4bit& absmax, int64_t K, int shift, in
   }
 }
 
-// Columns [k0, k1) (multiples of 32, k1 <= Kp) of rows [n0, n0 + 32) of W as bf16 into dst (row stride
-// dst_stride elements; zeros past N and K).
+// Where the dequantized weight goes: element (r, k) of the 32 rows at base + (k / 32 - k0 / 32) * step_stride +
+// r * row_stride + k % 32. Tile layout (step_stride 1024, row_stride 32): each step's 32 x 32 values one
+// contiguous 2 KB run, so a tile is 1 KB at a 64-byte stride (rows of W a whole Kp apart would put all 16 rows
+// of a tile in one L1 set, and its loads would wait on L2).
+struct TileRows {
+  uint16_t* base;
+  int64_t k0;
+  int64_t step_stride = 1024;
+  int64_t row_stride = 32;
+  // k and k0 are never negative: shifts, not signed divisions
+  uint16_t* at(int64_t r, int64_t k) const {
+    return base + ((k >> 5) - (k0 >> 5)) * step_stride + r * row_stride + (k & 31);
+  }
+};
+
+// Columns [k0, k1) (multiples of 32, k1 <= Kp) of rows [n0, n0 + 32) of W as bf16 into dst (zeros past N and K).
 BNBX_AMX_TARGET static void dequantize_rows_bf16(const uint8_t* packed, int64_t K, int shift, const float table[16],
                                                  int64_t n0, int64_t N, const float* row_scales, int64_t stride,
-                                                 int64_t k0, int64_t k1, uint16_t* dst, int64_t dst_stride) {
+                                                 int64_t k0, int64_t k1, TileRows dst) {
   const __m512 codes = _mm512_loadu_ps(table);
   for (int64_t r = 0; r < kAmxRows; ++r) {
     const int64_t n = n0 + r;
-    uint16_t* out = dst + r * dst_stride - k0;
     if (n >= N) {
-      std::memset(out + k0, 0, static_cast<size_t>(k1 - k0) * sizeof(uint16_t));
+      for (int64_t k = k0; k < k1; k += 32) std::memset(dst.at(r, k), 0, 32 * sizeof(uint16_t));
       continue;
     }
     const int64_t first = (n * K) >> shift;
@@ -98,17 +116,17 @@ BNBX_AMX_TARGET static void dequantize_rows_bf16(const uint8_t* packed, int64_t 
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
         const __m512i index = _mm512_or_si512(_mm512_srli_epi32(bytes, 4),
                                               _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), 16));
-        _mm512_storeu_si512(out + k, _mm512_permutexvar_epi16(index, lut));
+        _mm512_storeu_si512(dst.at(r, k), _mm512_permutexvar_epi16(index, lut));
       }
     } else {
       for (int64_t k = k0; k < k_end; ++k) {
         const int64_t e = n * K + k;
         const uint8_t byte = packed[e >> 1];
         const int q = (e & 1) ? (byte & 0x0f) : (byte >> 4);
-        out[k] = float_to_bf16(table[q] * scales[(e >> shift) - first]);
+        *dst.at(r, k) = float_to_bf16(table[q] * scales[(e >> shift) - first]);
       }
     }
-    for (int64_t k = std::max(k0, K); k < k1; ++k) out[k] = 0;
+    for (int64_t k = std::max(k0, K); k < k1; ++k) *dst.at(r, k) = 0;
   }
 }
 
@@ -119,7 +137,7 @@ BNBX_AMX_TARGET static void dequantize_rows_bf16(const uint8_t* packed, int64_t 
 // index is set on words 16-31 (vpermw reads 5 bits); with larger blocks both halves are the block's values.
 BNBX_AMX_TARGET static void dequantize_rows_groups(const uint8_t* packed, int64_t K, int shift, const float table[16],
                                                    int64_t n0, int64_t N, const float* row_scales, int64_t stride,
-                                                   int64_t k0, int64_t k1, uint16_t* dst, int64_t dst_stride) {
+                                                   int64_t k0, int64_t k1, TileRows dst) {
   const __m512 codes = _mm512_loadu_ps(table);
   const __m512i nibble = _mm512_set1_epi16(15);
   const __m512i upper = _mm512_maskz_set1_epi16(0xffff0000u, 16);  // 16 in words 16-31
@@ -127,9 +145,8 @@ BNBX_AMX_TARGET static void dequantize_rows_groups(const uint8_t* packed, int64_
   const bool whole_rows = k0 == 0 && k1 >= K;
   for (int64_t r = 0; r < kAmxRows; ++r) {
     const int64_t n = n0 + r;
-    uint16_t* out = dst + r * dst_stride - k0;
     if (n >= N) {
-      std::memset(out + k0, 0, static_cast<size_t>(k1 - k0) * sizeof(uint16_t));
+      for (int64_t k = k0; k < k1; k += 32) std::memset(dst.at(r, k), 0, 32 * sizeof(uint16_t));
       continue;
     }
     const int64_t first = (n * K) >> shift;
@@ -143,42 +160,63 @@ BNBX_AMX_TARGET static void dequantize_rows_groups(const uint8_t* packed, int64_
       const __m512 hi = two_blocks ? _mm512_mul_ps(codes, _mm512_set1_ps(s[1])) : lo;
       const __m512i lut = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
       const __m512i bytes = _mm512_loadu_si512(row + k / 2);
+      uint16_t* group = dst.at(r, k);
       for (int t = 0; t < 4; ++t) {
         __m512i index = _mm512_srli_epi16(bytes, 4 * t);
         if (two_blocks) index = _mm512_ternarylogic_epi32(index, nibble, upper, 0xea);  // (index & 15) | upper
-        _mm512_storeu_si512(out + k + 32 * t, _mm512_permutexvar_epi16(index, lut));
+        _mm512_storeu_si512(group + t * dst.step_stride, _mm512_permutexvar_epi16(index, lut));
       }
     }
   }
 }
 
-// out[m * N + n] = sum_k x[m, k] * bf16(W[n, k]) for the row blocks [block_begin, block_end) of 32 rows of W
-// and every m < M. x as pack_x_amx wrote it; scratch: wbuf 32 * Kp bf16, row_scales 32 * (K / blocksize + 2)
-// floats.
-BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp,
-                                     const uint8_t* packed, const Absmax4bit& absmax, int64_t blocksize,
-                                     QuantType quant_type, float* out, int64_t N, int64_t block_begin,
-                                     int64_t block_end, uint16_t* wbuf, float* row_scales) {
-  alignas(64) float table[16];
-  fill_code_table(quant_type, table);
-  AmxTileConfig config{};
-  config.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+using DequantizeRows = void (*)(const uint8_t*, int64_t, int, const float*, int64_t, int64_t, const float*, int64_t,
+                                int64_t, int64_t, TileRows);
+
+// Where gemm_amx writes: out bf16 [M, N] = the fp32 sums + bias (fp32 [N] or nullptr), rounded once.
+struct AmxOutput {
+  uint16_t* out;
+  const float* bias;
+  int64_t M, N;
+};
+
+// acc [Mp / 16][2][16][16] (x chunk of 16 rows, W half, row of W, row of x) -> rows m < M of out, columns
+// [n0, n0 + 32) clipped to N: per row of x, one gather down a tile column and one store of 16 consecutive
+// outputs (16 scalar stores to 16 rows of out would touch 16 cache lines each).
+BNBX_AMX_TARGET static void store_block(const float* acc, int64_t Mp, int64_t n0, const AmxOutput& o) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(16));
+  for (int64_t c = 0; c < Mp / 16; ++c)
+    for (int h = 0; h < 2; ++h) {
+      const float* tile = acc + (c * 2 + h) * 256;
+      const int64_t nb = n0 + 16 * h, mb = c * 16;
+      if (nb >= o.N) continue;
+      const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, o.N - nb)) - 1u);
+      const __m512 bias = o.bias != nullptr ? _mm512_maskz_loadu_ps(valid, o.bias + nb) : _mm512_setzero_ps();
+      for (int64_t j = 0; j < 16 && mb + j < o.M; ++j) {
+        const __m512 sums = _mm512_add_ps(_mm512_i32gather_ps(column, tile + j, 4), bias);
+        const __m256bh rounded = _mm512_cvtneps_pbh(sums);
+        _mm256_mask_storeu_epi16(o.out + (mb + j) * o.N + nb, valid, reinterpret_cast<const __m256i&>(rounded));
+      }
+    }
+}
+
+// Mp <= 32: the accumulators stay in the tiles over all of K, so W is dequantized in chunks of kChunk columns
+// that stay in L1 right before they are multiplied. wbuf: 32 * min(kChunk, Kp) bf16.
+BNBX_AMX_TARGET static void gemm_amx_few_rows(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp,
+                                              const uint8_t* packed, int shift, const float table[16],
+                                              DequantizeRows dequantize, const AmxOutput& out, int64_t block_begin,
+                                              int64_t block_end, uint16_t* wbuf, float* row_scales,
+                                              const Absmax4bit& absmax) {
+  constexpr int64_t kChunk = 256;
+  const int64_t w_stride = std::min(kChunk, Kp);  // wbuf holds 32 * Kp values
+  const int64_t N = out.N;
   alignas(64) float acc[4][16][16];
-  const int shift = log2_of(blocksize);
   const int64_t steps = Kp / 32;
   const int64_t scale_stride = (K >> shift) + 2;
-  const auto dequantize = amx_group_order(K, blocksize) ? dequantize_rows_groups : dequantize_rows_bf16;
-  // With at most 32 rows of x the accumulators stay in the tiles over all of K, so W is dequantized in
-  // chunks of kChunk columns that stay in L1 right before they are multiplied; with more rows the block of
-  // W is dequantized whole (32 x Kp, in L2) and reused for every 32 rows of x.
-  constexpr int64_t kChunk = 256;
-  const bool chunked = Mp <= 32;
-  const int64_t w_stride = chunked ? std::min(kChunk, Kp) : Kp;  // wbuf holds 32 * Kp values
+  const bool pair = Mp == 32;  // else 16 rows of x
+  const uint16_t* x0 = x;
+  const uint16_t* x1 = x0 + steps * 512;
   for (int64_t b = block_begin; b < block_end; ++b) {
     const int64_t n0 = b * kAmxRows;
     const int64_t next_rows = std::max<int64_t>(0, std::min(N, n0 + 2 * kAmxRows) - (n0 + kAmxRows));
@@ -186,41 +224,80 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
     const uint8_t* next_block = packed + (n0 + kAmxRows) * K / 2;
     const int64_t next_lines_per_step = next_bytes > 0 ? ceil_div(next_bytes, 64 * steps) : 0;
     decode_row_scales(absmax, K, shift, n0, N, row_scales, scale_stride);
-    if (!chunked) dequantize(packed, K, shift, table, n0, N, row_scales, scale_stride, 0, Kp, wbuf, Kp);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t k = s * 32;
+      if (k % kChunk == 0)
+        dequantize(packed, K, shift, table, n0, N, row_scales, scale_stride, k, std::min(Kp, k + kChunk),
+                   TileRows{wbuf, k, 32, w_stride});
+      const uint16_t* w = wbuf + k % kChunk;
+      // the next block of 32 rows (one contiguous run of bytes) into L2, spread over this block's steps, so
+      // that its loads never wait on memory
+      if (next_lines_per_step > 0)
+        for (int64_t l = s * next_lines_per_step; l < (s + 1) * next_lines_per_step; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(next_block + std::min(l * 64, next_bytes - 1)), _MM_HINT_T1);
+      // the packed bytes of the next chunk into L1 (the rows are 32 strided streams the hardware
+      // prefetcher follows poorly): kChunk / 128 cache lines of 32 / (kChunk / 32) rows per step
+      constexpr int64_t kRowsPerStep = kAmxRows * 32 / kChunk, kLinesPerRow = kChunk / 128;
+      const int64_t row = (s % (kChunk / 32)) * kRowsPerStep;
+      const int64_t next_k = (k / kChunk + 1) * kChunk;
+      if (K % 32 == 0 && next_k < K)
+        for (int64_t r = row; r < row + kRowsPerStep && n0 + r < N; ++r)
+          for (int64_t line = 0; line < kLinesPerRow; ++line)
+            _mm_prefetch(reinterpret_cast<const char*>(packed + ((n0 + r) * K + next_k) / 2 + 64 * line), _MM_HINT_T0);
+      _tile_loadd(4, w, w_stride * 2);
+      _tile_loadd(5, w + 16 * w_stride, w_stride * 2);
+      _tile_loadd(6, x0 + s * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      if (pair) {
+        _tile_loadd(7, x1 + s * 512, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    // acc as store_block reads it: (x chunk, W half)
+    _tile_stored(0, acc[0], 64);
+    _tile_stored(2, acc[1], 64);
+    _tile_stored(1, acc[2], 64);
+    _tile_stored(3, acc[3], 64);
+    store_block(&acc[0][0][0], Mp, n0, out);
+  }
+}
+
+// Mp > 32: the block of 32 rows of W is dequantized whole (32 x Kp, in L2, one contiguous run of packed bytes)
+// and multiplied by every 32 rows of x, the accumulators in the tiles over all of K. (Dequantizing the next
+// block a row at a time in between the tile products measured no faster: the two do not overlap.) wbuf:
+// 32 * Kp bf16; acc: Mp * 32 floats.
+BNBX_AMX_TARGET static void gemm_amx_many_rows(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp,
+                                               const uint8_t* packed, int shift, const float table[16],
+                                               DequantizeRows dequantize, const AmxOutput& out, int64_t block_begin,
+                                               int64_t block_end, uint16_t* wbuf, float* row_scales, float* acc,
+                                               const Absmax4bit& absmax) {
+  const int64_t N = out.N;
+  const int64_t steps = Kp / 32;
+  const int64_t scale_stride = (K >> shift) + 2;
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t n0 = b * kAmxRows;
+    decode_row_scales(absmax, K, shift, n0, N, row_scales, scale_stride);
+    dequantize(packed, K, shift, table, n0, N, row_scales, scale_stride, 0, Kp, TileRows{wbuf, 0});
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
       const bool pair = m0 + 32 <= Mp;  // else one last chunk of 16 rows of x
       const uint16_t* x0 = x + (m0 / 16) * steps * 512;
       const uint16_t* x1 = x0 + steps * 512;
+      float* c0 = acc + (m0 / 16) * 512;  // (x chunk, W half) tiles
+      float* c1 = c0 + 512;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t s = 0; s < steps; ++s) {
-        const uint16_t* w = wbuf + s * 32;
-        if (chunked) {
-          const int64_t k = s * 32;
-          if (k % kChunk == 0)
-            dequantize(packed, K, shift, table, n0, N, row_scales, scale_stride, k, std::min(Kp, k + kChunk), wbuf,
-                       w_stride);
-          w = wbuf + k % kChunk;
-          // the next block of 32 rows (one contiguous run of bytes) into L2, spread over this block's steps, so
-          // that its loads never wait on memory
-          if (next_lines_per_step > 0)
-            for (int64_t l = s * next_lines_per_step; l < (s + 1) * next_lines_per_step; ++l)
-              _mm_prefetch(reinterpret_cast<const char*>(next_block + std::min(l * 64, next_bytes - 1)), _MM_HINT_T1);
-          // the packed bytes of the next chunk into L1 (the rows are 32 strided streams the hardware
-          // prefetcher follows poorly): kChunk / 128 cache lines of 32 / (kChunk / 32) rows per step
-          constexpr int64_t kRowsPerStep = kAmxRows * 32 / kChunk, kLinesPerRow = kChunk / 128;
-          const int64_t row = (s % (kChunk / 32)) * kRowsPerStep;
-          const int64_t next_k = (k / kChunk + 1) * kChunk;
-          if (K % 32 == 0 && next_k < K)
-            for (int64_t r = row; r < row + kRowsPerStep && n0 + r < N; ++r)
-              for (int64_t line = 0; line < kLinesPerRow; ++line)
-                _mm_prefetch(reinterpret_cast<const char*>(packed + ((n0 + r) * K + next_k) / 2 + 64 * line),
-                             _MM_HINT_T0);
-        }
-        _tile_loadd(4, w, w_stride * 2);
-        _tile_loadd(5, w + 16 * w_stride, w_stride * 2);
+        const uint16_t* w = wbuf + s * 1024;
+        _tile_loadd(4, w, 64);
+        _tile_loadd(5, w + 512, 64);
         _tile_loadd(6, x0 + s * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
@@ -230,19 +307,41 @@ BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, i
           _tile_dpbf16ps(3, 5, 7);
         }
       }
-      _tile_stored(0, acc[0], 64);
-      _tile_stored(1, acc[1], 64);
-      _tile_stored(2, acc[2], 64);
-      _tile_stored(3, acc[3], 64);
-      // acc[t][row of W][row of x]: t = 2 * (W half) + (x half)
-      for (int t = 0; t < 4; ++t) {
-        if (!pair && (t & 1)) continue;
-        const int64_t nb = n0 + 16 * (t >> 1);
-        const int64_t mb = m0 + 16 * (t & 1);
-        for (int64_t i = 0; i < 16 && nb + i < N; ++i)
-          for (int64_t j = 0; j < 16 && mb + j < M; ++j) out[(mb + j) * N + nb + i] = acc[t][i][j];
+      _tile_stored(0, c0, 64);
+      _tile_stored(2, c0 + 256, 64);
+      if (pair) {
+        _tile_stored(1, c1, 64);
+        _tile_stored(3, c1 + 256, 64);
       }
     }
+    store_block(acc, Mp, n0, out);
   }
+}
+
+// out[m * N + n] = bf16(sum_k x[m, k] * bf16(W[n, k]) + bias[n]) for the row blocks [block_begin, block_end) of
+// 32 rows of W and every m < M. x as pack_x_amx wrote it; scratch (amx_scratch): wbuf, row_scales and acc.
+BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp,
+                                     const uint8_t* packed, const Absmax4bit& absmax, int64_t blocksize,
+                                     QuantType quant_type, uint16_t* out, const float* bias, int64_t N,
+                                     int64_t block_begin, int64_t block_end, uint16_t* wbuf, float* row_scales,
+                                     float* acc) {
+  alignas(64) float table[16];
+  fill_code_table(quant_type, table);
+  AmxTileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  const int shift = log2_of(blocksize);
+  const AmxOutput output{out, bias, M, N};
+  const DequantizeRows dequantize = amx_group_order(K, blocksize) ? dequantize_rows_groups : dequantize_rows_bf16;
+  if (Mp <= 32)
+    gemm_amx_few_rows(x, M, Mp, K, Kp, packed, shift, table, dequantize, output, block_begin, block_end, wbuf,
+                      row_scales, absmax);
+  else
+    gemm_amx_many_rows(x, M, Mp, K, Kp, packed, shift, table, dequantize, output, block_begin, block_end, wbuf,
+                       row_scales, acc, absmax);
   _tile_release();
 }
