@@ -5,10 +5,12 @@
 
 The model is a Llama-style stack built here (transformers' LlamaConfig, random weights, vocab 32000, no
 downloads); every linear layer but lm_head gets the same LoRA adapter (bnbx.lora, r=16, alpha=32, fp32
-adapters), so rows differ only in how the frozen base weights are stored and multiplied:
+adapters), so the first five rows differ only in how the frozen base weights are stored and multiplied:
 - fp32 / bf16 LoRA: dense nn.Linear bases.
 - bnbx QLoRA: bnbx.nn.Linear4bit, NF4, bf16 compute, without / with double quantization.
 - bitsandbytes QLoRA: bitsandbytes.nn.Linear4bit with the same settings (NF4 + double quant, bf16 compute).
+- bitsandbytes+peft QLoRA: the same bitsandbytes layers with peft's LoRA (get_peft_model, r=16, alpha=32,
+  "all-linear", fp32 adapters as peft makes them for a bf16 model): what a bitsandbytes user runs.
 Each row runs in a fresh process (so memory figures do not mix). Columns:
 - B/param: bytes of the base linear weights as stored (packed codes + absmax + nested statistics + code
   tables) per weight; the same quantity for the dense rows (4 or 2).
@@ -17,7 +19,7 @@ Each row runs in a fresh process (so memory figures do not mix). Columns:
   after one warm-up step, with gradient checkpointing off, --tokens tokens per step.
 - step peak MB: peak resident memory during those steps above the resident memory before them (Linux
   VmHWM, reset through /proc/self/clear_refs).
-- vs bnb: bitsandbytes QLoRA's step time / this row's (above 1: faster than bitsandbytes).
+- vs bnb: bitsandbytes QLoRA's step time (bnbx.lora adapters) / this row's (above 1: faster than bitsandbytes).
 On a shared machine the times move with the load; the header prints the load average before and after.
 """
 
@@ -31,7 +33,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ["fp32 LoRA", "bf16 LoRA", "bnbx QLoRA nf4", "bnbx QLoRA nf4+dq", "bitsandbytes QLoRA nf4+dq"]
+VARIANTS = ["fp32 LoRA", "bf16 LoRA", "bnbx QLoRA nf4", "bnbx QLoRA nf4+dq", "bitsandbytes QLoRA nf4+dq",
+            "bitsandbytes+peft QLoRA nf4+dq"]
 
 
 def _rss_kb(field: str = "VmRSS") -> int:
@@ -101,7 +104,14 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
             s, n = _weight_bytes(module)
             stored, logical = stored + s, logical + n
-    lora.add_lora(model, "all-linear", r=16, lora_alpha=32, dtype=torch.float32)
+    if "peft" in variant:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        adapter_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+        assert adapter_dtypes == {torch.float32}, adapter_dtypes
+    else:
+        lora.add_lora(model, "all-linear", r=16, lora_alpha=32, dtype=torch.float32)
     model.train()
     model_kb = _rss_kb() - before
     ids = torch.randint(0, 32000, (1, args.tokens))
@@ -167,13 +177,13 @@ def main() -> None:
           f"Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{rows[0]['params'] / 1e6 if rows else 0:.1f}M base linear weights, {args.tokens} tokens per step, "
           f"LoRA r=16 on all linear layers; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    widths = (26, 7, 8, 8, 12, 6)
+    widths = (30, 7, 8, 8, 12, 6)
     names = ("variant", "B/param", "model MB", "step ms", "step peak MB", "vs bnb")
     print("  ".join(n.ljust(w) if i == 0 else n.rjust(w) for i, (n, w) in enumerate(zip(names, widths))))
     print("  ".join("-" * w for w in widths))
     for r in rows:
         ratio = f"{bnb_ms / r['step_ms']:.2f}x" if bnb_ms else "n/a"
-        print(f"{r['variant']:<26}  {r['bytes_per_param']:>7.4f}  {r['model_mb']:>8.1f}  {r['step_ms']:>8.1f}  "
+        print(f"{r['variant']:<30}  {r['bytes_per_param']:>7.4f}  {r['model_mb']:>8.1f}  {r['step_ms']:>8.1f}  "
               f"{r['peak_mb']:>12.1f}  {ratio:>6}")
 
 

@@ -70,7 +70,7 @@ class AdapterConfig:
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear ``base_layer`` with a LoRA adapter: ``y = base(x) + B(A(dropout(x))) * scaling``.
+    """A frozen linear ``base_layer`` with a LoRA adapter: ``y = base(x) + B(A(dropout(x)) * scaling)``.
 
     ``lora_A`` is initialised Kaiming-uniform and ``lora_B`` with zeros, so a fresh adapter changes nothing.
     The adapter computes in ``config.dtype`` (default: the base's compute dtype) and its output is cast to
@@ -170,7 +170,9 @@ class LoraLinear(nn.Module):
             return out.to(x.dtype)
         result = self.base_layer(x)
         lora_dtype = self.lora_A.weight.dtype
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(lora_dtype)))) * self.scaling
+        # scaling applied to the rank-r intermediate, not the [.., out_features] update: the same product up to
+        # rounding, two passes over the layer's output fewer per training step (forward and backward)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(lora_dtype))) * self.scaling)
         return result + update.to(result.dtype)
 
     def extra_repr(self) -> str:

@@ -54,7 +54,7 @@ def test_forward(dtype, storage):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.03, atol=0.03)
     torch.testing.assert_close(y.float(), fp32_reference(layer, x), **tol)
     # the adapter's part is exactly what LoraLinear adds to the base's output
-    update = layer.lora_B(layer.lora_A(x)) * layer.scaling
+    update = layer.lora_B(layer.lora_A(x) * layer.scaling)
     torch.testing.assert_close(y, layer.base_layer(x) + update, rtol=0, atol=0)
 
 

@@ -32,9 +32,9 @@ class Tiny(nn.Module):
 
 
 def reference(layer: lora.LoraLinear, x: torch.Tensor) -> torch.Tensor:
-    """base(x) + x A^T B^T * scaling, the adapter in its own dtype, added in the output dtype."""
+    """base(x) + (x A^T * scaling) B^T, the adapter in its own dtype, added in the output dtype."""
     a, b = layer.lora_A.weight, layer.lora_B.weight
-    update = (x.to(a.dtype) @ a.T @ b.T) * layer.scaling
+    update = ((x.to(a.dtype) @ a.T) * layer.scaling) @ b.T
     base = layer.base_layer(x)
     return base + update.to(base.dtype)
 
