@@ -28,10 +28,22 @@ ubsan=$("$CXX" -print-file-name=libubsan.so)
 # The subset: every op's reference tests, bad inputs, the instruction-set comparison, and the emulated CUDA
 # kernels on the small sizes (BNBX_EMU_QUICK drops the multi-wave ones, which only add run time here).
 tests=(test_quantize_4bit.py test_quantize_8bit.py test_int8.py test_errors.py test_cpu_isa.py
-       test_cuda_emulation.py)
+       test_cuda_emulation.py test_matmul_4bit.py)
+# Reports go to files: pytest captures a test's stderr, and a sanitizer that stops the process mid-test would
+# take its report down with the capture.
+reports="$(cd "$BUILD" && pwd)/reports"
+rm -rf "$reports" && mkdir -p "$reports"
 cd "$pkg"  # so `import bnbx` finds the instrumented copy, not the source tree
+status=0
 env LD_PRELOAD="$asan:$ubsan" \
-  ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_odr_violation=0" \
-  UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
+  ASAN_OPTIONS="log_path=$reports/asan:detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_odr_violation=0" \
+  UBSAN_OPTIONS="log_path=$reports/ubsan:halt_on_error=1:print_stacktrace=1" \
   BNBX_EMU_SANITIZE=address BNBX_EMU_QUICK=1 \
-  "$PYTHON" -m pytest -q -p no:cacheprovider -x "${tests[@]/#/$ROOT/tests/}" "$@"
+  "$PYTHON" -m pytest -q -p no:cacheprovider -x "${tests[@]/#/$ROOT/tests/}" "$@" || status=$?
+# (warnings such as ASan's note on makecontext also land there: only errors fail the run)
+if compgen -G "$reports/*" >/dev/null && grep -q -E "ERROR: AddressSanitizer|runtime error" "$reports"/*; then
+  echo "sanitize: sanitizer reports:"
+  head -n 60 "$reports"/*
+  [ "$status" -ne 0 ] || status=1
+fi
+exit "$status"

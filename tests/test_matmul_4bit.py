@@ -15,9 +15,10 @@ from bnbx import functional as F
 from conftest import BLOCKSIZES, DTYPES, cpu_isa, dtype_id, isa_params
 from reference_gemm_4bit import dequantize_then_matmul, gemm_4bit_ref
 
-# Rows of A on each side of the GEMV / GEMM crossover; K values that do and do not fill SIMD groups (128 lanes
-# of AVX-512, 64 of AVX2) or whole blocks, odd K (rows start mid-byte) and N.
-M_VALUES = [1, 3, 17, 40]
+# Rows of A on each side of the GEMV / GEMM crossovers (150: past 128 rows, where a small x still takes the AMX
+# kernel); K values that do and do not fill SIMD groups (128 lanes of AVX-512, 64 of AVX2) or whole blocks, odd K
+# (rows start mid-byte) and N.
+M_VALUES = [1, 3, 17, 40, 150]
 KN_VALUES = [(128, 33), (256, 7), (65, 5), (1, 3), (384, 19)]
 
 

@@ -43,16 +43,18 @@ int64_t tile_rows() {
   return kTileRows;
 }
 
-// Largest M for the AMX kernel (bf16 inputs); above it, tiles into at::mm, whose blocking over M is better.
-// Measured on the 2-core Xeon (NF4 + double quant, bf16; ms AMX / tiles): 4096x11008 M=128 9.6 / 13.2, M=256
-// 21.4 / 19.4, M=512 45.1 / 27.6; 1024x2816 M=128 0.87 / 0.98, M=256 1.48 / 1.34; 2816x1024 M=256 2.5 / 1.1.
-// After the tile-layout scratch and bf16 stores (2026-11-30), 4096x11008 M=256 read 18.5-21.1 / 21.4-24.0 in two
-// runs: inside the noise of this VM, so the crossover stays.
+// Which M the AMX kernel (bf16 inputs) takes; the others go to tiles into at::mm, whose blocking over M is better.
+// The AMX kernel streams all of x past every 32 rows of W, so it wins while x stays in L2 (2 MiB a core here).
+// Measured on the 2-core Xeon (NF4 + double quant, bf16; ms AMX / tiles), 2026-11-30 after the tile-layout
+// scratch, bf16 stores and packing x on all threads: 4096x11008 M=128 9.9 / 11.3, M=256 (x 2 MiB) 22.9 / 27.7,
+// M=512 35.4 / 35.0; M=512 with 1024x1024 0.90 / 1.08, 1024x2816 2.27 / 2.40, 2816x1024 (x 2.8 MiB) 2.67 / 2.48.
 constexpr int64_t kAmxMaxRows = 128;
+constexpr int64_t kAmxMaxXElements = int64_t{1} << 20;  // x padded to Mp x Kp, bf16: 2 MiB
 
-int64_t amx_max_rows() {
-  if (const char* value = std::getenv("BNBX_GEMM_4BIT_AMX_MAX_M")) return std::atoll(value);
-  return kAmxMaxRows;
+bool amx_rows(int64_t M, int64_t K) {
+  // Tuning hook for the benchmark and the tests; not part of the API.
+  if (const char* value = std::getenv("BNBX_GEMM_4BIT_AMX_MAX_M")) return M <= std::atoll(value);
+  return M <= kAmxMaxRows || ceil_div(M, 16) * 16 * ceil_div(K, 32) * 32 <= kAmxMaxXElements;
 }
 
 const cpu::Gemm4bitKernels& gemm_kernels() {
@@ -94,7 +96,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
   }
   const cpu::Gemm4bitKernels& kernels = gemm_kernels();
 
-  const bool amx = A.scalar_type() == at::kBFloat16 && kernels.gemm_amx != nullptr && M <= amx_max_rows() &&
+  const bool amx = A.scalar_type() == at::kBFloat16 && kernels.gemm_amx != nullptr && amx_rows(M, K) &&
                    cpu::cpu_has_amx() && cpu::cpu_has_avx512_bf16();
   if (M <= gemv_max_rows(amx)) {
     at::Tensor a32 = at::empty({M, K}, A.options().dtype(at::kFloat));
@@ -113,8 +115,10 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
     const int64_t Mp = ceil_div(M, 16) * 16, Kp = ceil_div(K, 32) * 32;
     at::Tensor x = at::empty({Mp * Kp}, A.options());
     uint16_t* x_ptr = reinterpret_cast<uint16_t*>(x.mutable_data_ptr<at::BFloat16>());
-    kernels.pack_x_amx(reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>()), M, K, Mp, Kp, blocksize,
-                       x_ptr);
+    const uint16_t* a_ptr = reinterpret_cast<const uint16_t*>(a2.const_data_ptr<at::BFloat16>());
+    at::parallel_for(0, Mp / 16, 1, [&](int64_t begin, int64_t end) {
+      kernels.pack_x_amx(a_ptr, M, K, Mp, Kp, blocksize, x_ptr, begin, end);
+    });
     // bf16 straight from the accumulators, the bias added in fp32 before the one rounding
     at::Tensor out = cpu::empty_output({M, N}, A.options());
     uint16_t* out_ptr = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());

@@ -41,8 +41,10 @@ struct Gemm4bitKernels {
 
   // AMX (avx512 table only, nullptr elsewhere; call only when cpu_has_amx() and cpu_has_avx512_bf16()):
   // pack_x_amx: bf16 x [M, K] -> the B-operand layout, zero-padded to Mp (multiple of 16) rows and Kp (of 32),
-  // its columns in gemm_amx's order of the weight's columns for this K and blocksize.
-  void (*pack_x_amx)(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, int64_t blocksize, uint16_t* out);
+  // its columns in gemm_amx's order of the weight's columns for this K and blocksize; the chunks of 16 rows
+  // [c_begin, c_end).
+  void (*pack_x_amx)(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, int64_t blocksize, uint16_t* out,
+                     int64_t c_begin, int64_t c_end);
   // out bf16 [m * N + n] = sum_k x[m, k] * bf16(W[n, k]) (fp32 accumulation) + bias[n] (fp32, or nullptr),
   // rounded once, for rows of W in the blocks of 32 [block_begin, block_end). Scratch: wbuf 32 * Kp bf16,
   // row_scales 32 * (K / blocksize + 2) floats, acc Mp * 32 floats.

@@ -35,26 +35,58 @@ static inline int64_t amx_column(int64_t k, bool group_order) {
   return k - p + 4 * (p % 32) + kStepElement[p / 32];
 }
 
+// 16 whole rows of x in the group order (amx_group_order(K, blocksize)) -> their Kp / 32 = K / 32 tiles. Word j of
+// step t of a group is element 4j + q(t) (amx_column): two vpermt2w (words 0-15 come from the group's first 64
+// elements, words 16-31 from the others) and a blend per step and row; then each tile is a 16 x 16 transpose of
+// word pairs, one gather per tile row.
+BNBX_AMX_TARGET static void pack_x_rows_groups(const uint16_t* x, int64_t K, uint16_t* out) {
+  static constexpr int kStepElement[4] = {1, 0, 3, 2};
+  __m512i index[4];
+  for (int t = 0; t < 4; ++t) {
+    alignas(64) uint16_t words[32];
+    for (int j = 0; j < 32; ++j) words[j] = static_cast<uint16_t>((4 * j + kStepElement[t]) & 63);
+    index[t] = _mm512_load_si512(words);
+  }
+  const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(16));
+  alignas(64) uint32_t steps[4][16][16];  // [step of the group][row][word pair]
+  for (int64_t g = 0; g < K / 128; ++g) {
+    for (int r = 0; r < 16; ++r) {
+      const uint16_t* src = x + r * K + g * 128;
+      const __m512i a = _mm512_loadu_si512(src), b = _mm512_loadu_si512(src + 32);
+      const __m512i c = _mm512_loadu_si512(src + 64), d = _mm512_loadu_si512(src + 96);
+      for (int t = 0; t < 4; ++t) {
+        const __m512i first = _mm512_permutex2var_epi16(a, index[t], b);
+        const __m512i second = _mm512_permutex2var_epi16(c, index[t], d);
+        _mm512_store_si512(steps[t][r], _mm512_mask_blend_epi16(0xffff0000u, first, second));
+      }
+    }
+    for (int t = 0; t < 4; ++t) {
+      uint16_t* tile = out + (g * 4 + t) * 512;
+      for (int pair = 0; pair < 16; ++pair)
+        _mm512_storeu_si512(tile + pair * 32, _mm512_i32gather_epi32(row_starts, &steps[t][0][pair], 4));
+    }
+  }
+}
+
 // x bf16 [M, K] -> [Mp/16][Kp/32][16 pairs][16 rows][2], zero-padded to Mp (multiple of 16) and Kp (of 32), its
-// columns in the order the weight is dequantized in (amx_column).
-static void pack_x_amx(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp, int64_t blocksize,
-                       uint16_t* out) {
+// columns in the order the weight is dequantized in (amx_column); the chunks of 16 rows [c_begin, c_end).
+BNBX_AMX_TARGET static void pack_x_amx(const uint16_t* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp,
+                                       int64_t blocksize, uint16_t* out, int64_t c_begin, int64_t c_end) {
   const bool group_order = amx_group_order(K, blocksize);
   const int64_t steps = Kp / 32;
-  for (int64_t c = 0; c < Mp / 16; ++c) {
+  for (int64_t c = c_begin; c < std::min(c_end, Mp / 16); ++c) {
+    if (group_order && c * 16 + 16 <= M) {
+      pack_x_rows_groups(x + c * 16 * K, K, out + c * steps * 512);
+      continue;
+    }
     for (int64_t s = 0; s < steps; ++s) {
       uint16_t* tile = out + (c * steps + s) * 512;
       for (int64_t r = 0; r < 16; ++r) {
         const int64_t m = c * 16 + r;
-        if (m < M && group_order) {
-          // step s of a group: its 32 columns are elements 4j + q of the group (amx_column), a stride of 4
-          const uint16_t* src = x + m * K + amx_column(s * 32, true);
-          for (int64_t j = 0; j < 32; ++j) tile[(j / 2) * 32 + r * 2 + j % 2] = src[4 * j];
-        } else {
-          for (int64_t j = 0; j < 32; ++j) {
-            const int64_t k = s * 32 + j;
-            tile[(j / 2) * 32 + r * 2 + j % 2] = (m < M && k < K) ? x[m * K + k] : 0;
-          }
+        for (int64_t j = 0; j < 32; ++j) {
+          const int64_t k = s * 32 + j;
+          tile[(j / 2) * 32 + r * 2 + j % 2] = (m < M && k < K) ? x[m * K + amx_column(k, group_order)] : 0;
         }
       }
     }

@@ -211,8 +211,10 @@ static inline VecI lane_blocks(int64_t lanes_per_block) {
 template <int kRows>
 static void gemv_rows(const float* A, int64_t K, const uint8_t* packed, const Absmax4bit& absmax, int64_t blocksize,
                       const float table[16], float* row_scales, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+  // AVX-512: one vector holds all 16 codes; AVX2: the two halves (a full-width load at table + 8 would read
+  // past the table)
   const Vec table_lo = vload(table);
-  const Vec table_hi = vload(table + 8);
+  const Vec table_hi = kLanes == 16 ? table_lo : vload(table + 8);
   const int64_t groups = K / kGroup;
   const int64_t blocks_per_group = blocksize < kGroup ? kGroup / blocksize : 1;
   const VecI lane_block = lane_blocks(blocksize < kGroup ? blocksize / 8 : kLanes);
