@@ -1,7 +1,7 @@
 """One QLoRA training step on the CPU: bnbx against bf16 LoRA and bitsandbytes QLoRA, in one table.
 
     python benchmarks/bench_qlora.py [--hidden 1024] [--intermediate 2816] [--layers 2] [--tokens 512]
-                                     [--repeat 5] [--threads N]
+                                     [--repeat 5] [--threads N] [--rounds 1]
 
 The model is a Llama-style stack built here (transformers' LlamaConfig, random weights, vocab 32000, no
 downloads); every linear layer but lm_head gets the same LoRA adapter (bnbx.lora, r=16, alpha=32, fp32
@@ -19,7 +19,10 @@ Each row runs in a fresh process (so memory figures do not mix). Columns:
   after one warm-up step, with gradient checkpointing off, --tokens tokens per step.
 - step peak MB: peak resident memory during those steps above the resident memory before them (Linux
   VmHWM, reset through /proc/self/clear_refs).
-- vs bnb: bitsandbytes QLoRA's step time (bnbx.lora adapters) / this row's (above 1: faster than bitsandbytes).
+- vs bnb: bitsandbytes QLoRA's step time (bnbx.lora adapters) / this row's (above 1: faster than bitsandbytes);
+  with --rounds N, the median of the N rounds' ratios.
+--rounds N runs every variant N times, the rounds interleaved, and reports the median step time: on a machine
+whose speed drifts (a VM), one run per variant can put minutes of drift between two rows.
 On a shared machine the times move with the load; the header prints the load average before and after.
 """
 
@@ -143,6 +146,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, interleaved; step ms is the median of the runs")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -160,29 +165,41 @@ def main() -> None:
     except Exception:
         bnb_version = None
     load_before = os.getloadavg()[0]
+    variants = [v for v in VARIANTS if bnb_version is not None or not v.startswith("bitsandbytes")]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(args.rounds):  # rounds interleaved: each variant's runs spread over the same stretch of time
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--variant", variant] + [
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "rounds")]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                print(f"{variant}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
     rows = []
-    for variant in VARIANTS:
-        if variant.startswith("bitsandbytes") and bnb_version is None:
+    for variant in variants:
+        if not runs[variant]:
             continue
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k != "variant"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode:
-            print(f"{variant}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    bnb_ms = next((r["step_ms"] for r in rows if r["variant"].startswith("bitsandbytes")), None)
+        row = dict(runs[variant][0])
+        row["step_ms"] = statistics.median(r["step_ms"] for r in runs[variant])
+        row["round_ms"] = [r["step_ms"] for r in runs[variant]]
+        rows.append(row)
+    bnb_row = next((r for r in rows if r["variant"].startswith("bitsandbytes")), None)
     print(f"bnbx {bnbx.__version__}, torch {torch.__version__}, bitsandbytes {bnb_version or 'not installed'}; "
           f"cpu threads {args.threads or torch.get_num_threads()}, bnbx kernels {bnbx.cpu_capability()}; "
           f"Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{rows[0]['params'] / 1e6 if rows else 0:.1f}M base linear weights, {args.tokens} tokens per step, "
-          f"LoRA r=16 on all linear layers; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+          f"LoRA r=16 on all linear layers; {args.rounds} round(s); load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
     widths = (30, 7, 8, 8, 12, 6)
     names = ("variant", "B/param", "model MB", "step ms", "step peak MB", "vs bnb")
     print("  ".join(n.ljust(w) if i == 0 else n.rjust(w) for i, (n, w) in enumerate(zip(names, widths))))
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        ratio = f"{bnb_ms / r['step_ms']:.2f}x" if bnb_ms else "n/a"
+        ratio = "n/a"
+        if bnb_row is not None and len(bnb_row["round_ms"]) == len(r["round_ms"]):
+            # the median of the rounds' ratios: each ratio compares two runs made minutes apart at most
+            ratio = f"{statistics.median(b / o for b, o in zip(bnb_row['round_ms'], r['round_ms'])):.2f}x"
         print(f"{r['variant']:<30}  {r['bytes_per_param']:>7.4f}  {r['model_mb']:>8.1f}  {r['step_ms']:>8.1f}  "
               f"{r['peak_mb']:>12.1f}  {ratio:>6}")
 
