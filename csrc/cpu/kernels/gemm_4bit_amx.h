@@ -233,6 +233,23 @@ BNBX_AMX_TARGET static void store_block(const float* acc, int64_t Mp, int64_t n0
     }
 }
 
+// One step of 32 columns: rows 0-15 and 16-31 of W (w, w_stride values a row) times the tiles of x's first 16
+// rows (x0) and, when pair, of the next 16 (x1), into accumulators 0-3 (2 * W half + x half).
+BNBX_AMX_TARGET __attribute__((always_inline)) inline void tile_step(const uint16_t* w, int64_t w_stride,
+                                                                     const uint16_t* x0, const uint16_t* x1,
+                                                                     bool pair) {
+  _tile_loadd(4, w, w_stride * 2);
+  _tile_loadd(5, w + 16 * w_stride, w_stride * 2);
+  _tile_loadd(6, x0, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(2, 5, 6);
+  if (pair) {
+    _tile_loadd(7, x1, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // Mp <= 32: the accumulators stay in the tiles over all of K, so W is dequantized in chunks of kChunk columns
 // that stay in L1 right before they are multiplied. wbuf: 32 * min(kChunk, Kp) bf16.
 BNBX_AMX_TARGET static void gemm_amx_few_rows(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp,
@@ -280,16 +297,7 @@ BNBX_AMX_TARGET static void gemm_amx_few_rows(const uint16_t* x, int64_t M, int6
         for (int64_t r = row; r < row + kRowsPerStep && n0 + r < N; ++r)
           for (int64_t line = 0; line < kLinesPerRow; ++line)
             _mm_prefetch(reinterpret_cast<const char*>(packed + ((n0 + r) * K + next_k) / 2 + 64 * line), _MM_HINT_T0);
-      _tile_loadd(4, w, w_stride * 2);
-      _tile_loadd(5, w + 16 * w_stride, w_stride * 2);
-      _tile_loadd(6, x0 + s * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(2, 5, 6);
-      if (pair) {
-        _tile_loadd(7, x1 + s * 512, 64);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(3, 5, 7);
-      }
+      tile_step(w, w_stride, x0 + s * 512, x1 + s * 512, pair);
     }
     // acc as store_block reads it: (x chunk, W half)
     _tile_stored(0, acc[0], 64);
@@ -327,17 +335,7 @@ BNBX_AMX_TARGET static void gemm_amx_many_rows(const uint16_t* x, int64_t M, int
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t s = 0; s < steps; ++s) {
-        const uint16_t* w = wbuf + s * 1024;
-        _tile_loadd(4, w, 64);
-        _tile_loadd(5, w + 512, 64);
-        _tile_loadd(6, x0 + s * 512, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(2, 5, 6);
-        if (pair) {
-          _tile_loadd(7, x1 + s * 512, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
-        }
+        tile_step(wbuf + s * 1024, 32, x0 + s * 512, x1 + s * 512, pair);
       }
       _tile_stored(0, c0, 64);
       _tile_stored(2, c0 + 256, 64);
