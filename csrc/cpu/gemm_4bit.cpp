@@ -1,6 +1,6 @@
 // CPU host code of gemm_4bit: out = A @ W^T (+ bias) with W the packed 4-bit weight, never dequantized whole.
 // - few rows (gemv_max_rows): the fused GEMV (kernels/gemm_4bit_impl.h), fp32 accumulation, threads over rows of W.
-// - bf16 A on CPUs with AMX, up to amx_max_rows: blocks of 32 rows of W dequantized to bf16 in L1 / L2 and
+// - bf16 A on CPUs with AMX, the M that amx_rows takes: blocks of 32 rows of W dequantized to bf16 in L1 / L2 and
 //   multiplied on the AMX tiles (kernels/gemm_4bit_amx.h), threads over blocks.
 // - otherwise: tiles of W's rows dequantized into a scratch buffer in A's dtype, each multiplied by at::mm
 //   (oneDNN). Double-quantized absmax is decoded per block of rows into a small fp32 buffer.
