@@ -150,6 +150,8 @@ def main() -> None:
                         help="run every variant this many times, interleaved; step ms is the median of the runs")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return

@@ -40,11 +40,10 @@ static inline int64_t amx_column(int64_t k, bool group_order) {
 // elements, words 16-31 from the others) and a blend per step and row; then each tile is a 16 x 16 transpose of
 // word pairs, one gather per tile row.
 BNBX_AMX_TARGET static void pack_x_rows_groups(const uint16_t* x, int64_t K, uint16_t* out) {
-  static constexpr int kStepElement[4] = {1, 0, 3, 2};
-  __m512i index[4];
+  __m512i index[4];  // word j of step t: element amx_column(32t + j) of the group, within its 64-word half
   for (int t = 0; t < 4; ++t) {
     alignas(64) uint16_t words[32];
-    for (int j = 0; j < 32; ++j) words[j] = static_cast<uint16_t>((4 * j + kStepElement[t]) & 63);
+    for (int j = 0; j < 32; ++j) words[j] = static_cast<uint16_t>(amx_column(32 * t + j, true) & 63);
     index[t] = _mm512_load_si512(words);
   }
   const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -349,7 +348,8 @@ BNBX_AMX_TARGET static void gemm_amx_many_rows(const uint16_t* x, int64_t M, int
 }
 
 // out[m * N + n] = bf16(sum_k x[m, k] * bf16(W[n, k]) + bias[n]) for the row blocks [block_begin, block_end) of
-// 32 rows of W and every m < M. x as pack_x_amx wrote it; scratch (amx_scratch): wbuf, row_scales and acc.
+// 32 rows of W and every m < M. x as pack_x_amx wrote it; wbuf, row_scales and acc are scratch (sizes in
+// gemm_4bit.h).
 BNBX_AMX_TARGET static void gemm_amx(const uint16_t* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp,
                                      const uint8_t* packed, const Absmax4bit& absmax, int64_t blocksize,
                                      QuantType quant_type, uint16_t* out, const float* bias, int64_t N,
