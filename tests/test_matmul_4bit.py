@@ -176,6 +176,28 @@ def test_every_path_at_the_same_m(path, monkeypatch):
             _close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
 
 
+@pytest.mark.parametrize("path", ["amx", "tiles"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_bias_joins_the_sum_before_the_one_rounding(path, dtype, monkeypatch):
+    # The 16-bit GEMMs multiply the weight rounded to A's dtype. With K = 2 the fp32 sum of two products of
+    # 16-bit values is the same in any order, so they must give exactly dtype(fp32 sum + bias); adding the bias
+    # after rounding the product (twice rounded) differs from it in a good share of the outputs. (The GEMV keeps
+    # the fp32 weight and scales each block's sum once, so its sums differ in the last fp32 bit; it adds the
+    # bias to its fp32 output and rounds once.)
+    if path == "amx" and dtype != torch.bfloat16:
+        pytest.skip("the AMX kernel takes bf16 inputs only")
+    monkeypatch.setenv("BNBX_GEMM_4BIT_GEMV_MAX_M", "0")
+    monkeypatch.setenv("BNBX_GEMM_4BIT_AMX_MAX_M", "64" if path == "amx" else "0")
+    packed, state = F.quantize_4bit(torch.randn(301, 2), blocksize=64)
+    weight = F.dequantize_4bit(packed, state).to(dtype).float()
+    A = torch.randn(33, 2, dtype=dtype) * 3
+    bias = torch.randn(301, dtype=dtype) / 7
+    expected = (A.float() @ weight.t() + bias.float()).to(dtype)
+    twice_rounded = (A.float() @ weight.t()).to(dtype) + bias
+    assert not torch.equal(expected, twice_rounded)  # the inputs tell the two apart
+    assert torch.equal(bnbx.matmul_4bit(A, packed, state, bias=bias), expected)
+
+
 # --- autograd --------------------------------------------------------------------------------------------------
 
 

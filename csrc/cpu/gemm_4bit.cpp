@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -161,9 +162,11 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& B, const at::Ten
                       tile.mutable_data_ptr(), begin, end);
     });
     at::Tensor dst = out.narrow(1, n0, rows);
-    at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());
+    if (bias.has_value())  // the bias joins the fp32 sums before the one rounding, as in F.linear (addmm)
+      at::addmm_out(dst, bias->narrow(0, n0, rows), a2, tile.narrow(0, 0, rows).t());
+    else
+      at::mm_out(dst, a2, tile.narrow(0, 0, rows).t());
   }
-  if (bias.has_value()) out.add_(*bias);
   return out.view(out_shape);
 }
 

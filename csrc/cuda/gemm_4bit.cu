@@ -130,6 +130,7 @@ void launch_gemv_4bit(const T* A, const uint8_t* W, const Scales& scales, QuantT
 
 #if !defined(BNBX_CUDA_EMULATION)
 #include <ATen/ops/add.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -190,8 +191,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
                                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
                                                          c10::string_view, at::IntArrayRef, at::ScalarType)>();
     const at::Tensor weight = dequantize.call(packed, decoded, blocksize, quant_type, {N, K}, A.scalar_type());
-    at::Tensor out = at::mm(a2, weight.t());
-    if (bias.has_value()) out.add_(*bias);
+    // the bias joins the fp32 sums before the one rounding, as in F.linear (addmm)
+    const at::Tensor out = bias.has_value() ? at::addmm(*bias, a2, weight.t()) : at::mm(a2, weight.t());
     return out.view(out_shape);
   }
 
