@@ -121,9 +121,27 @@ def test_reuse_limit_and_clear(cache):
     assert bnbx.cpu_cache_stats()["cached_bytes"] == 0
 
 
+@needs_cache
+def test_mid_size_outputs_are_cached_in_64k_granules(cache):
+    # From 1 MiB (a 1024 x 1024 bf16 weight dequantized for a backward pass): reused like the large ones, rounded
+    # to 64 KiB rather than to 2 MiB huge pages.
+    x = torch.randn(300, 1000)  # 1.14 MiB in fp32
+    stats = bnbx.cpu_cache_stats()
+    y = bnbx.qat.fake_quantize(x, granularity="token")
+    granule = 64 << 10
+    rounded = -(-y.numel() * 4 // granule) * granule
+    assert bnbx.cpu_cache_stats()["in_use_bytes"] == stats["in_use_bytes"] + rounded
+    address = y.data_ptr()
+    del y
+    assert bnbx.cpu_cache_stats()["cached_bytes"] == rounded
+    z = bnbx.qat.fake_quantize(x, granularity="token")
+    assert z.data_ptr() == address and bnbx.cpu_cache_stats()["hits"] == stats["hits"] + 1
+    torch.testing.assert_close(z, bnbx.qat.fake_quantize(x.clone(), granularity="token"), rtol=0, atol=0)
+
+
 def test_small_outputs_bypass_the_cache(cache):
     stats = bnbx.cpu_cache_stats()
-    out = bnbx.qat.fake_quantize(torch.randn(64, 1000), granularity="token")  # 256 KB
+    out = bnbx.qat.fake_quantize(torch.randn(64, 1000), granularity="token")  # 256 KB: below 1 MiB
     del out
     after = bnbx.cpu_cache_stats()
     assert (after["hits"], after["misses"], after["cached_bytes"]) == (stats["hits"], stats["misses"], 0)

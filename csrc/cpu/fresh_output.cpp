@@ -22,7 +22,13 @@ namespace bnbx::cpu {
 namespace {
 
 constexpr int64_t kHugePageBytes = int64_t{2} << 20;
-constexpr int64_t kMinCachedBytes = 4 * kHugePageBytes;
+// Outputs from 1 MiB are cached: a mid-size output (a 1024 x 1024 bf16 weight dequantized for the backward) paid
+// as much again in page faults as its product took, because glibc gives the top of its heap back to the system
+// when such a block is freed and faults it in again on the next step. From 8 MiB (huge) they are rounded to
+// whole 2 MiB pages advised for transparent huge pages, below that to 64 KiB.
+constexpr int64_t kMinCachedBytes = int64_t{1} << 20;
+constexpr int64_t kMinHugeBytes = 4 * kHugePageBytes;
+constexpr int64_t kMidGranuleBytes = int64_t{64} << 10;
 constexpr int64_t kDefaultLimitBytes = int64_t{1024} << 20;
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -49,11 +55,11 @@ int64_t limit_from_environment() {
 
 struct Block {
   void* ptr;
-  int64_t bytes;  // a multiple of kHugePageBytes
+  int64_t bytes;  // a multiple of kHugePageBytes (huge) or kMidGranuleBytes
 };
 
-// Large blocks, 2 MiB-aligned and advised for huge pages; freed ones kept (most recently freed first) while
-// their total stays within the limit.
+// Blocks of at least kMinCachedBytes, the huge ones 2 MiB-aligned and advised for huge pages; freed ones kept
+// (most recently freed first) while their total stays within the limit.
 class OutputCache final : public c10::Allocator {
  public:
   OutputCache() {
@@ -65,7 +71,8 @@ class OutputCache final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     if (static_cast<int64_t>(n) < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(n);
-    const int64_t bytes = (static_cast<int64_t>(n) + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+    const int64_t granule = static_cast<int64_t>(n) >= kMinHugeBytes ? kHugePageBytes : kMidGranuleBytes;
+    const int64_t bytes = (static_cast<int64_t>(n) + granule - 1) / granule * granule;
     Block* block = take(bytes);
     if (block == nullptr) block = map(bytes);
     return {block->ptr, block, &OutputCache::release_block, c10::Device(c10::DeviceType::CPU)};
@@ -120,10 +127,12 @@ class OutputCache final : public c10::Allocator {
 
   Block* map(int64_t bytes) {
     void* ptr = nullptr;
-    TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&ptr, kHugePageBytes, static_cast<size_t>(bytes)) == 0,
+    const bool huge = bytes >= kMinHugeBytes;
+    TORCH_CHECK_WITH(OutOfMemoryError,
+                     posix_memalign(&ptr, huge ? kHugePageBytes : 4096, static_cast<size_t>(bytes)) == 0,
                      "bnbx: out of memory allocating a ", bytes, "-byte CPU output");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(ptr, static_cast<size_t>(bytes), MADV_HUGEPAGE);  // a hint: a refusal changes nothing
+    if (huge) madvise(ptr, static_cast<size_t>(bytes), MADV_HUGEPAGE);  // a hint: a refusal changes nothing
 #endif
     std::lock_guard<std::mutex> lock(mutex_);
     in_use_ += bytes;
