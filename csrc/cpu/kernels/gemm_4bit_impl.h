@@ -3,7 +3,9 @@
 // The generic loop is the C++ twin of tests/reference_gemm_4bit.py: per row of W and per block segment,
 // sum code[q] * a in fp32, then scale the segment's sum by the block's absmax once. The SIMD paths keep that
 // order of operations per lane (sums of products within a block, one absmax product per block) and differ
-// from it only by the summation order inside the sums.
+// from it only by the summation order inside the sums; except gemm_rows_blocked (kBlockA rows of A at a time),
+// which multiplies each weight, code * absmax in fp32 (dequantize_4bit's fp32 value), so that one decoded vector
+// serves 2 x kBlockA products.
 //
 // SIMD layout (AVX-512; AVX2 is the same with 8 lanes): one load of 64 packed bytes = 16 dwords, dword d
 // holding elements 8d .. 8d+7 of a group of 128. Shifting every dword right by 4s puts nibble s in the low
@@ -154,6 +156,7 @@ static inline VecI load_bytes(const uint8_t* p) { return _mm512_loadu_si512(p); 
 static inline Vec lookup(VecI codes, Vec lo, Vec) { return _mm512_permutexvar_ps(codes, lo); }
 static inline VecI shift_right(VecI v, int bits) { return _mm512_srli_epi32(v, bits); }
 static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 static inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline Vec vzero() { return _mm512_setzero_ps(); }
 static inline Vec vset1(float x) { return _mm512_set1_ps(x); }
@@ -170,6 +173,7 @@ static inline Vec lookup(VecI codes, Vec lo, Vec hi) {
 }
 static inline VecI shift_right(VecI v, int bits) { return _mm256_srli_epi32(v, bits); }
 static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 static inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline Vec vzero() { return _mm256_setzero_ps(); }
 static inline Vec vset1(float x) { return _mm256_set1_ps(x); }
@@ -245,6 +249,85 @@ static void gemv_rows(const float* A, int64_t K, const uint8_t* packed, const Ab
   }
 }
 
+// More rows of A (gemv takes it from kBlockA rows): kA rows of A against the rows [n0, n1) (at most kBlockRows) of
+// W, two rows of W at a time, so that each decoded vector of W meets kA rows of A (gemv_rows decodes it again for
+// every 4). Each lane's weight is code * absmax in fp32 (dequantize_4bit's fp32 value) before its products. K is
+// walked in chunks of kChunkGroups groups, so the chunk of A stays in L1 while all the rows of W pass over it; the
+// sums wait in `partial` between chunks. lane_block: lane_blocks() for this blocksize.
+constexpr int64_t kBlockRows = 16;
+#if defined(__AVX512F__)
+constexpr int kBlockA = 10;  // 20 accumulators of 32 vector registers
+#else
+constexpr int kBlockA = 4;  // 8 accumulators of 16
+#endif
+constexpr int64_t kChunkGroups = 256 / kGroup;
+
+template <int kA>
+static void gemm_rows_blocked(const float* A, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
+                              int64_t blocksize, const float table[16], VecI lane_block, float* row_scales, float* out,
+                              int64_t N, int64_t n0, int64_t n1) {
+  const Vec table_lo = vload(table);
+  const Vec table_hi = kLanes == 16 ? table_lo : vload(table + 8);
+  const int64_t groups = K / kGroup;
+  const int64_t blocks_per_group = blocksize < kGroup ? kGroup / blocksize : 1;
+  const int shift = log2_of(blocksize);
+  const int64_t stride = K / blocksize + 2;  // row_scales per row of W
+  const int64_t rows = n1 - n0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = n0 + r;
+    decode_absmax(absmax, (n * K) >> shift, ((n * K + K - 1) >> shift) + 1, row_scales + r * stride);
+  }
+  // the scale vector of group g of row r (its own row's block scales)
+  const auto group_scale = [&](int64_t r, int64_t g) {
+    const int64_t n = n0 + r;
+    const float* scales = row_scales + r * stride + (((n * K + g * kGroup) >> shift) - ((n * K) >> shift));
+    return blocks_per_group == 1 ? vset1(scales[0]) : lane_scales(scales, blocks_per_group, lane_block);
+  };
+  Vec partial[kBlockRows][kA];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int m = 0; m < kA; ++m) partial[r][m] = vzero();
+  // the chunk of A, contiguous: its rows K floats apart would all fall in one L1 set when K is a multiple of 1024
+  alignas(64) float a_chunk[kA][kChunkGroups * kGroup];
+  for (int64_t g0 = 0; g0 < groups; g0 += kChunkGroups) {
+    const int64_t g1 = std::min(groups, g0 + kChunkGroups);
+    for (int m = 0; m < kA; ++m)
+      std::memcpy(a_chunk[m], A + m * K + g0 * kGroup, static_cast<size_t>((g1 - g0) * kGroup) * sizeof(float));
+    for (int64_t r = 0; r < rows; r += 2) {
+      const int64_t r1 = std::min(r + 1, rows - 1);  // an odd last row pairs with itself; its copy is dropped
+      Vec acc0[kA], acc1[kA];
+      for (int m = 0; m < kA; ++m) {
+        acc0[m] = partial[r][m];
+        acc1[m] = partial[r1][m];
+      }
+      const uint8_t* row0 = packed + (n0 + r) * (K / 2);
+      const uint8_t* row1 = packed + (n0 + r1) * (K / 2);
+      for (int64_t g = g0; g < g1; ++g) {
+        const VecI bytes0 = load_bytes(row0 + g * (kGroup / 2));
+        const VecI bytes1 = load_bytes(row1 + g * (kGroup / 2));
+        const Vec scale0 = group_scale(r, g), scale1 = group_scale(r1, g);
+        const float* a = &a_chunk[0][0] + (g - g0) * kGroup;
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; ++s) {
+          const Vec w0 = vmul(lookup(shift_right(bytes0, 4 * s), table_lo, table_hi), scale0);
+          const Vec w1 = vmul(lookup(shift_right(bytes1, 4 * s), table_lo, table_hi), scale1);
+          for (int m = 0; m < kA; ++m) {
+            Vec x = vload(a + m * kChunkGroups * kGroup + s * kLanes);
+            asm("" : "+v"(x));  // one load for both products (GCC would fold it into each FMA: twice the loads)
+            acc0[m] = fmadd(w0, x, acc0[m]);
+            acc1[m] = fmadd(w1, x, acc1[m]);
+          }
+        }
+      }
+      for (int m = 0; m < kA; ++m) {
+        partial[r][m] = acc0[m];
+        if (r1 != r) partial[r1][m] = acc1[m];
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int m = 0; m < kA; ++m) out[m * N + n0 + r] = hsum(partial[r][m]);
+}
+
 static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
                  int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
   if (!simd_layout(K)) {
@@ -253,12 +336,16 @@ static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, co
   }
   alignas(64) float table[16];
   fill_code_table(quant_type, table);
-  std::vector<float> row_scales(static_cast<size_t>(K / blocksize + 2));
-  // Rows of W in chunks that stay in L1 while up to 4 rows of A pass over them.
-  constexpr int64_t kChunk = 16;
+  std::vector<float> row_scales(static_cast<size_t>(kBlockRows * (K / blocksize + 2)));
+  const VecI lane_block = lane_blocks(blocksize < kGroup ? blocksize / 8 : kLanes);  // gemm_rows_blocked's
+  // Rows of W in chunks that stay in L1 while the rows of A pass over them: kBlockA at a time, then up to 4.
+  constexpr int64_t kChunk = kBlockRows;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
     const int64_t n1 = std::min(n_end, n0 + kChunk);
     int64_t m = 0;
+    for (; m + kBlockA <= M; m += kBlockA)
+      gemm_rows_blocked<kBlockA>(A + m * K, K, packed, absmax, blocksize, table, lane_block, row_scales.data(),
+                                 out + m * N, N, n0, n1);
     for (; m + 4 <= M; m += 4)
       gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
     switch (M - m) {
