@@ -33,7 +33,7 @@ struct Gemm4bitKernels {
 
   // out[m * N + n] = sum_k A[m, k] * W[n, k] for n in [n_begin, n_end), every m < M, accumulated in fp32;
   // A as pack_a wrote it. Up to 4 rows of A at a time, each block's partial sum is scaled by its absmax once;
-  // kBlockA rows at a time (more rows of A), each weight is code * absmax in fp32 before its products.
+  // kBlockA rows at a time (gemm_4bit_impl.h), each weight is code * absmax in fp32 before its products.
   void (*gemv)(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax, int64_t blocksize,
                QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end);
 

@@ -194,8 +194,9 @@ static inline Vec lane_scales(const float* scales, int64_t count, VecI lane_bloc
   return _mm512_permutexvar_ps(lane_block, loaded);
 }
 static inline VecI lane_blocks(int64_t lanes_per_block) {
-  return _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                           __builtin_ctzll(static_cast<uint64_t>(lanes_per_block)));
+  // the zero-masked shift: GCC 12 warns of the plain one's undefined pass-through where this is inlined deeply
+  return _mm512_maskz_srli_epi32(0xffff, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                 __builtin_ctzll(static_cast<uint64_t>(lanes_per_block)));
 }
 #else
 static inline Vec lane_scales(const float* scales, int64_t count, VecI lane_block) {
@@ -328,6 +329,38 @@ static void gemm_rows_blocked(const float* A, int64_t K, const uint8_t* packed, 
     for (int m = 0; m < kA; ++m) out[m * N + n0 + r] = hsum(partial[r][m]);
 }
 
+// M >= kBlockA rows of A over rows [n_begin, n_end) of W: kBlockA at a time with gemm_rows_blocked, the rest with
+// gemv_rows, per chunk of kBlockRows rows of W. Apart from gemv so that gemv's few-row loop compiles as before (inlined
+// into it, the M = 1 row read 15% slower).
+__attribute__((noinline)) static void gemv_blocked(const float* A, int64_t M, int64_t K, const uint8_t* packed,
+                                                   const Absmax4bit& absmax, int64_t blocksize, const float table[16],
+                                                   float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+  std::vector<float> row_scales(static_cast<size_t>(kBlockRows * (K / blocksize + 2)));
+  const VecI lane_block = lane_blocks(blocksize < kGroup ? blocksize / 8 : kLanes);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockRows) {
+    const int64_t n1 = std::min(n_end, n0 + kBlockRows);
+    int64_t m = 0;
+    for (; m + kBlockA <= M; m += kBlockA)
+      gemm_rows_blocked<kBlockA>(A + m * K, K, packed, absmax, blocksize, table, lane_block, row_scales.data(),
+                                 out + m * N, N, n0, n1);
+    for (; m + 4 <= M; m += 4)  // the rest while this chunk of W is in L1
+      gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+    switch (M - m) {
+      case 3:
+        gemv_rows<3>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+        break;
+      case 2:
+        gemv_rows<2>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+        break;
+      case 1:
+        gemv_rows<1>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
 static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
                  int64_t blocksize, QuantType quant_type, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
   if (!simd_layout(K)) {
@@ -336,16 +369,16 @@ static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, co
   }
   alignas(64) float table[16];
   fill_code_table(quant_type, table);
-  std::vector<float> row_scales(static_cast<size_t>(kBlockRows * (K / blocksize + 2)));
-  const VecI lane_block = lane_blocks(blocksize < kGroup ? blocksize / 8 : kLanes);  // gemm_rows_blocked's
-  // Rows of W in chunks that stay in L1 while the rows of A pass over them: kBlockA at a time, then up to 4.
-  constexpr int64_t kChunk = kBlockRows;
+  if (M >= kBlockA) {
+    gemv_blocked(A, M, K, packed, absmax, blocksize, table, out, N, n_begin, n_end);
+    return;
+  }
+  std::vector<float> row_scales(static_cast<size_t>(K / blocksize + 2));
+  // Rows of W in chunks that stay in L1 while up to 4 rows of A pass over them.
+  constexpr int64_t kChunk = 16;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
     const int64_t n1 = std::min(n_end, n0 + kChunk);
     int64_t m = 0;
-    for (; m + kBlockA <= M; m += kBlockA)
-      gemm_rows_blocked<kBlockA>(A + m * K, K, packed, absmax, blocksize, table, lane_block, row_scales.data(),
-                                 out + m * N, N, n0, n1);
     for (; m + 4 <= M; m += 4)
       gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
     switch (M - m) {
