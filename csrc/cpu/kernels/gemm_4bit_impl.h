@@ -250,6 +250,28 @@ static void gemv_rows(const float* A, int64_t K, const uint8_t* packed, const Ab
   }
 }
 
+// Rows [m, M) of A against rows [n0, n1) of W with gemv_rows, 4 at a time (inlined into both callers).
+__attribute__((always_inline)) inline void gemv_rows_from(int64_t m, const float* A, int64_t M, int64_t K,
+                                                          const uint8_t* packed, const Absmax4bit& absmax,
+                                                          int64_t blocksize, const float table[16], float* row_scales,
+                                                          float* out, int64_t N, int64_t n0, int64_t n1) {
+  for (; m + 4 <= M; m += 4)
+    gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales, out + m * N, N, n0, n1);
+  switch (M - m) {
+    case 3:
+      gemv_rows<3>(A + m * K, K, packed, absmax, blocksize, table, row_scales, out + m * N, N, n0, n1);
+      break;
+    case 2:
+      gemv_rows<2>(A + m * K, K, packed, absmax, blocksize, table, row_scales, out + m * N, N, n0, n1);
+      break;
+    case 1:
+      gemv_rows<1>(A + m * K, K, packed, absmax, blocksize, table, row_scales, out + m * N, N, n0, n1);
+      break;
+    default:
+      break;
+  }
+}
+
 // More rows of A (gemv takes it from kBlockA rows): kA rows of A against the rows [n0, n1) (at most kBlockRows) of
 // W, two rows of W at a time, so that each decoded vector of W meets kA rows of A (gemv_rows decodes it again for
 // every 4). Each lane's weight is code * absmax in fp32 (dequantize_4bit's fp32 value) before its products. K is
@@ -343,21 +365,7 @@ __attribute__((noinline)) static void gemv_blocked(const float* A, int64_t M, in
     for (; m + kBlockA <= M; m += kBlockA)
       gemm_rows_blocked<kBlockA>(A + m * K, K, packed, absmax, blocksize, table, lane_block, row_scales.data(),
                                  out + m * N, N, n0, n1);
-    for (; m + 4 <= M; m += 4)  // the rest while this chunk of W is in L1
-      gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
-    switch (M - m) {
-      case 3:
-        gemv_rows<3>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
-        break;
-      case 2:
-        gemv_rows<2>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
-        break;
-      case 1:
-        gemv_rows<1>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
-        break;
-      default:
-        break;
-    }
+    gemv_rows_from(m, A, M, K, packed, absmax, blocksize, table, row_scales.data(), out, N, n0, n1);  // the rest
   }
 }
 
@@ -378,22 +386,7 @@ static void gemv(const float* A, int64_t M, int64_t K, const uint8_t* packed, co
   constexpr int64_t kChunk = 16;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kChunk) {
     const int64_t n1 = std::min(n_end, n0 + kChunk);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      gemv_rows<4>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
-    switch (M - m) {
-      case 3:
-        gemv_rows<3>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
-        break;
-      case 2:
-        gemv_rows<2>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
-        break;
-      case 1:
-        gemv_rows<1>(A + m * K, K, packed, absmax, blocksize, table, row_scales.data(), out + m * N, N, n0, n1);
-        break;
-      default:
-        break;
-    }
+    gemv_rows_from(0, A, M, K, packed, absmax, blocksize, table, row_scales.data(), out, N, n0, n1);
   }
 }
 #else
