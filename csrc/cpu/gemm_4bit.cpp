@@ -29,8 +29,9 @@ namespace {
 // (K=4096, N=11008, 2 threads): the AMX kernel (bf16 inputs) costs about the same from M = 1 to 16 and beats the
 // GEMV from M = 3. Without it (other dtypes or CPUs), the GEMV's register-blocked loop (kBlockA rows of A) beats
 // the dequantized tiles into at::mm up to M = 64, 2026-11-30 on the 2-core Xeon with oneDNN held to the ISAs of
-// CPUs without AMX (ONEDNN_MAX_CPU_ISA; ms GEMV / tiles, bf16): AVX512_CORE_BF16 M=16 11.4 / 17.9, M=64
-// 37.8 / 45.2; AVX512_CORE M=16 13.5 / 43.0, M=64 39.6 / 114.3; fp32 inputs M=64 37.2 / 45.2, M=128 70.8 / 76.6.
+// CPUs without AMX (ONEDNN_MAX_CPU_ISA; ms GEMV / tiles, bf16): AVX512_CORE_BF16 M=16 13.0 / 16.2, M=64
+// 41.1 / 40.7; AVX512_CORE M=16 12.8 / 39.6, M=64 43.7 / 119.3; fp32 inputs M=64 37.2 / 45.2, M=128 70.8 / 76.6
+// (the README's table).
 constexpr int64_t kGemvMaxRows = 64;
 constexpr int64_t kGemvMaxRowsBeforeAmx = 2;
 // Rows of W per tile of the GEMM path: large enough that at::mm's per-call cost and blocking do not matter.

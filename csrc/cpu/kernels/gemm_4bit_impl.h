@@ -276,7 +276,8 @@ __attribute__((always_inline)) inline void gemv_rows_from(int64_t m, const float
 // W, two rows of W at a time, so that each decoded vector of W meets kA rows of A (gemv_rows decodes it again for
 // every 4). Each lane's weight is code * absmax in fp32 (dequantize_4bit's fp32 value) before its products. K is
 // walked in chunks of kChunkGroups groups, so the chunk of A stays in L1 while all the rows of W pass over it; the
-// sums wait in `partial` between chunks. lane_block: lane_blocks() for this blocksize.
+// sums wait in `partial` between chunks. lane_block: lane_blocks() for this blocksize; row_scales: the rows' block
+// scales, decoded by the caller (row r's from row_scales + r * (K / blocksize + 2)).
 constexpr int64_t kBlockRows = 16;
 #if defined(__AVX512F__)
 constexpr int kBlockA = 10;  // 20 accumulators of 32 vector registers
@@ -286,9 +287,9 @@ constexpr int kBlockA = 4;  // 8 accumulators of 16
 constexpr int64_t kChunkGroups = 256 / kGroup;
 
 template <int kA>
-static void gemm_rows_blocked(const float* A, int64_t K, const uint8_t* packed, const Absmax4bit& absmax,
-                              int64_t blocksize, const float table[16], VecI lane_block, float* row_scales, float* out,
-                              int64_t N, int64_t n0, int64_t n1) {
+static void gemm_rows_blocked(const float* A, int64_t K, const uint8_t* packed, int64_t blocksize,
+                              const float table[16], VecI lane_block, const float* row_scales, float* out, int64_t N,
+                              int64_t n0, int64_t n1) {
   const Vec table_lo = vload(table);
   const Vec table_hi = kLanes == 16 ? table_lo : vload(table + 8);
   const int64_t groups = K / kGroup;
@@ -296,10 +297,6 @@ static void gemm_rows_blocked(const float* A, int64_t K, const uint8_t* packed, 
   const int shift = log2_of(blocksize);
   const int64_t stride = K / blocksize + 2;  // row_scales per row of W
   const int64_t rows = n1 - n0;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = n0 + r;
-    decode_absmax(absmax, (n * K) >> shift, ((n * K + K - 1) >> shift) + 1, row_scales + r * stride);
-  }
   // the scale vector of group g of row r (its own row's block scales)
   const auto group_scale = [&](int64_t r, int64_t g) {
     const int64_t n = n0 + r;
@@ -359,13 +356,18 @@ __attribute__((noinline)) static void gemv_blocked(const float* A, int64_t M, in
                                                    float* out, int64_t N, int64_t n_begin, int64_t n_end) {
   std::vector<float> row_scales(static_cast<size_t>(kBlockRows * (K / blocksize + 2)));
   const VecI lane_block = lane_blocks(blocksize < kGroup ? blocksize / 8 : kLanes);
+  const int shift = log2_of(blocksize);
+  const int64_t stride = K / blocksize + 2;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kBlockRows) {
     const int64_t n1 = std::min(n_end, n0 + kBlockRows);
+    for (int64_t n = n0; n < n1; ++n)  // once per chunk of W, for every block of rows of A
+      decode_absmax(absmax, (n * K) >> shift, ((n * K + K - 1) >> shift) + 1, row_scales.data() + (n - n0) * stride);
     int64_t m = 0;
     for (; m + kBlockA <= M; m += kBlockA)
-      gemm_rows_blocked<kBlockA>(A + m * K, K, packed, absmax, blocksize, table, lane_block, row_scales.data(),
-                                 out + m * N, N, n0, n1);
-    gemv_rows_from(m, A, M, K, packed, absmax, blocksize, table, row_scales.data(), out, N, n0, n1);  // the rest
+      gemm_rows_blocked<kBlockA>(A + m * K, K, packed, blocksize, table, lane_block, row_scales.data(), out + m * N, N,
+                                 n0, n1);
+    // the rest (gemv_rows decodes each row's scales again, into the start of row_scales: after the blocks above)
+    gemv_rows_from(m, A, M, K, packed, absmax, blocksize, table, row_scales.data(), out, N, n0, n1);
   }
 }
 
