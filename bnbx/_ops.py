@@ -7,8 +7,8 @@ The schemas live in ``csrc/ops.cpp``, whose ``set_python_module("bnbx._ops")`` m
 input's device, and never reads data.
 
 The quantize/dequantize ops are not differentiable (quantization has no useful gradient here; the fake-quant
-ops of QAT have their autograd in ``_ops_qat.py``). ``gemm_4bit`` registers autograd for A and bias (the 4-bit
-weight is frozen).
+ops of QAT have their autograd in ``_ops_qat.py``, ``lora_forward`` in ``_ops_lora.py``). ``gemm_4bit`` registers
+autograd for A and bias (the 4-bit weight is frozen).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ._checks import (
 )
 from ._formats import BLOCKSIZES_8BIT
 from ._formats import dtype_name as _dtype_name
+from ._ops_lora import check_lora_args
 from ._ops_qat import check_grad_scale, check_fake_quantize_args, check_fake_quantize_lsq_args
 
 
@@ -460,3 +461,23 @@ def _(absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
     absmax2 = torch.empty((-(-absmax.numel() // blocksize),), dtype=torch.float32, device=absmax.device)
     offset = torch.empty((), dtype=torch.float32, device=absmax.device)
     return q, absmax2, offset
+
+
+# --- lora (checks in _ops_lora.py, as csrc/common/checks_lora.h words them) --------------------------------------
+
+
+@torch.library.register_fake("bnbx::lora_forward")
+def _(x: torch.Tensor, base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float):
+    check_lora_args("lora_forward", x, base, "base", lora_A, lora_B, scaling)
+    return torch.empty(base.shape, dtype=base.dtype, device=base.device)
+
+
+@torch.library.register_fake("bnbx::lora_backward")
+def _(grad_out, x, lora_A, lora_B, scaling: float, input_grad: bool):
+    check_lora_args("lora_backward", x, grad_out, "grad_out", lora_A, lora_B, scaling)
+    grad_x = torch.empty(x.shape if input_grad else (0,), dtype=x.dtype, device=x.device)
+    return (
+        grad_x,
+        torch.empty(lora_A.shape, dtype=lora_A.dtype, device=lora_A.device),
+        torch.empty(lora_B.shape, dtype=lora_B.dtype, device=lora_B.device),
+    )

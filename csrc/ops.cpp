@@ -88,6 +88,18 @@ TORCH_LIBRARY(bnbx, m) {
   m.def(
       "fake_quantize_lsq_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, float qmin, float qmax, "
       "float grad_scale) -> (Tensor, Tensor, Tensor)");
+  // --- lora (bnbx.lora: a LoRA adapter of a linear layer) ---------------------------------------------------
+  // x [..., K] (the adapter's input), base [..., N] (the base layer's output, x's leading sizes), lora_A [r, K],
+  // lora_B [N, r] (one dtype); all fp32/fp16/bf16, any mix. out like base = base + hidden @ lora_B^T with
+  // hidden = scaling * (x @ lora_A^T): products and sum in fp32, one rounding. Differentiable (bnbx/_ops_lora.py)
+  // in x, base, lora_A and lora_B through lora_backward.
+  m.def("lora_forward(Tensor x, Tensor base, Tensor lora_A, Tensor lora_B, float scaling) -> Tensor");
+  // For grad_out like base: grad_hidden = scaling * (grad_out @ lora_B) and hidden as above, in fp32;
+  // grad_x like x = grad_hidden @ lora_A (an empty [0] tensor when input_grad is false), grad_A like lora_A =
+  // grad_hidden^T @ x, grad_B like lora_B = grad_out^T @ hidden, each summed in fp32 and rounded once.
+  m.def(
+      "lora_backward(Tensor grad_out, Tensor x, Tensor lora_A, Tensor lora_B, float scaling, bool input_grad) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 // Ops with a CPU kernel only (every build): CUDA tensors get a clear error.
@@ -123,10 +135,11 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
-  for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
-                           "dequantize_blockwise", "quantize_int8", "dequantize_int8", "double_quantize", "gemm_4bit",
-                           "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant",
-                           "int8_mixed_linear", "fake_quantize", "fake_quantize_lsq", "fake_quantize_lsq_backward"}) {
+  for (const char* name :
+       {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise", "dequantize_blockwise",
+        "quantize_int8", "dequantize_int8", "double_quantize", "gemm_4bit", "int8_vectorwise_quant",
+        "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant", "int8_mixed_linear", "fake_quantize",
+        "fake_quantize_lsq", "fake_quantize_lsq_backward", "lora_forward", "lora_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }

@@ -28,7 +28,7 @@ ubsan=$("$CXX" -print-file-name=libubsan.so)
 # The subset: every op's reference tests, bad inputs, the instruction-set comparison, and the emulated CUDA
 # kernels on the small sizes (BNBX_EMU_QUICK drops the multi-wave ones, which only add run time here).
 tests=(test_quantize_4bit.py test_quantize_8bit.py test_int8.py test_errors.py test_cpu_isa.py
-       test_cuda_emulation.py test_matmul_4bit.py)
+       test_cuda_emulation.py test_matmul_4bit.py lora/test_lora_ops.py)
 # Reports go to files: pytest captures a test's stderr, and a sanitizer that stops the process mid-test would
 # take its report down with the capture.
 reports="$(cd "$BUILD" && pwd)/reports"

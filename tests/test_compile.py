@@ -55,3 +55,23 @@ def test_fake_quant_linear_lsq_compiles_fullgraph():
     layer.zero_grad()
     layer(x).square().sum().backward()
     assert torch.equal(compiled_grad, layer.weight_scale.grad)
+
+
+def test_qlora_layer_compiles_fullgraph_with_its_gradients():
+    # a LoRA adapter on a 4-bit base: gemm_4bit and the fused adapter op (lora_forward, lora_backward)
+    from bnbx import lora
+    from bnbx.nn import Linear4bit
+
+    base = Linear4bit.from_linear(torch.nn.Linear(64, 40), compute_dtype=torch.bfloat16)
+    layer = lora.LoraLinear(base, r=4, lora_alpha=8, dtype=torch.float32)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    assert torch.equal(out, layer(x))
+    out.float().square().sum().backward()
+    compiled_grads = [layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()]
+    layer.zero_grad()
+    layer(x).float().square().sum().backward()
+    assert torch.equal(compiled_grads[0], layer.lora_A.weight.grad)
+    assert torch.equal(compiled_grads[1], layer.lora_B.weight.grad)

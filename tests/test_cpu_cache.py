@@ -56,6 +56,7 @@ def _ops():
     odd = torch.randn(4097, 4097, generator=g).to(torch.bfloat16)  # 8.4 MB packed, the last byte half-used
     w4, w4_state = bnbx.quantize_4bit(torch.randn(7000, 256, generator=g).to(torch.bfloat16), quant_type="nf4")
     a = torch.randn(640, 256, generator=g).to(torch.bfloat16)  # M above the fused kernels: tiles into at::mm
+    lora_A, lora_B = torch.randn(16, 1537, generator=g), torch.randn(1537, 16, generator=g)
     return {
         "matmul_4bit": lambda: bnbx.matmul_4bit(a, w4.t(), w4_state),
         "quantize_4bit": lambda: torch.ops.bnbx.quantize_4bit(odd, 64, "nf4", torch.uint8),
@@ -74,6 +75,8 @@ def _ops():
         "fake_quantize_lsq_backward": lambda: torch.ops.bnbx.fake_quantize_lsq_backward(
             grad, big, lsq_scale, torch.zeros(()), -7.0, 7.0, 0.01
         ),
+        "lora_forward": lambda: torch.ops.bnbx.lora_forward(big, grad, lora_A, lora_B, 2.0),
+        "lora_backward": lambda: torch.ops.bnbx.lora_backward(grad, big, lora_A, lora_B, 2.0, True),
     }
 
 

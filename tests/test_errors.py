@@ -113,6 +113,40 @@ BAD_OP_CALLS = [
         torch.ones(4, 9, device=d), torch.ones(4, 10, device=d), torch.ones(4, 1, device=d),
         torch.zeros((), device=d), -7.0, 7.0, 1.0),
      ValueError, "fake_quantize_lsq_backward: grad must have x's shape [4, 10] and dtype float32, got [4, 9] float32"),
+    ("lora int x", lambda d: ops.lora_forward(
+        torch.ones(2, 4, dtype=torch.int32, device=d), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d),
+        torch.ones(3, 2, device=d), 1.0),
+     TypeError, "lora_forward: x must be float32, float16 or bfloat16, got int32"),
+    ("lora mixed adapter dtypes", lambda d: ops.lora_forward(
+        torch.ones(2, 4, device=d), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d),
+        torch.ones(3, 2, dtype=torch.bfloat16, device=d), 1.0),
+     TypeError, "lora_forward: lora_B must have lora_A's dtype float32, got bfloat16"),
+    ("lora rank 0", lambda d: ops.lora_forward(
+        torch.ones(2, 4, device=d), torch.ones(2, 3, device=d), torch.ones(0, 4, device=d),
+        torch.ones(3, 0, device=d), 1.0),
+     ValueError, "lora_forward: lora_A must be [r, in_features] with r >= 1, got shape [0, 4]"),
+    ("lora B rank", lambda d: ops.lora_forward(
+        torch.ones(2, 4, device=d), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d),
+        torch.ones(3, 5, device=d), 1.0),
+     ValueError, "lora_forward: lora_B must be [out_features, 2] (r = lora_A's rows), got shape [3, 5]"),
+    ("lora in_features", lambda d: ops.lora_forward(
+        torch.ones(2, 5, device=d), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d),
+        torch.ones(3, 2, device=d), 1.0),
+     ValueError,
+     "lora_forward: x's last dimension must equal in_features (4, lora_A's columns), got x of shape [2, 5]"),
+    ("lora base rows", lambda d: ops.lora_forward(
+        torch.ones(2, 4, device=d), torch.ones(3, 3, device=d), torch.ones(2, 4, device=d),
+        torch.ones(3, 2, device=d), 1.0),
+     ValueError, "lora_forward: base must have x's leading sizes and out_features (3, lora_B's rows) last, got base "
+     "of shape [3, 3] for x of shape [2, 4]"),
+    ("lora backward grad", lambda d: ops.lora_backward(
+        torch.ones(2, 2, device=d), torch.ones(2, 4, device=d), torch.ones(2, 4, device=d),
+        torch.ones(3, 2, device=d), 1.0, True),
+     ValueError, "lora_backward: grad_out must have x's leading sizes and out_features (3, lora_B's rows) last"),
+    ("lora scaling inf", lambda d: ops.lora_forward(
+        torch.ones(2, 4, device=d), torch.ones(2, 3, device=d), torch.ones(2, 4, device=d),
+        torch.ones(3, 2, device=d), float("inf")),
+     ValueError, "lora_forward: scaling must be finite, got inf"),
 ]
 
 DEVICES = ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_READY, reason="needs CUDA"))]

@@ -78,6 +78,17 @@ def samples(device: str, dtype: torch.dtype):
         args = (grad, x.detach(), scale.detach(), offset.detach(), -8.0, 7.0, 0.5)
         yield torch.ops.bnbx.fake_quantize_lsq_backward.default, args, {}
     yield torch.ops.bnbx.fake_quantize_4bit.default, (x, 64, "nf4"), {}
+    # LoRA adapter products (more cases in tests/lora/test_lora_ops.py): leading sizes, odd sizes, empty rows
+    for lead, K, N, r in [((2, 3), 37, 29, 5), ((0,), 8, 6, 2)]:
+        x = torch.randn(*lead, K, dtype=dtype, device=device, requires_grad=True)
+        base = torch.randn(*lead, N, dtype=dtype, device=device, requires_grad=True)
+        lora_A = torch.randn(r, K, device=device, requires_grad=True)
+        lora_B = torch.randn(N, r, device=device, requires_grad=True)
+        yield torch.ops.bnbx.lora_forward.default, (x, base, lora_A, lora_B, 2.0), {}
+        grad = torch.randn(*lead, N, dtype=dtype, device=device)
+        for input_grad in (True, False):
+            args = (grad, x.detach(), lora_A.detach(), lora_B.detach(), 2.0, input_grad)
+            yield torch.ops.bnbx.lora_backward.default, args, {}
 
 
 def sample_id(sample) -> str:

@@ -23,6 +23,8 @@ from ._base import base_compute_dtype, dense_weight
 
 __all__ = ["AdapterConfig", "LoraLinear"]
 
+_FUSED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))  # what bnbx::lora_forward takes
+
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -73,8 +75,9 @@ class LoraLinear(nn.Module):
     """A frozen linear ``base_layer`` with a LoRA adapter: ``y = base(x) + B(A(dropout(x)) * scaling)``.
 
     ``lora_A`` is initialised Kaiming-uniform and ``lora_B`` with zeros, so a fresh adapter changes nothing.
-    The adapter computes in ``config.dtype`` (default: the base's compute dtype) and its output is cast to
-    the base output's dtype.
+    The adapter's weights are stored in ``config.dtype`` (default: the base's compute dtype). Forward and backward
+    run as one op each (``torch.ops.bnbx.lora_forward`` / ``lora_backward``): the adapter's products in fp32 on the
+    activations in their own dtype, added to the base output before its one rounding to the base output's dtype.
     """
 
     def __init__(self, base_layer: nn.Module, config: Optional[AdapterConfig] = None, **kwargs: Any) -> None:
@@ -169,11 +172,19 @@ class LoraLinear(nn.Module):
             out = F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
             return out.to(x.dtype)
         result = self.base_layer(x)
-        lora_dtype = self.lora_A.weight.dtype
-        # scaling applied to the rank-r intermediate, not the [.., out_features] update: the same product up to
-        # rounding, two passes over the layer's output fewer per training step (forward and backward)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(lora_dtype))) * self.scaling)
+        lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
+        # dropout draws its mask in the adapter's dtype, as the unfused adapter did; without it the op reads x as is
+        adapter_input = self.lora_dropout(x.to(lora_A.dtype)) if self._dropout_active() else x
+        if _FUSED_DTYPES.issuperset((adapter_input.dtype, result.dtype, lora_A.dtype)):
+            # one op: the adapter's products in fp32 on the activations in their own dtype, added to the base's
+            # output before its one rounding (csrc/cpu/lora.cpp)
+            return torch.ops.bnbx.lora_forward(adapter_input, result, lora_A, lora_B, self.scaling)
+        # other dtypes (float64, for gradcheck): the same sum in plain torch
+        update = F.linear(F.linear(adapter_input.to(lora_A.dtype), lora_A) * self.scaling, lora_B)
         return result + update.to(result.dtype)
+
+    def _dropout_active(self) -> bool:
+        return isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training
 
     def extra_repr(self) -> str:
         c = self.config

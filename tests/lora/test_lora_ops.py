@@ -1,0 +1,167 @@
+"""bnbx::lora_forward / lora_backward, the fused products of a LoRA adapter, against the float64 reference on
+every instruction set: odd sizes and ranks (SIMD blocks and tails), leading dimensions, empty tensors, every mix of
+16- and 32-bit activations and adapters; gradients, gradcheck, thread counts, NaN, non-contiguous inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CUDA_READY, DTYPES, cpu_isa, dtype_id, isa_params
+from reference_lora import lora_backward_ref, lora_forward_ref, tolerance
+
+ops = torch.ops.bnbx
+ISAS = ["scalar"] + isa_params("avx2", "avx512")
+# (leading sizes, K, N, r): single rows, odd sizes around the 8- and 16-lane vectors and the 4-row blocks, ranks
+# that fill no block, one block and several, and empty rows, features and outputs
+SHAPES = [
+    ((1,), 64, 128, 8),
+    ((5,), 37, 29, 3),
+    ((2, 3), 100, 70, 17),
+    ((9,), 16, 65, 64),
+    ((4,), 1, 1, 1),
+    ((0,), 8, 6, 2),
+    ((3,), 0, 5, 2),
+    ((3,), 7, 0, 2),
+]
+
+
+def inputs(lead, K, N, r, dtype, adapter_dtype, device="cpu"):
+    x = torch.randn(*lead, K, dtype=dtype, device=device)
+    base = torch.randn(*lead, N, dtype=dtype, device=device)
+    lora_A = (torch.randn(r, K, device=device) / max(K, 1) ** 0.5).to(adapter_dtype)
+    lora_B = torch.randn(N, r, device=device).to(adapter_dtype)
+    return x, base, lora_A, lora_B
+
+
+def assert_within(actual, ref, magnitude, terms):
+    assert actual.shape == ref.shape
+    error = (actual.double() - ref).abs()
+    # the reference rounded to actual's dtype is the best answer; allow the fp32 sums' error on top of it
+    limit = tolerance(actual.dtype, ref, magnitude, terms)
+    assert bool((error <= limit).all()), f"max error {error.max().item():.3g} over limit"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("adapter_dtype", DTYPES, ids=dtype_id)
+def test_forward_matches_reference(isa, dtype, adapter_dtype):
+    for lead, K, N, r in SHAPES:
+        x, base, A, B = inputs(lead, K, N, r, dtype, adapter_dtype)
+        with cpu_isa(isa):
+            out = ops.lora_forward(x, base, A, B, 2.5)
+        assert out.dtype == dtype
+        ref = lora_forward_ref(x, base, A, B, 2.5)
+        assert_within(out, ref, lora_forward_ref(x.abs(), base.abs(), A.abs(), B.abs(), 2.5), K + r)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_backward_matches_reference(isa, dtype, adapter_dtype):
+    for lead, K, N, r in SHAPES:
+        x, _, A, B = inputs(lead, K, N, r, dtype, adapter_dtype)
+        grad = torch.randn(*lead, N, dtype=dtype)
+        with cpu_isa(isa):
+            grad_x, grad_A, grad_B = ops.lora_backward(grad, x, A, B, 0.5, True)
+        assert (grad_x.dtype, grad_A.dtype, grad_B.dtype) == (dtype, adapter_dtype, adapter_dtype)
+        refs = lora_backward_ref(grad, x, A, B, 0.5)
+        magnitudes = lora_backward_ref(grad.abs(), x.abs(), A.abs(), B.abs(), 0.5)
+        M = x.shape[:-1].numel()
+        for actual, ref, magnitude in zip((grad_x, grad_A, grad_B), refs, magnitudes):
+            assert_within(actual, ref, magnitude, N + r + M)
+
+
+def test_backward_without_the_input_gradient():
+    x, _, A, B = inputs((6,), 40, 30, 4, torch.bfloat16, torch.float32)
+    grad = torch.randn(6, 30, dtype=torch.bfloat16)
+    grad_x, grad_A, grad_B = ops.lora_backward(grad, x, A, B, 2.0, False)
+    assert grad_x.shape == (0,) and grad_x.dtype == torch.bfloat16
+    _, full_A, full_B = ops.lora_backward(grad, x, A, B, 2.0, True)
+    assert torch.equal(grad_A, full_A) and torch.equal(grad_B, full_B)
+
+
+def test_autograd_gives_every_gradient():
+    x, base, A, B = inputs((2, 5), 33, 19, 4, torch.float32, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, base, A, B)]
+    out = ops.lora_forward(*leaves, 1.5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    grad_x, grad_A, grad_B = lora_backward_ref(grad, x, A, B, 1.5)
+    assert torch.equal(leaves[1].grad, grad)  # the base's gradient is the output's
+    torch.testing.assert_close(leaves[0].grad.double(), grad_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaves[2].grad.double(), grad_A, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaves[3].grad.double(), grad_B, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Input #[0-9] requires gradient and is not a double")
+@pytest.mark.parametrize("isa", ISAS)
+def test_gradcheck(isa):
+    # fp32 (the kernels take no float64): lora_forward is linear in each input, so a finite difference of 1e-2 is
+    # exact but for fp32 rounding
+    x, base, A, B = inputs((3,), 21, 18, 5, torch.float32, torch.float32)
+    leaves = tuple(t.clone().requires_grad_() for t in (x, base, A, B))
+    with cpu_isa(isa):
+        assert torch.autograd.gradcheck(
+            lambda *t: ops.lora_forward(*t, 0.75), leaves, eps=1e-2, atol=2e-3, rtol=2e-3, fast_mode=False
+        )
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_results_do_not_depend_on_the_thread_count(threads):
+    x, base, A, B = inputs((130,), 150, 333, 16, torch.bfloat16, torch.float32)
+    grad = torch.randn(130, 333, dtype=torch.bfloat16)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = (ops.lora_forward(x, base, A, B, 2.0), *ops.lora_backward(grad, x, A, B, 2.0, True))
+        torch.set_num_threads(threads)
+        actual = (ops.lora_forward(x, base, A, B, 2.0), *ops.lora_backward(grad, x, A, B, 2.0, True))
+    finally:
+        torch.set_num_threads(previous)
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+
+
+def test_nan_stays_in_its_row():
+    x, base, A, B = inputs((4,), 20, 10, 3, torch.bfloat16, torch.float32)
+    x[1, 7] = float("nan")
+    out = ops.lora_forward(x, base, A, B, 1.0)
+    assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()
+
+
+def test_non_contiguous_inputs():
+    x, base, A, B = inputs((6,), 24, 12, 4, torch.float16, torch.float32)
+    x_t = x.t().contiguous().t()  # same values, column-major
+    base_t = base.t().contiguous().t()
+    B_t = B.t().contiguous().t()
+    assert not x_t.is_contiguous()
+    assert torch.equal(ops.lora_forward(x_t, base_t, A, B_t, 2.0), ops.lora_forward(x, base, A, B, 2.0))
+    grad = torch.randn(6, 12, dtype=torch.float16)
+    for a, e in zip(ops.lora_backward(grad.t().contiguous().t(), x_t, A, B_t, 2.0, True),
+                    ops.lora_backward(grad, x, A, B, 2.0, True)):
+        assert torch.equal(a, e)
+
+
+def test_fp16_overflow_saturates_to_inf_as_a_rounding_does():
+    x = torch.full((1, 4), 200.0, dtype=torch.float16)
+    base = torch.full((1, 2), 60000.0, dtype=torch.float16)
+    A, B = torch.ones(1, 4), torch.ones(2, 1)
+    out = ops.lora_forward(x, base, A, B, 10.0)  # 60000 + 8000: past fp16's largest value
+    assert torch.equal(out, (base.float() + 8000.0).half())
+    assert out.isinf().all()
+
+
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a bnbx built with CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_matches_reference(dtype):
+    for lead, K, N, r in SHAPES:
+        x, base, A, B = inputs(lead, K, N, r, dtype, torch.float32, device="cuda")
+        out = ops.lora_forward(x, base, A, B, 2.5)
+        ref = lora_forward_ref(x, base, A, B, 2.5)
+        assert_within(out.cpu(), ref.cpu(), lora_forward_ref(x.abs(), base.abs(), A.abs(), B.abs(), 2.5).cpu(), K + r)
+        grad = torch.randn(*lead, N, dtype=dtype, device="cuda")
+        refs = lora_backward_ref(grad, x, A, B, 0.5)
+        magnitudes = lora_backward_ref(grad.abs(), x.abs(), A.abs(), B.abs(), 0.5)
+        for actual, ref, magnitude in zip(ops.lora_backward(grad, x, A, B, 0.5, True), refs, magnitudes):
+            assert_within(actual.cpu(), ref.cpu(), magnitude.cpu(), N + r + x.shape[:-1].numel())
