@@ -23,6 +23,9 @@ SHAPES = [
     ((0,), 8, 6, 2),
     ((3,), 0, 5, 2),
     ((3,), 7, 0, 2),
+    # more rows than the forward multiplies lora_B as stored (csrc/cpu/lora.cpp: kFewRows): B transposed
+    ((20,), 33, 70, 5),
+    ((3, 7), 130, 45, 16),
 ]
 
 
@@ -107,10 +110,11 @@ def test_gradcheck(isa):
         )
 
 
+@pytest.mark.parametrize("rows", [5, 130])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_results_do_not_depend_on_the_thread_count(threads):
-    x, base, A, B = inputs((130,), 150, 333, 16, torch.bfloat16, torch.float32)
-    grad = torch.randn(130, 333, dtype=torch.bfloat16)
+def test_results_do_not_depend_on_the_thread_count(threads, rows):
+    x, base, A, B = inputs((rows,), 150, 333, 16, torch.bfloat16, torch.float32)
+    grad = torch.randn(rows, 333, dtype=torch.bfloat16)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

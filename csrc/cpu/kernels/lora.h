@@ -30,6 +30,11 @@ struct LoraKernels {
   void (*expand)(const float* H, int64_t r, const float* W, int64_t N, FloatType y_type, const void* base, void* Y,
                  int64_t m_begin, int64_t m_end);
 
+  // expand with W as lora_B stores it, fp32 [N, r]: Y[m, n] = base[m, n] + sum_j H[m * r + j] * W[n * r + j], each
+  // output an r-long dot added to base. For a few rows, where transposing W would cost more than the products.
+  void (*expand_rows)(const float* H, int64_t r, const float* W, int64_t N, FloatType y_type, const void* base, void* Y,
+                      int64_t m_begin, int64_t m_end);
+
   // out[j * N + n] = sum_m P[m * r + j] * Q[m, n] over every m < M in order, for the columns n in [n_begin, n_end)
   // and every j < r; P fp32 [M, r], Q [M, N] contiguous in q_type; n_begin a multiple of kLoraColumnChunk. (The
   // gradients of A and B.)

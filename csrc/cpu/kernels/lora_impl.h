@@ -52,6 +52,23 @@ static void expand_generic(const float* H, int64_t r, const float* W, int64_t N,
   for (int64_t m = m_begin; m < m_end; ++m) expand_columns<kY>(H, r, W, N, base, Y, m, 0, N);
 }
 
+// expand_rows for row m, outputs [n_begin, n_end)
+template <FloatType kY>
+static void expand_rows_columns(const float* H, int64_t r, const float* W, int64_t N, const void* base, void* Y,
+                                int64_t m, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    float dot = 0.0f;
+    for (int64_t j = 0; j < r; ++j) dot += H[m * r + j] * W[n * r + j];
+    store_from_float<kY>(Y, m * N + n, base == nullptr ? dot : load_as_float<kY>(base, m * N + n) + dot);
+  }
+}
+
+template <FloatType kY>
+static void expand_rows_generic(const float* H, int64_t r, const float* W, int64_t N, const void* base, void* Y,
+                                int64_t m_begin, int64_t m_end) {
+  for (int64_t m = m_begin; m < m_end; ++m) expand_rows_columns<kY>(H, r, W, N, base, Y, m, 0, N);
+}
+
 template <FloatType kQ>
 static void outer_generic(const float* P, int64_t M, int64_t r, const void* Q, int64_t N, float* out, int64_t n_begin,
                           int64_t n_end) {
@@ -191,6 +208,57 @@ static void expand_simd(const float* H, int64_t r, const float* W, int64_t N, co
   for (int64_t m = m_begin; m < m_end; ++m) expand_columns<kY>(H, r, W, N, base, Y, m, n, N);
 }
 
+#if defined(__AVX512F__)
+// Lane i of the result: the sum of the lanes of v[i], for 16 vectors (a transpose-and-add tree: 15 adds).
+static inline __m512 sum_each_16(const __m512 (&v)[16]) {
+  __m512 pairs[8], quads[4];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: v[2k] and v[2k+1], two partial sums each
+    pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: v[4k .. 4k+3], one partial sum each
+    const __m512d a = _mm512_castps_pd(pairs[2 * k]), b = _mm512_castps_pd(pairs[2 * k + 1]);
+    quads[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  __m512 halves[2];
+  for (int k = 0; k < 2; ++k)  // the four 128-bit lanes added in pairs
+    halves[k] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * k], quads[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(quads[2 * k], quads[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// 16 outputs at a time: their rows of W against H's row, lane-wise over r (a masked last vector), then summed.
+template <FloatType kY>
+static void expand_rows_simd(const float* H, int64_t r, const float* W, int64_t N, const void* base, void* Y,
+                             int64_t m_begin, int64_t m_end) {
+  const __mmask16 tail = first_lanes_16(r % 16);
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    const float* h = H + m * r;
+    int64_t n = 0;
+    for (; n + 16 <= N; n += 16) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      int64_t j = 0;
+      for (; j + 16 <= r; j += 16) {
+        const __m512 hv = _mm512_loadu_ps(h + j);
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(W + (n + i) * r + j), hv, acc[i]);
+      }
+      if (j < r) {
+        const __m512 hv = _mm512_maskz_loadu_ps(tail, h + j);
+        for (int i = 0; i < 16; ++i)
+          acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, W + (n + i) * r + j), hv, acc[i]);
+      }
+      __m512 sums = sum_each_16(acc);
+      if (base != nullptr) sums = _mm512_add_ps(load_16_as_float<kY>(base, m * N + n), sums);
+      store_16_from_float<kY>(Y, m * N + n, sums);
+    }
+    expand_rows_columns<kY>(H, r, W, N, base, Y, m, n, N);
+  }
+}
+#define BNBX_LORA_EXPAND_ROWS expand_rows_simd
+#else
+#define BNBX_LORA_EXPAND_ROWS expand_rows_generic
+#endif
+
 // outer: kJ rows of the result from j, kV vectors of columns from n, summed over every row of P and Q in order
 template <FloatType kQ, int kJ, int kV>
 static void outer_block(const float* P, int64_t M, int64_t r, const void* Q, int64_t N, float* out, int64_t j,
@@ -230,6 +298,7 @@ static void outer_simd(const float* P, int64_t M, int64_t r, const void* Q, int6
 #define BNBX_LORA_KERNEL(name) name##_simd
 #else
 #define BNBX_LORA_KERNEL(name) name##_generic
+#define BNBX_LORA_EXPAND_ROWS expand_rows_generic
 #endif
 
 // The table's entries: the dtype switch, then this instruction set's loop.
@@ -257,6 +326,18 @@ static void expand(const float* H, int64_t r, const float* W, int64_t N, FloatTy
   }
 }
 
+static void expand_rows(const float* H, int64_t r, const float* W, int64_t N, FloatType y_type, const void* base,
+                        void* Y, int64_t m_begin, int64_t m_end) {
+  switch (y_type) {
+    case FloatType::kFloat32:
+      return BNBX_LORA_EXPAND_ROWS<FloatType::kFloat32>(H, r, W, N, base, Y, m_begin, m_end);
+    case FloatType::kFloat16:
+      return BNBX_LORA_EXPAND_ROWS<FloatType::kFloat16>(H, r, W, N, base, Y, m_begin, m_end);
+    case FloatType::kBFloat16:
+      return BNBX_LORA_EXPAND_ROWS<FloatType::kBFloat16>(H, r, W, N, base, Y, m_begin, m_end);
+  }
+}
+
 static void outer(const float* P, int64_t M, int64_t r, FloatType q_type, const void* Q, int64_t N, float* out,
                   int64_t n_begin, int64_t n_end) {
   switch (q_type) {
@@ -270,9 +351,11 @@ static void outer(const float* P, int64_t M, int64_t r, FloatType q_type, const 
 }
 
 #undef BNBX_LORA_KERNEL
+#undef BNBX_LORA_EXPAND_ROWS
 
 }  // namespace BNBX_ISA
 
-const LoraKernels BNBX_TABLE(lora) = {BNBX_ISA_NAME, &BNBX_ISA::dot, &BNBX_ISA::expand, &BNBX_ISA::outer};
+const LoraKernels BNBX_TABLE(lora) = {BNBX_ISA_NAME, &BNBX_ISA::dot, &BNBX_ISA::expand, &BNBX_ISA::expand_rows,
+                                      &BNBX_ISA::outer};
 
 }  // namespace bnbx::cpu
