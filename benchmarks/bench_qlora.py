@@ -20,7 +20,8 @@ Each row runs in a fresh process (so memory figures do not mix). Columns:
 - step peak MB: peak resident memory during those steps above the resident memory before them (Linux
   VmHWM, reset through /proc/self/clear_refs).
 - vs bnb: bitsandbytes QLoRA's step time (bnbx.lora adapters) / this row's (above 1: faster than bitsandbytes);
-  with --rounds N, the median of the N rounds' ratios.
+  with --rounds N, the median of the N rounds' ratios. vs peft: the same against bitsandbytes+peft, the step a
+  bitsandbytes user runs.
 --rounds N runs every variant N times, the rounds interleaved, and reports the median step time: on a machine
 whose speed drifts (a VM), one run per variant can put minutes of drift between two rows.
 On a shared machine the times move with the load; the header prints the load average before and after.
@@ -186,24 +187,29 @@ def main() -> None:
         row["step_ms"] = statistics.median(r["step_ms"] for r in runs[variant])
         row["round_ms"] = [r["step_ms"] for r in runs[variant]]
         rows.append(row)
-    bnb_row = next((r for r in rows if r["variant"].startswith("bitsandbytes")), None)
+    peers = {name: next((r for r in rows if r["variant"] == name), None)
+             for name in ("bitsandbytes QLoRA nf4+dq", "bitsandbytes+peft QLoRA nf4+dq")}
     print(f"bnbx {bnbx.__version__}, torch {torch.__version__}, bitsandbytes {bnb_version or 'not installed'}; "
           f"cpu threads {args.threads or torch.get_num_threads()}, bnbx kernels {bnbx.cpu_capability()}; "
           f"Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{rows[0]['params'] / 1e6 if rows else 0:.1f}M base linear weights, {args.tokens} tokens per step, "
           f"LoRA r=16 on all linear layers; {args.rounds} round(s); load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after")
-    widths = (30, 7, 8, 8, 12, 6)
-    names = ("variant", "B/param", "model MB", "step ms", "step peak MB", "vs bnb")
+    widths = (30, 7, 8, 8, 12, 6, 7)
+    names = ("variant", "B/param", "model MB", "step ms", "step peak MB", "vs bnb", "vs peft")
     print("  ".join(n.ljust(w) if i == 0 else n.rjust(w) for i, (n, w) in enumerate(zip(names, widths))))
     print("  ".join("-" * w for w in widths))
+
+    def ratio(peer, row) -> str:
+        if peer is None or len(peer["round_ms"]) != len(row["round_ms"]):
+            return "n/a"
+        # the median of the rounds' ratios: each ratio compares two runs made minutes apart at most
+        return f"{statistics.median(p / o for p, o in zip(peer['round_ms'], row['round_ms'])):.2f}x"
+
     for r in rows:
-        ratio = "n/a"
-        if bnb_row is not None and len(bnb_row["round_ms"]) == len(r["round_ms"]):
-            # the median of the rounds' ratios: each ratio compares two runs made minutes apart at most
-            ratio = f"{statistics.median(b / o for b, o in zip(bnb_row['round_ms'], r['round_ms'])):.2f}x"
+        vs_bnb, vs_peft = (ratio(peer, r) for peer in peers.values())
         print(f"{r['variant']:<30}  {r['bytes_per_param']:>7.4f}  {r['model_mb']:>8.1f}  {r['step_ms']:>8.1f}  "
-              f"{r['peak_mb']:>12.1f}  {ratio:>6}")
+              f"{r['peak_mb']:>12.1f}  {vs_bnb:>6}  {vs_peft:>7}")
 
 
 if __name__ == "__main__":

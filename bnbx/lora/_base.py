@@ -15,7 +15,11 @@ from torch import nn
 
 from ..quant_state import QuantState
 
-__all__ = ["base_compute_dtype", "base_weight_dtype", "dense_weight", "is_quantized_layer", "packed_parameters"]
+__all__ = ["FUSED_DTYPES", "base_compute_dtype", "base_weight_dtype", "dense_weight", "is_quantized_layer",
+           "packed_parameters"]
+
+# The dtypes torch.ops.bnbx.lora_forward takes (activations and adapters): the fused adapter runs on these.
+FUSED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
 def _quant_state(layer: nn.Module) -> Optional[QuantState]:

@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import base_compute_dtype, dense_weight
+from ._base import FUSED_DTYPES, base_compute_dtype, dense_weight
 
 __all__ = ["AdapterConfig", "LoraLinear"]
-
-_FUSED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))  # what bnbx::lora_forward takes
 
 
 @dataclass(frozen=True)
@@ -175,7 +173,7 @@ class LoraLinear(nn.Module):
         lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
         # dropout draws its mask in the adapter's dtype, as the unfused adapter did; without it the op reads x as is
         adapter_input = self.lora_dropout(x.to(lora_A.dtype)) if self._dropout_active() else x
-        if _FUSED_DTYPES.issuperset((adapter_input.dtype, result.dtype, lora_A.dtype)):
+        if FUSED_DTYPES.issuperset((adapter_input.dtype, result.dtype, lora_A.dtype)):
             # one op: the adapter's products in fp32 on the activations in their own dtype, added to the base's
             # output before its one rounding (csrc/cpu/lora.cpp)
             return torch.ops.bnbx.lora_forward(adapter_input, result, lora_A, lora_B, self.scaling)

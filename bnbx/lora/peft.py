@@ -11,6 +11,10 @@ exact), and peft's ``merge_and_unload()`` turns each layer into a dense ``nn.Lin
 dtype, summed in fp32 and rounded once. (peft over bitsandbytes re-quantizes instead: a 4-bit model whose
 weights were rounded twice.)
 
+Forward runs bnbx.lora's fused adapter op (``torch.ops.bnbx.lora_forward``) for each active adapter, as
+``LoraLinear`` does; peft's own forward takes the cases it does not cover (``adapter_names`` mixed batches,
+a ``lora_B`` bias, other dtypes).
+
 This module imports peft; ``import bnbx`` does not (the registration waits for peft to be imported).
 """
 
@@ -25,7 +29,7 @@ from peft.tuners.lora.layer import Linear as _PeftLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ._base import base_compute_dtype, base_weight_dtype, dense_weight, is_quantized_layer
+from ._base import FUSED_DTYPES, base_compute_dtype, base_weight_dtype, dense_weight, is_quantized_layer
 
 __all__ = ["PeftLoraLinear", "peft_delta_weight", "quantized_layer_classes", "register"]
 
@@ -120,7 +124,28 @@ class PeftLoraLinear(_PeftLinear):
             weight = self.merged_weight
             out = F.linear(x.to(weight.dtype), weight, self.merged_bias)
             return out.to(x.dtype)
-        return super().forward(x, *args, **kwargs)
+        if args or kwargs or self.disable_adapters or self.merged or not self._fused_adapters():
+            return super().forward(x, *args, **kwargs)
+        # bnbx.lora's fused op per active adapter (LoraLinear.forward): the adapter's products in fp32 on x as it
+        # is, added to the output before its one rounding, instead of peft's casts, three GEMMs and adds
+        result = self.base_layer(x)
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+            dropout = self.lora_dropout[adapter]
+            adapter_input = dropout(x.to(lora_A.dtype)) if isinstance(dropout, nn.Dropout) and dropout.training else x
+            result = torch.ops.bnbx.lora_forward(adapter_input, result, lora_A, lora_B, self.scaling[adapter])
+        return result
+
+    def _fused_adapters(self) -> bool:
+        """Whether every active adapter is one the fused op computes: no lora_B bias, float dtypes it takes."""
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            if self.lora_B[adapter].bias is not None or self.lora_A[adapter].weight.dtype not in FUSED_DTYPES:
+                return False
+        return True
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
                                            adapter_names: Optional[list[str]]) -> nn.Module:

@@ -175,3 +175,26 @@ def test_prepare_bad_input():
     with pytest.raises(ValueError, match="gradient_checkpointing_enable"):
         bnbx.prepare_model_for_kbit_training(nn.Linear(2, 2))
     bnbx.prepare_model_for_kbit_training(nn.Linear(2, 2), use_gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_adapter_matches_peft_forward_and_gradients(dtype):
+    # PeftLoraLinear runs bnbx's fused adapter op; peft's own forward (the parent class's) computes the same sum
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    model = peft_model(dtype=dtype, lora_dropout=0.0)
+    layer = lora_modules(model)[0]
+    x = torch.randn(2, 5, layer.in_features, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, 5, layer.out_features, dtype=dtype)
+    results = []
+    for forward in (layer.forward, lambda t: PeftLinear.forward(layer, t)):
+        model.zero_grad()
+        x.grad = None
+        out = forward(x)
+        out.backward(grad)
+        results.append((out.detach().float(), x.grad.float(), layer.lora_A["default"].weight.grad.clone(),
+                        layer.lora_B["default"].weight.grad.clone()))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, **tol)
+    assert not torch.equal(results[0][0], layer.get_base_layer()(x).detach().float())  # the adapter is there
