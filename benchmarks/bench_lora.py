@@ -10,9 +10,11 @@ gradients of x, A and B for a bf16 gradient of the output. Rows:
 - torch: the products as peft's LoRA layer computes them: x cast to fp32, ``lora_B(lora_A(x)) * scaling`` added
   to the base output (fp32 by type promotion) and cast back to bf16, autograd's backward.
 Columns: ms (median wall time of forward + backward, time.perf_counter), vs torch (torch ms / bnbx ms, the same run),
-GB/s (the least traffic such a step needs, 3 M (K + N) bf16 elements: x, the base output and the output's
-gradient read, the output and x's gradient written, x and the gradient read again, over bnbx's time) and % copy
-(that over this machine's copy bandwidth, measured in the same run).
+the same for the forward alone under no_grad (fwd: inference, e.g. one token of generation with an unmerged
+adapter), GB/s (the least traffic a forward + backward needs over bnbx's time: 3 M (K + N) bf16 activations (x,
+the base output and the output's gradient read, the output and x's gradient written, x and the gradient read
+again) and 4 r (K + N) fp32 adapter values (A and B read twice, their gradients written)) and % copy (that over
+this machine's copy bandwidth, measured in the same run).
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ def bnbx_step(x, base, A, B, grad, scaling):
     return torch.autograd.grad(out, (x, A, B), grad)
 
 
+def torch_forward(x, base, A, B, scaling):
+    return (base + F.linear(F.linear(x.to(A.dtype), A), B) * scaling).to(base.dtype)
+
+
 def torch_step(x, base, A, B, grad, scaling):
-    out = (base + F.linear(F.linear(x.to(A.dtype), A), B) * scaling).to(base.dtype)
-    return torch.autograd.grad(out, (x, A, B), grad)
+    return torch.autograd.grad(torch_forward(x, base, A, B, scaling), (x, A, B), grad)
 
 
 def main() -> None:
@@ -52,7 +57,8 @@ def main() -> None:
     print(f"{name}; {' '.join(flags)}; bnbx {bnbx.__version__} kernels {bnbx.cpu_capability()}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; LoRA r={args.r}, bf16 activations, fp32 "
           f"adapters; copy bandwidth {copy_gbs:.1f} GB/s")
-    header = f"{'K':>5} {'N':>6} {'M':>5} {'bnbx ms':>8} {'torch ms':>9} {'vs torch':>8} {'GB/s':>6} {'% copy':>6}"
+    header = (f"{'K':>5} {'N':>6} {'M':>5} {'bnbx ms':>8} {'torch ms':>9} {'vs torch':>8} {'fwd bnbx':>8} "
+              f"{'fwd torch':>9} {'vs torch':>8} {'GB/s':>6} {'% copy':>6}")
     print(header)
     print("-" * len(header))
     for shape in args.shapes.split(","):
@@ -65,9 +71,12 @@ def main() -> None:
             grad = torch.randn(M, N, dtype=torch.bfloat16)
             ms = median_ms([lambda: bnbx_step(x, base, A, B, grad, 2.0)], args.repeat)
             torch_ms = median_ms([lambda: torch_step(x, base, A, B, grad, 2.0)], args.repeat)
-            gbs = 3 * M * (K + N) * 2 / (ms * 1e6)
-            print(f"{K:>5} {N:>6} {M:>5} {ms:>8.3f} {torch_ms:>9.3f} {torch_ms / ms:>7.2f}x {gbs:>6.1f} "
-                  f"{100 * gbs / copy_gbs:>5.0f}%")
+            with torch.no_grad():
+                fwd = median_ms([lambda: torch.ops.bnbx.lora_forward(x, base, A, B, 2.0)], args.repeat)
+                torch_fwd = median_ms([lambda: torch_forward(x, base, A, B, 2.0)], args.repeat)
+            gbs = (3 * M * (K + N) * 2 + 4 * args.r * (K + N) * 4) / (ms * 1e6)
+            print(f"{K:>5} {N:>6} {M:>5} {ms:>8.3f} {torch_ms:>9.3f} {torch_ms / ms:>7.2f}x {fwd:>8.3f} "
+                  f"{torch_fwd:>9.3f} {torch_fwd / fwd:>7.2f}x {gbs:>6.1f} {100 * gbs / copy_gbs:>5.0f}%")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ at::Tensor transposed_fp32(const at::Tensor& matrix) {
 at::Tensor weight_a(const at::Tensor& lora_A) { return lora_A.to(at::kFloat).contiguous(); }
 at::Tensor weight_bt(const at::Tensor& lora_B) { return transposed_fp32(lora_B); }
 
-// Up to this many rows, the forward multiplies lora_B as stored (expand_rows: one r-long dot per output) instead of
-// transposing it first (which a single token pays more for than for its products). The two sum in different
-// orders, so a row's last bits may change with the number of rows. Measured on the 2-core Xeon, K=4096, N=11008,
+// Up to this many rows, lora_B is multiplied as stored (expand_rows, accumulate_rows) instead of transposed first
+// (which a single token pays more for than for its products). The two sum in different orders, so a row's last
+// bits may change with the number of rows. Measured on the 2-core Xeon, K=4096, N=11008,
 // r=16, bf16, ms: M=1 0.036 (transposing: 0.159), M=8 0.08-0.10 / 0.21 (M=9), M=16 0.27 / 0.23, M=32 0.27 / 0.30,
 // M=64 0.50 / 0.42: level from about 16 to 32.
 constexpr int64_t kFewRows = 16;
@@ -78,10 +78,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tenso
                                                                  double scaling, bool input_grad) {
   const LoraShape s = check_lora_args("lora_backward", x, grad_out, "grad_out", lora_A, lora_B, scaling);
   const at::Tensor input = x.contiguous(), grad = grad_out.contiguous();
-  const at::Tensor A = weight_a(lora_A), BT = weight_bt(lora_B);
+  // a few rows: lora_B and its gradient in their own layout [N, r] (accumulate_rows); more: transposed, [r, N]
+  const bool few_rows = s.M <= kFewRows;
+  const at::Tensor A = weight_a(lora_A), B = few_rows ? weight_a(lora_B) : weight_bt(lora_B);
   const at::TensorOptions fp32 = x.options().dtype(at::kFloat);
   at::Tensor hidden = at::empty({s.M, s.r}, fp32), grad_hidden = at::empty({s.M, s.r}, fp32);
-  at::Tensor grad_A = at::empty({s.r, s.K}, fp32), grad_BT = at::empty({s.r, s.N}, fp32);
+  at::Tensor grad_A = at::empty({s.r, s.K}, fp32);
+  at::Tensor grad_B = few_rows ? at::empty({s.N, s.r}, fp32) : at::empty({s.r, s.N}, fp32);
   at::Tensor grad_x = input_grad ? cpu::empty_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   const cpu::LoraKernels& k = kernels();
   const FloatType x_type = to_float_type(input.scalar_type()), grad_type = to_float_type(grad.scalar_type());
@@ -91,15 +94,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tenso
   // the hidden activation again (cheaper than keeping it), and scaling * grad_out @ B, the gradient of x @ A^T
   at::parallel_for(0, s.M, row_grain(s), [&](int64_t begin, int64_t end) {
     k.dot(x_type, input.const_data_ptr(), s.K, A.const_data_ptr<float>(), s.r, scale, h, begin, end);
-    k.dot(grad_type, grad.const_data_ptr(), s.N, BT.const_data_ptr<float>(), s.r, scale, gh, begin, end);
+    if (few_rows) {
+      k.accumulate_rows(grad_type, grad.const_data_ptr(), s.N, 1, s.N, B.const_data_ptr<float>(), s.r, scale, gh, begin,
+                        end);
+    } else {
+      k.dot(grad_type, grad.const_data_ptr(), s.N, B.const_data_ptr<float>(), s.r, scale, gh, begin, end);
+    }
   });
-  // grad_B^T = hidden^T @ grad_out over chunks of N's columns, then grad_A = grad_hidden^T @ x over chunks of K's
+  // grad_B = grad_out^T @ hidden over chunks of N (transposed: [r, N], but for a few rows), then grad_A =
+  // grad_hidden^T @ x over chunks of K's columns
   const int64_t chunk = cpu::kLoraColumnChunk, n_chunks = ceil_div(s.N, chunk), k_chunks = ceil_div(s.K, chunk);
   at::parallel_for(0, n_chunks + k_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       if (c < n_chunks) {
-        k.outer(h, s.M, s.r, grad_type, grad.const_data_ptr(), s.N, grad_BT.mutable_data_ptr<float>(), c * chunk,
-                std::min(s.N, (c + 1) * chunk));
+        const int64_t n0 = c * chunk, n1 = std::min(s.N, n0 + chunk);
+        if (few_rows) {
+          k.accumulate_rows(grad_type, grad.const_data_ptr(), 1, s.N, s.M, h, s.r, 1.0f,
+                            grad_B.mutable_data_ptr<float>(), n0, n1);
+        } else {
+          k.outer(h, s.M, s.r, grad_type, grad.const_data_ptr(), s.N, grad_B.mutable_data_ptr<float>(), n0, n1);
+        }
       } else {
         const int64_t k0 = (c - n_chunks) * chunk;
         k.outer(gh, s.M, s.r, x_type, input.const_data_ptr(), s.K, grad_A.mutable_data_ptr<float>(), k0,
@@ -112,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tenso
       k.expand(gh, s.r, A.const_data_ptr<float>(), s.K, x_type, nullptr, grad_x.mutable_data_ptr(), begin, end);
     });
   }
-  return {grad_x, grad_A.to(lora_A.scalar_type()), transposed_fp32(grad_BT).to(lora_B.scalar_type())};
+  if (!few_rows) grad_B = transposed_fp32(grad_B);
+  return {grad_x, grad_A.to(lora_A.scalar_type()), grad_B.to(lora_B.scalar_type())};
 }
 
 }  // namespace

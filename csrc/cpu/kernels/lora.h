@@ -35,6 +35,13 @@ struct LoraKernels {
   void (*expand_rows)(const float* H, int64_t r, const float* W, int64_t N, FloatType y_type, const void* base, void* Y,
                       int64_t m_begin, int64_t m_end);
 
+  // out[i * r + j] = scale * sum_t Q[i * q_row + t * q_step] * V[t * r + j] over t < T in order, for the rows i in
+  // [i_begin, i_end) and every j < r; Q in q_type, V fp32 [T, r]. For a few rows of activations, the backward's
+  // products with lora_B as stored (t: N's columns) and lora_B's gradient in its own layout (t: the rows), where
+  // transposing B and the gradient would cost more than the products.
+  void (*accumulate_rows)(FloatType q_type, const void* Q, int64_t q_row, int64_t q_step, int64_t T, const float* V,
+                          int64_t r, float scale, float* out, int64_t i_begin, int64_t i_end);
+
   // out[j * N + n] = sum_m P[m * r + j] * Q[m, n] over every m < M in order, for the columns n in [n_begin, n_end)
   // and every j < r; P fp32 [M, r], Q [M, N] contiguous in q_type; n_begin a multiple of kLoraColumnChunk. (The
   // gradients of A and B.)

@@ -70,6 +70,18 @@ static void expand_rows_generic(const float* H, int64_t r, const float* W, int64
 }
 
 template <FloatType kQ>
+static void accumulate_rows_generic(const void* Q, int64_t q_row, int64_t q_step, int64_t T, const float* V, int64_t r,
+                                    float scale, float* out, int64_t i_begin, int64_t i_end) {
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    for (int64_t j = 0; j < r; ++j) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < T; ++t) sum += load_as_float<kQ>(Q, i * q_row + t * q_step) * V[t * r + j];
+      out[i * r + j] = scale * sum;
+    }
+  }
+}
+
+template <FloatType kQ>
 static void outer_generic(const float* P, int64_t M, int64_t r, const void* Q, int64_t N, float* out, int64_t n_begin,
                           int64_t n_end) {
   for (int64_t j = 0; j < r; ++j) {
@@ -255,8 +267,33 @@ static void expand_rows_simd(const float* H, int64_t r, const float* W, int64_t 
   }
 }
 #define BNBX_LORA_EXPAND_ROWS expand_rows_simd
+
+// accumulate_rows: r lanes at a time (up to 4 vectors of sums), one broadcast of Q per t
+template <FloatType kQ>
+static void accumulate_rows_simd(const void* Q, int64_t q_row, int64_t q_step, int64_t T, const float* V, int64_t r,
+                                 float scale, float* out, int64_t i_begin, int64_t i_end) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t i = i_begin; i < i_end; ++i) {
+    for (int64_t j0 = 0; j0 < r; j0 += 64) {
+      const int64_t width = std::min<int64_t>(64, r - j0), vectors = (width + 15) / 16;
+      __mmask16 masks[4];
+      for (int v = 0; v < 4; ++v) masks[v] = first_lanes_16(std::clamp<int64_t>(width - 16 * v, 0, 16));
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t t = 0; t < T; ++t) {
+        const __m512 q = _mm512_set1_ps(load_as_float<kQ>(Q, i * q_row + t * q_step));
+        const float* row = V + t * r + j0;
+        for (int v = 0; v < 4; ++v)
+          if (v < vectors) acc[v] = _mm512_fmadd_ps(q, _mm512_maskz_loadu_ps(masks[v], row + 16 * v), acc[v]);
+      }
+      for (int v = 0; v < 4; ++v)
+        if (v < vectors) _mm512_mask_storeu_ps(out + i * r + j0 + 16 * v, masks[v], _mm512_mul_ps(scale_v, acc[v]));
+    }
+  }
+}
+#define BNBX_LORA_ACCUMULATE_ROWS accumulate_rows_simd
 #else
 #define BNBX_LORA_EXPAND_ROWS expand_rows_generic
+#define BNBX_LORA_ACCUMULATE_ROWS accumulate_rows_generic
 #endif
 
 // outer: kJ rows of the result from j, kV vectors of columns from n, summed over every row of P and Q in order
@@ -299,6 +336,7 @@ static void outer_simd(const float* P, int64_t M, int64_t r, const void* Q, int6
 #else
 #define BNBX_LORA_KERNEL(name) name##_generic
 #define BNBX_LORA_EXPAND_ROWS expand_rows_generic
+#define BNBX_LORA_ACCUMULATE_ROWS accumulate_rows_generic
 #endif
 
 // The table's entries: the dtype switch, then this instruction set's loop.
@@ -338,6 +376,18 @@ static void expand_rows(const float* H, int64_t r, const float* W, int64_t N, Fl
   }
 }
 
+static void accumulate_rows(FloatType q_type, const void* Q, int64_t q_row, int64_t q_step, int64_t T, const float* V,
+                            int64_t r, float scale, float* out, int64_t i_begin, int64_t i_end) {
+  switch (q_type) {
+    case FloatType::kFloat32:
+      return BNBX_LORA_ACCUMULATE_ROWS<FloatType::kFloat32>(Q, q_row, q_step, T, V, r, scale, out, i_begin, i_end);
+    case FloatType::kFloat16:
+      return BNBX_LORA_ACCUMULATE_ROWS<FloatType::kFloat16>(Q, q_row, q_step, T, V, r, scale, out, i_begin, i_end);
+    case FloatType::kBFloat16:
+      return BNBX_LORA_ACCUMULATE_ROWS<FloatType::kBFloat16>(Q, q_row, q_step, T, V, r, scale, out, i_begin, i_end);
+  }
+}
+
 static void outer(const float* P, int64_t M, int64_t r, FloatType q_type, const void* Q, int64_t N, float* out,
                   int64_t n_begin, int64_t n_end) {
   switch (q_type) {
@@ -352,10 +402,12 @@ static void outer(const float* P, int64_t M, int64_t r, FloatType q_type, const 
 
 #undef BNBX_LORA_KERNEL
 #undef BNBX_LORA_EXPAND_ROWS
+#undef BNBX_LORA_ACCUMULATE_ROWS
 
 }  // namespace BNBX_ISA
 
-const LoraKernels BNBX_TABLE(lora) = {BNBX_ISA_NAME, &BNBX_ISA::dot, &BNBX_ISA::expand, &BNBX_ISA::expand_rows,
-                                      &BNBX_ISA::outer};
+const LoraKernels BNBX_TABLE(lora) = {
+    BNBX_ISA_NAME,   &BNBX_ISA::dot, &BNBX_ISA::expand, &BNBX_ISA::expand_rows, &BNBX_ISA::accumulate_rows,
+    &BNBX_ISA::outer};
 
 }  // namespace bnbx::cpu
