@@ -1,7 +1,7 @@
 """One QLoRA training step on the CPU: bnbx against bf16 LoRA and bitsandbytes QLoRA, in one table.
 
     python benchmarks/bench_qlora.py [--hidden 1024] [--intermediate 2816] [--layers 2] [--tokens 512]
-                                     [--repeat 5] [--threads N] [--rounds 1]
+                                     [--repeat 5] [--threads N] [--rounds 1] [--interleave]
 
 The model is a Llama-style stack built here (transformers' LlamaConfig, random weights, vocab 32000, no
 downloads); every linear layer but lm_head gets the same LoRA adapter (bnbx.lora, r=16, alpha=32, fp32
@@ -23,7 +23,9 @@ Each row runs in a fresh process (so memory figures do not mix). Columns:
   with --rounds N, the median of the N rounds' ratios. vs peft: the same against bitsandbytes+peft, the step a
   bitsandbytes user runs.
 --rounds N runs every variant N times, the rounds interleaved, and reports the median step time: on a machine
-whose speed drifts (a VM), one run per variant can put minutes of drift between two rows.
+whose speed drifts (a VM), one run per variant can put minutes of drift between two rows. --interleave builds
+every row's model in this one process and alternates their steps (--rounds rounds of --repeat steps each), so
+every ratio compares steps seconds apart; the memory columns then read n/a.
 On a shared machine the times move with the load; the header prints the load average before and after.
 """
 
@@ -69,7 +71,8 @@ def _weight_bytes(module) -> tuple[int, int]:
     return stored, int(torch.Size(state.shape).numel())
 
 
-def run_variant(variant: str, args: argparse.Namespace) -> dict:
+def build_variant(variant: str, args: argparse.Namespace):
+    """The model of one row, ready to train: (step function, stored bytes, logical weights)."""
     import torch
     from torch import nn
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,13 +80,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     import bnbx
     import bnbx.lora as lora
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                          num_key_value_heads=args.hidden // 64, tie_word_embeddings=False, use_cache=False)
-    before = _rss_kb()
     dtype = torch.float32 if variant.startswith("fp32") else torch.bfloat16
     model = LlamaForCausalLM(config).to(dtype)
     double = variant.endswith("+dq")
@@ -117,7 +117,6 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     else:
         lora.add_lora(model, "all-linear", r=16, lora_alpha=32, dtype=torch.float32)
     model.train()
-    model_kb = _rss_kb() - before
     ids = torch.randint(0, 32000, (1, args.tokens))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -127,6 +126,18 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: optimizer state, first-call allocations
+    return step, stored, logical
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    """One row in this (fresh) process: its memory, and the median of --repeat steps."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    before = _rss_kb()
+    step, stored, logical = build_variant(variant, args)
+    model_kb = _rss_kb() - before
     base = _rss_kb()
     _reset_peak()
     times = []
@@ -139,6 +150,28 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
             "step_ms": statistics.median(times) * 1e3, "peak_mb": peak / 1024, "params": logical}
 
 
+def run_interleaved(variants: list[str], args: argparse.Namespace) -> list[dict]:
+    """Every row's model in this one process, their steps alternating: --rounds rounds of --repeat steps each, so
+    every row sees the same stretch of the machine's drift (timing only; the memory columns need a process each)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    built = {variant: build_variant(variant, args) for variant in variants}
+    runs = {variant: [] for variant in variants}
+    for _ in range(args.rounds):
+        for variant, (step, _, _) in built.items():
+            times = []
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            runs[variant].append({"step_ms": statistics.median(times) * 1e3})
+    return [{"variant": variant, "bytes_per_param": stored / logical, "model_mb": float("nan"),
+             "peak_mb": float("nan"), "params": logical, "rounds": runs[variant]}
+            for variant, (_, stored, logical) in built.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -149,6 +182,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every variant this many times, interleaved; step ms is the median of the runs")
+    parser.add_argument("--interleave", action="store_true",
+                        help="all rows in one process, their steps alternating round by round (timing only)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
@@ -170,7 +205,10 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     variants = [v for v in VARIANTS if bnb_version is not None or not v.startswith("bitsandbytes")]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    for _ in range(args.rounds):  # rounds interleaved: each variant's runs spread over the same stretch of time
+    if args.interleave:
+        for row in run_interleaved(variants, args):
+            runs[row["variant"]] = [dict(row, step_ms=r["step_ms"]) for r in row["rounds"]]
+    for _ in range(0 if args.interleave else args.rounds):  # each variant's runs spread over the same stretch of time
         for variant in variants:
             cmd = [sys.executable, __file__, "--variant", variant] + [
                 f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "rounds")]
@@ -193,8 +231,8 @@ def main() -> None:
           f"cpu threads {args.threads or torch.get_num_threads()}, bnbx kernels {bnbx.cpu_capability()}; "
           f"Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{rows[0]['params'] / 1e6 if rows else 0:.1f}M base linear weights, {args.tokens} tokens per step, "
-          f"LoRA r=16 on all linear layers; {args.rounds} round(s); load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after")
+          f"LoRA r=16 on all linear layers; {args.rounds} round(s){' in one process' if args.interleave else ''}; "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     widths = (30, 7, 8, 8, 12, 6, 7)
     names = ("variant", "B/param", "model MB", "step ms", "step peak MB", "vs bnb", "vs peft")
     print("  ".join(n.ljust(w) if i == 0 else n.rjust(w) for i, (n, w) in enumerate(zip(names, widths))))
@@ -208,8 +246,9 @@ def main() -> None:
 
     for r in rows:
         vs_bnb, vs_peft = (ratio(peer, r) for peer in peers.values())
-        print(f"{r['variant']:<30}  {r['bytes_per_param']:>7.4f}  {r['model_mb']:>8.1f}  {r['step_ms']:>8.1f}  "
-              f"{r['peak_mb']:>12.1f}  {vs_bnb:>6}  {vs_peft:>7}")
+        model_mb, peak_mb = (f"{r[k]:.1f}" if r[k] == r[k] else "n/a" for k in ("model_mb", "peak_mb"))  # nan: n/a
+        print(f"{r['variant']:<30}  {r['bytes_per_param']:>7.4f}  {model_mb:>8}  {r['step_ms']:>8.1f}  "
+              f"{peak_mb:>12}  {vs_bnb:>6}  {vs_peft:>7}")
 
 
 if __name__ == "__main__":
