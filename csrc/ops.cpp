@@ -135,11 +135,10 @@ void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bnbx, CUDA, m) {
-  for (const char* name :
-       {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise", "dequantize_blockwise",
-        "quantize_int8", "dequantize_int8", "double_quantize", "gemm_4bit", "int8_vectorwise_quant",
-        "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant", "int8_mixed_linear", "fake_quantize",
-        "fake_quantize_lsq", "fake_quantize_lsq_backward", "lora_forward", "lora_backward"}) {
+  for (const char* name : {"quantize_4bit", "dequantize_4bit", "dequantize_4bit.out", "quantize_blockwise",
+                           "dequantize_blockwise", "quantize_int8", "dequantize_int8", "double_quantize", "gemm_4bit",
+                           "int8_vectorwise_quant", "int8_vectorwise_dequant", "int8_linear_matmul", "int8_mm_dequant",
+                           "int8_mixed_linear", "fake_quantize", "fake_quantize_lsq", "fake_quantize_lsq_backward"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
   }
 }

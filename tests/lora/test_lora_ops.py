@@ -170,3 +170,23 @@ def test_cuda_matches_reference(dtype):
         magnitudes = lora_backward_ref(grad.abs(), x.abs(), A.abs(), B.abs(), 0.5)
         for actual, ref, magnitude in zip(ops.lora_backward(grad, x, A, B, 0.5, True), refs, magnitudes):
             assert_within(actual.cpu(), ref.cpu(), magnitude.cpu(), N + r + x.shape[:-1].numel())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_the_cuda_implementation_on_cpu_tensors(dtype):
+    # the CUDA slot (plain ATen products, compiled in every build) run on CPU tensors: the same sums
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    for lead, K, N, r in SHAPES:
+        x, base, A, B = inputs(lead, K, N, r, dtype, torch.bfloat16)
+        out = ops.lora_forward.default.redispatch(cuda, x, base, A, B, 2.5)
+        ref = lora_forward_ref(x, base, A, B, 2.5)
+        assert out.dtype == dtype
+        assert_within(out, ref, lora_forward_ref(x.abs(), base.abs(), A.abs(), B.abs(), 2.5), K + r)
+        grad = torch.randn(*lead, N, dtype=dtype)
+        grads = ops.lora_backward.default.redispatch(cuda, grad, x, A, B, 0.5, True)
+        assert [g.dtype for g in grads] == [dtype, torch.bfloat16, torch.bfloat16]
+        refs = lora_backward_ref(grad, x, A, B, 0.5)
+        magnitudes = lora_backward_ref(grad.abs(), x.abs(), A.abs(), B.abs(), 0.5)
+        for actual, ref, magnitude in zip(grads, refs, magnitudes):
+            assert_within(actual, ref, magnitude, N + r + x.shape[:-1].numel())
+        assert ops.lora_backward.default.redispatch(cuda, grad, x, A, B, 0.5, False)[0].shape == (0,)

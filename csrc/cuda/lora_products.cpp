@@ -1,11 +1,12 @@
 // CUDA lora_forward / lora_backward: the adapter's products as cuBLAS fp32 GEMMs on fp32 copies of the activations
 // (a LoRA adapter's rank-r products are a few percent of a layer's work on a GPU). The results follow the schema in
 // csrc/ops.cpp, fp32 products rounded once, as the CPU kernels (csrc/cpu/lora.cpp) compute them; a fused kernel
-// that skips the fp32 copies is not written yet (README, limitations). No kernel of its own, so no emulation.
+// that skips the fp32 copies is not written yet (README, limitations). Plain ATen, no kernel of its own: compiled
+// in every build (no nvcc needed), so bnbx.lora runs on CUDA tensors even where bnbx's CUDA kernels were not built.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include "../common/checks_lora.h"
@@ -19,7 +20,7 @@ at::Tensor rows_fp32(const at::Tensor& t, int64_t M, int64_t width) { return t.r
 at::Tensor lora_forward_cuda(const at::Tensor& x, const at::Tensor& base, const at::Tensor& lora_A,
                              const at::Tensor& lora_B, double scaling) {
   const LoraShape s = check_lora_args("lora_forward", x, base, "base", lora_A, lora_B, scaling);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::DeviceGuard guard(x.device());
   const at::Tensor hidden = at::mm(rows_fp32(x, s.M, s.K), lora_A.to(at::kFloat).t()).mul_(scaling);
   const at::Tensor sum = at::addmm(rows_fp32(base, s.M, s.N), hidden, lora_B.to(at::kFloat).t());
   return sum.to(base.scalar_type()).reshape(base.sizes()).contiguous();
@@ -29,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cuda(const at::Tens
                                                                   const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                                   double scaling, bool input_grad) {
   const LoraShape s = check_lora_args("lora_backward", x, grad_out, "grad_out", lora_A, lora_B, scaling);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::DeviceGuard guard(x.device());
   const at::Tensor input = rows_fp32(x, s.M, s.K), grad = rows_fp32(grad_out, s.M, s.N);
   const at::Tensor A = lora_A.to(at::kFloat), B = lora_B.to(at::kFloat);
   const at::Tensor hidden = at::mm(input, A.t()).mul_(scaling);
