@@ -41,15 +41,13 @@ at::Tensor transposed_fp32(const at::Tensor& matrix) {
   return out;
 }
 
-// The adapter's weights as the kernels read them: A fp32 [r, K] and B^T fp32 [r, N].
-at::Tensor weight_a(const at::Tensor& lora_A) { return lora_A.to(at::kFloat).contiguous(); }
-at::Tensor weight_bt(const at::Tensor& lora_B) { return transposed_fp32(lora_B); }
+// An adapter weight as stored, in fp32: lora_A [r, K] always, lora_B [N, r] for a few rows.
+at::Tensor fp32_as_stored(const at::Tensor& weight) { return weight.to(at::kFloat).contiguous(); }
 
-// Up to this many rows, lora_B is multiplied as stored (expand_rows, accumulate_rows) instead of transposed first
-// (which a single token pays more for than for its products). The two sum in different orders, so a row's last
-// bits may change with the number of rows. Measured on the 2-core Xeon, K=4096, N=11008,
-// r=16, bf16, ms: M=1 0.036 (transposing: 0.159), M=8 0.08-0.10 / 0.21 (M=9), M=16 0.27 / 0.23, M=32 0.27 / 0.30,
-// M=64 0.50 / 0.42: level from about 16 to 32.
+// Up to this many rows, lora_B is multiplied as stored (expand_rows, accumulate_rows) instead of transposed to
+// [r, N] first (which a single token pays more for than for its products). The two sum in different orders, so a
+// row's last bits may change with the number of rows. Forward, K=4096, N=11008, r=16, bf16, on the 2-core Xeon
+// (ms, as stored / transposed): M=1 0.036 / 0.159, M=16 0.27 / 0.23, M=32 0.27 / 0.30, M=64 0.50 / 0.42.
 constexpr int64_t kFewRows = 16;
 
 at::Tensor lora_forward_cpu(const at::Tensor& x, const at::Tensor& base, const at::Tensor& lora_A,
@@ -59,7 +57,7 @@ at::Tensor lora_forward_cpu(const at::Tensor& x, const at::Tensor& base, const a
   if (out.numel() == 0) return out;
   const at::Tensor input = x.contiguous(), added = base.contiguous();
   const bool few_rows = s.M <= kFewRows;
-  const at::Tensor A = weight_a(lora_A), B = few_rows ? weight_a(lora_B) : weight_bt(lora_B);
+  const at::Tensor A = fp32_as_stored(lora_A), B = few_rows ? fp32_as_stored(lora_B) : transposed_fp32(lora_B);
   at::Tensor hidden = at::empty({s.M, s.r}, x.options().dtype(at::kFloat));
   const cpu::LoraKernels& k = kernels();
   const FloatType x_type = to_float_type(input.scalar_type()), out_type = to_float_type(out.scalar_type());
@@ -80,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_backward_cpu(const at::Tenso
   const at::Tensor input = x.contiguous(), grad = grad_out.contiguous();
   // a few rows: lora_B and its gradient in their own layout [N, r] (accumulate_rows); more: transposed, [r, N]
   const bool few_rows = s.M <= kFewRows;
-  const at::Tensor A = weight_a(lora_A), B = few_rows ? weight_a(lora_B) : weight_bt(lora_B);
+  const at::Tensor A = fp32_as_stored(lora_A), B = few_rows ? fp32_as_stored(lora_B) : transposed_fp32(lora_B);
   const at::TensorOptions fp32 = x.options().dtype(at::kFloat);
   at::Tensor hidden = at::empty({s.M, s.r}, fp32), grad_hidden = at::empty({s.M, s.r}, fp32);
   at::Tensor grad_A = at::empty({s.r, s.K}, fp32);
