@@ -15,11 +15,19 @@ from torch import nn
 
 from ..quant_state import QuantState
 
-__all__ = ["FUSED_DTYPES", "base_compute_dtype", "base_weight_dtype", "dense_weight", "is_quantized_layer",
-           "packed_parameters"]
+__all__ = ["FUSED_DTYPES", "adapter_input", "base_compute_dtype", "base_weight_dtype", "dense_weight",
+           "is_quantized_layer", "packed_parameters"]
 
 # The dtypes torch.ops.bnbx.lora_forward takes (activations and adapters): the fused adapter runs on these.
 FUSED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
+
+
+def adapter_input(x: torch.Tensor, dropout: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """What an adapter reads: ``x`` as it is (the fused op converts as it loads), or, with dropout in training,
+    ``dropout(x)`` drawn in the adapter's dtype (as peft and the unfused adapter draw it)."""
+    if isinstance(dropout, nn.Dropout) and dropout.training:
+        return dropout(x.to(dtype))
+    return x
 
 
 def _quant_state(layer: nn.Module) -> Optional[QuantState]:

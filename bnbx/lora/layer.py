@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import FUSED_DTYPES, base_compute_dtype, dense_weight
+from ._base import FUSED_DTYPES, adapter_input, base_compute_dtype, dense_weight
 
 __all__ = ["AdapterConfig", "LoraLinear"]
 
@@ -171,18 +171,14 @@ class LoraLinear(nn.Module):
             return out.to(x.dtype)
         result = self.base_layer(x)
         lora_A, lora_B = self.lora_A.weight, self.lora_B.weight
-        # dropout draws its mask in the adapter's dtype, as the unfused adapter did; without it the op reads x as is
-        adapter_input = self.lora_dropout(x.to(lora_A.dtype)) if self._dropout_active() else x
-        if FUSED_DTYPES.issuperset((adapter_input.dtype, result.dtype, lora_A.dtype)):
+        inputs = adapter_input(x, self.lora_dropout, lora_A.dtype)
+        if FUSED_DTYPES.issuperset((inputs.dtype, result.dtype, lora_A.dtype)):
             # one op: the adapter's products in fp32 on the activations in their own dtype, added to the base's
             # output before its one rounding (csrc/cpu/lora.cpp)
-            return torch.ops.bnbx.lora_forward(adapter_input, result, lora_A, lora_B, self.scaling)
+            return torch.ops.bnbx.lora_forward(inputs, result, lora_A, lora_B, self.scaling)
         # other dtypes (float64, for gradcheck): the same sum in plain torch
-        update = F.linear(F.linear(adapter_input.to(lora_A.dtype), lora_A) * self.scaling, lora_B)
+        update = F.linear(F.linear(inputs.to(lora_A.dtype), lora_A) * self.scaling, lora_B)
         return result + update.to(result.dtype)
-
-    def _dropout_active(self) -> bool:
-        return isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training
 
     def extra_repr(self) -> str:
         c = self.config

@@ -29,7 +29,7 @@ from peft.tuners.lora.layer import Linear as _PeftLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ._base import FUSED_DTYPES, base_compute_dtype, base_weight_dtype, dense_weight, is_quantized_layer
+from ._base import FUSED_DTYPES, adapter_input, base_compute_dtype, base_weight_dtype, dense_weight, is_quantized_layer
 
 __all__ = ["PeftLoraLinear", "peft_delta_weight", "quantized_layer_classes", "register"]
 
@@ -124,7 +124,7 @@ class PeftLoraLinear(_PeftLinear):
             weight = self.merged_weight
             out = F.linear(x.to(weight.dtype), weight, self.merged_bias)
             return out.to(x.dtype)
-        if args or kwargs or self.disable_adapters or self.merged or not self._fused_adapters():
+        if args or kwargs or self.disable_adapters or self.merged or not self._fused_adapters(x):
             return super().forward(x, *args, **kwargs)
         # bnbx.lora's fused op per active adapter (LoraLinear.forward): the adapter's products in fp32 on x as it
         # is, added to the output before its one rounding, instead of peft's casts, three GEMMs and adds
@@ -133,13 +133,14 @@ class PeftLoraLinear(_PeftLinear):
             if adapter not in self.lora_A:
                 continue
             lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-            dropout = self.lora_dropout[adapter]
-            adapter_input = dropout(x.to(lora_A.dtype)) if isinstance(dropout, nn.Dropout) and dropout.training else x
-            result = torch.ops.bnbx.lora_forward(adapter_input, result, lora_A, lora_B, self.scaling[adapter])
+            inputs = adapter_input(x, self.lora_dropout[adapter], lora_A.dtype)
+            result = torch.ops.bnbx.lora_forward(inputs, result, lora_A, lora_B, self.scaling[adapter])
         return result
 
-    def _fused_adapters(self) -> bool:
-        """Whether every active adapter is one the fused op computes: no lora_B bias, float dtypes it takes."""
+    def _fused_adapters(self, x: torch.Tensor) -> bool:
+        """Whether the fused op computes every active adapter: dtypes it takes, no lora_B bias."""
+        if x.dtype not in FUSED_DTYPES:
+            return False
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue
