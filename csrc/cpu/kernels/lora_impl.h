@@ -1,10 +1,10 @@
 // The LoRA adapter's products (kernels/lora.h), compiled once per instruction set with BNBX_ISA set to scalar,
 // avx2 or avx512 (CMakeLists.txt: bnbx_add_cpu_family(lora)). The plain loops are the C++ twin of
 // tests/reference_lora.py. The SIMD paths keep blocks of rows x columns of fp32 sums in registers (kRowBlock x
-// kColBlock vectors), so each load of an activation or a weight feeds several FMAs. Within one output element the
-// order of the operations depends only on its position (never on the block or the thread that computes it), so
-// results do not change with the thread count; they may differ from the plain loop's in the last bits (FMA, and
-// lane-wise partial sums in `dot`).
+// kColBlock vectors), so each load of an activation or a weight feeds several FMAs; expand_rows and accumulate_rows
+// (a few rows) sum along r instead. Within one kernel the order of an output element's operations depends only on
+// its position (never on the block or the thread that computes it), so results do not change with the thread
+// count; they may differ from the plain loop's in the last bits (FMA, and lane-wise partial sums).
 #include "isa_unit.h"
 #include "lora.h"
 
