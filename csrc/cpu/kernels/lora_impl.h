@@ -113,7 +113,30 @@ struct Simd {
     store_16_from_float<kType>(p, i, v);
   }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  // the first `count` (0..16) floats at p, zero beyond; stores of the first `count` lanes
+  static V load_first(const float* p, int64_t count) {
+    return count == kLanes ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first_lanes_16(count), p);
+  }
+  static void store_first(float* p, int64_t count, V v) { _mm512_mask_storeu_ps(p, first_lanes_16(count), v); }
+  // lane i: the sum of the lanes of v[i] (a transpose-and-add tree: 15 adds for 16 vectors)
+  static V sum_each(const V (&v)[16]) {
+    __m512 pairs[8], quads[4];
+    for (int k = 0; k < 8; ++k)  // per 128-bit lane: v[2k] and v[2k+1], two partial sums each
+      pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; ++k) {  // per 128-bit lane: v[4k .. 4k+3], one partial sum each
+      const __m512d a = _mm512_castps_pd(pairs[2 * k]), b = _mm512_castps_pd(pairs[2 * k + 1]);
+      quads[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 halves[2];
+    for (int k = 0; k < 2; ++k)  // the four 128-bit lanes added in pairs
+      halves[k] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * k], quads[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(quads[2 * k], quads[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
 };
 constexpr int kColBlock = 4;
 #else
@@ -133,10 +156,25 @@ struct Simd {
     store_8_from_float<kType>(p, i, v);
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static float sum(V v) {
     const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
     return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+  }
+  static __m256i first_lanes(int64_t count) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load_first(const float* p, int64_t count) {
+    return count == kLanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes(count));
+  }
+  static void store_first(float* p, int64_t count, V v) { _mm256_maskstore_ps(p, first_lanes(count), v); }
+  static V sum_each(const V (&v)[8]) {
+    // per 128-bit lane: hadd twice gives v[0..3]'s (v[4..7]'s) partial sums, then the two lanes are added
+    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
   }
 };
 constexpr int kColBlock = 2;
@@ -220,81 +258,53 @@ static void expand_simd(const float* H, int64_t r, const float* W, int64_t N, co
   for (int64_t m = m_begin; m < m_end; ++m) expand_columns<kY>(H, r, W, N, base, Y, m, n, N);
 }
 
-#if defined(__AVX512F__)
-// Lane i of the result: the sum of the lanes of v[i], for 16 vectors (a transpose-and-add tree: 15 adds).
-static inline __m512 sum_each_16(const __m512 (&v)[16]) {
-  __m512 pairs[8], quads[4];
-  for (int k = 0; k < 8; ++k)  // per 128-bit lane: v[2k] and v[2k+1], two partial sums each
-    pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
-  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: v[4k .. 4k+3], one partial sum each
-    const __m512d a = _mm512_castps_pd(pairs[2 * k]), b = _mm512_castps_pd(pairs[2 * k + 1]);
-    quads[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  __m512 halves[2];
-  for (int k = 0; k < 2; ++k)  // the four 128-bit lanes added in pairs
-    halves[k] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * k], quads[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                              _mm512_shuffle_f32x4(quads[2 * k], quads[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// 16 outputs at a time: their rows of W against H's row, lane-wise over r (a masked last vector), then summed.
+// expand_rows: kLanes outputs at a time, their rows of W against H's row lane-wise over r (a zero-filled last
+// vector), then Simd::sum_each
 template <FloatType kY>
 static void expand_rows_simd(const float* H, int64_t r, const float* W, int64_t N, const void* base, void* Y,
                              int64_t m_begin, int64_t m_end) {
-  const __mmask16 tail = first_lanes_16(r % 16);
   for (int64_t m = m_begin; m < m_end; ++m) {
     const float* h = H + m * r;
     int64_t n = 0;
-    for (; n + 16 <= N; n += 16) {
-      __m512 acc[16];
-      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-      int64_t j = 0;
-      for (; j + 16 <= r; j += 16) {
-        const __m512 hv = _mm512_loadu_ps(h + j);
-        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(W + (n + i) * r + j), hv, acc[i]);
+    for (; n + kLanes <= N; n += kLanes) {
+      V acc[kLanes];
+      for (int i = 0; i < kLanes; ++i) acc[i] = Simd::zero();
+      for (int64_t j = 0; j < r; j += kLanes) {
+        const int64_t width = std::min<int64_t>(kLanes, r - j);
+        const V hv = Simd::load_first(h + j, width);
+        for (int i = 0; i < kLanes; ++i) acc[i] = Simd::fma(Simd::load_first(W + (n + i) * r + j, width), hv, acc[i]);
       }
-      if (j < r) {
-        const __m512 hv = _mm512_maskz_loadu_ps(tail, h + j);
-        for (int i = 0; i < 16; ++i)
-          acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, W + (n + i) * r + j), hv, acc[i]);
-      }
-      __m512 sums = sum_each_16(acc);
-      if (base != nullptr) sums = _mm512_add_ps(load_16_as_float<kY>(base, m * N + n), sums);
-      store_16_from_float<kY>(Y, m * N + n, sums);
+      V sums = Simd::sum_each(acc);
+      if (base != nullptr) sums = Simd::add(Simd::load_as<kY>(base, m * N + n), sums);
+      Simd::store_as<kY>(Y, m * N + n, sums);
     }
     expand_rows_columns<kY>(H, r, W, N, base, Y, m, n, N);
   }
 }
-#define BNBX_LORA_EXPAND_ROWS expand_rows_simd
 
 // accumulate_rows: r lanes at a time (up to 4 vectors of sums), one broadcast of Q per t
 template <FloatType kQ>
-static void accumulate_rows_simd(const void* Q, int64_t q_row, int64_t q_step, int64_t T, const float* V, int64_t r,
-                                 float scale, float* out, int64_t i_begin, int64_t i_end) {
-  const __m512 scale_v = _mm512_set1_ps(scale);
+static void accumulate_rows_simd(const void* Q, int64_t q_row, int64_t q_step, int64_t T, const float* V_rows,
+                                 int64_t r, float scale, float* out, int64_t i_begin, int64_t i_end) {
+  constexpr int64_t kChunk = 4 * kLanes;
   for (int64_t i = i_begin; i < i_end; ++i) {
-    for (int64_t j0 = 0; j0 < r; j0 += 64) {
-      const int64_t width = std::min<int64_t>(64, r - j0), vectors = (width + 15) / 16;
-      __mmask16 masks[4];
-      for (int v = 0; v < 4; ++v) masks[v] = first_lanes_16(std::clamp<int64_t>(width - 16 * v, 0, 16));
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j0 = 0; j0 < r; j0 += kChunk) {
+      const int64_t width = std::min<int64_t>(kChunk, r - j0);
+      int64_t widths[4];
+      for (int v = 0; v < 4; ++v) widths[v] = std::clamp<int64_t>(width - kLanes * v, 0, kLanes);
+      V acc[4] = {Simd::zero(), Simd::zero(), Simd::zero(), Simd::zero()};
       for (int64_t t = 0; t < T; ++t) {
-        const __m512 q = _mm512_set1_ps(load_as_float<kQ>(Q, i * q_row + t * q_step));
-        const float* row = V + t * r + j0;
+        const V q = Simd::set1(load_as_float<kQ>(Q, i * q_row + t * q_step));
+        const float* row = V_rows + t * r + j0;
         for (int v = 0; v < 4; ++v)
-          if (v < vectors) acc[v] = _mm512_fmadd_ps(q, _mm512_maskz_loadu_ps(masks[v], row + 16 * v), acc[v]);
+          if (widths[v] > 0) acc[v] = Simd::fma(q, Simd::load_first(row + kLanes * v, widths[v]), acc[v]);
       }
       for (int v = 0; v < 4; ++v)
-        if (v < vectors) _mm512_mask_storeu_ps(out + i * r + j0 + 16 * v, masks[v], _mm512_mul_ps(scale_v, acc[v]));
+        if (widths[v] > 0)
+          Simd::store_first(out + i * r + j0 + kLanes * v, widths[v], Simd::mul(Simd::set1(scale), acc[v]));
     }
   }
 }
-#define BNBX_LORA_ACCUMULATE_ROWS accumulate_rows_simd
-#else
-#define BNBX_LORA_EXPAND_ROWS expand_rows_generic
-#define BNBX_LORA_ACCUMULATE_ROWS accumulate_rows_generic
-#endif
 
 // outer: kJ rows of the result from j, kV vectors of columns from n, summed over every row of P and Q in order
 template <FloatType kQ, int kJ, int kV>
@@ -335,8 +345,6 @@ static void outer_simd(const float* P, int64_t M, int64_t r, const void* Q, int6
 #define BNBX_LORA_KERNEL(name) name##_simd
 #else
 #define BNBX_LORA_KERNEL(name) name##_generic
-#define BNBX_LORA_EXPAND_ROWS expand_rows_generic
-#define BNBX_LORA_ACCUMULATE_ROWS accumulate_rows_generic
 #endif
 
 // The table's entries: the dtype switch, then this instruction set's loop.
@@ -368,11 +376,11 @@ static void expand_rows(const float* H, int64_t r, const float* W, int64_t N, Fl
                         void* Y, int64_t m_begin, int64_t m_end) {
   switch (y_type) {
     case FloatType::kFloat32:
-      return BNBX_LORA_EXPAND_ROWS<FloatType::kFloat32>(H, r, W, N, base, Y, m_begin, m_end);
+      return BNBX_LORA_KERNEL(expand_rows)<FloatType::kFloat32>(H, r, W, N, base, Y, m_begin, m_end);
     case FloatType::kFloat16:
-      return BNBX_LORA_EXPAND_ROWS<FloatType::kFloat16>(H, r, W, N, base, Y, m_begin, m_end);
+      return BNBX_LORA_KERNEL(expand_rows)<FloatType::kFloat16>(H, r, W, N, base, Y, m_begin, m_end);
     case FloatType::kBFloat16:
-      return BNBX_LORA_EXPAND_ROWS<FloatType::kBFloat16>(H, r, W, N, base, Y, m_begin, m_end);
+      return BNBX_LORA_KERNEL(expand_rows)<FloatType::kBFloat16>(H, r, W, N, base, Y, m_begin, m_end);
   }
 }
 
@@ -380,11 +388,14 @@ static void accumulate_rows(FloatType q_type, const void* Q, int64_t q_row, int6
                             int64_t r, float scale, float* out, int64_t i_begin, int64_t i_end) {
   switch (q_type) {
     case FloatType::kFloat32:
-      return BNBX_LORA_ACCUMULATE_ROWS<FloatType::kFloat32>(Q, q_row, q_step, T, V, r, scale, out, i_begin, i_end);
+      return BNBX_LORA_KERNEL(accumulate_rows)<FloatType::kFloat32>(Q, q_row, q_step, T, V, r, scale, out, i_begin,
+                                                                    i_end);
     case FloatType::kFloat16:
-      return BNBX_LORA_ACCUMULATE_ROWS<FloatType::kFloat16>(Q, q_row, q_step, T, V, r, scale, out, i_begin, i_end);
+      return BNBX_LORA_KERNEL(accumulate_rows)<FloatType::kFloat16>(Q, q_row, q_step, T, V, r, scale, out, i_begin,
+                                                                    i_end);
     case FloatType::kBFloat16:
-      return BNBX_LORA_ACCUMULATE_ROWS<FloatType::kBFloat16>(Q, q_row, q_step, T, V, r, scale, out, i_begin, i_end);
+      return BNBX_LORA_KERNEL(accumulate_rows)<FloatType::kBFloat16>(Q, q_row, q_step, T, V, r, scale, out, i_begin,
+                                                                     i_end);
   }
 }
 
@@ -401,8 +412,6 @@ static void outer(const float* P, int64_t M, int64_t r, FloatType q_type, const 
 }
 
 #undef BNBX_LORA_KERNEL
-#undef BNBX_LORA_EXPAND_ROWS
-#undef BNBX_LORA_ACCUMULATE_ROWS
 
 }  // namespace BNBX_ISA
 
