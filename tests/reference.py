@@ -12,6 +12,8 @@ from fractions import Fraction
 import torch
 
 FLT_MIN = torch.finfo(torch.float32).tiny  # smallest normal fp32
+# Half an ulp relative to the value: the most one round-to-nearest to each dtype may cost
+HALF_ULP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 SUBNORMAL_PRESCALE = 2.0**64
 
 # NF4 values by nibble (bitsandbytes get_4bit_type("nf4")); test_formats.py derives them from the normal

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import BLOCKSIZES, DTYPES, QUANT_TYPES, dtype_id
 from cuda_emulation import compiler, load
+from reference import HALF_ULP
 from special_values import assert_same_bits, special_input
 
 from bnbx.functional import create_dynamic_map
@@ -295,7 +296,7 @@ def _gemm_4bit_bound(A: torch.Tensor, weight: torch.Tensor, bias, ref: torch.Ten
     magnitude = A.double().abs() @ weight.double().abs().t()
     if bias is not None:
         magnitude = magnitude + bias.double().abs()
-    unit = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[A.dtype]
+    unit = HALF_ULP[A.dtype]
     tiny = torch.finfo(A.dtype).smallest_normal * torch.finfo(A.dtype).eps
     bound = (K + 16) * 2.0**-24 * magnitude * (1 + unit) + unit * ref.abs() + tiny
     if A.shape[0] > 8:

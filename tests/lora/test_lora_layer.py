@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import bnbx.lora as lora
-from reference_lora import lora_forward_ref, tolerance
+from reference_lora import assert_forward_within, lora_forward_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -39,11 +39,7 @@ def reference(layer: lora.LoraLinear, x: torch.Tensor) -> torch.Tensor:
 
 def assert_rounded_once(y: torch.Tensor, layer: lora.LoraLinear, x: torch.Tensor) -> None:
     """y is the reference rounded once to y's dtype, up to the fp32 sums' error."""
-    a, b = layer.lora_A.weight, layer.lora_B.weight
-    ref = reference(layer, x)
-    magnitude = lora_forward_ref(x.abs(), layer.base_layer(x).abs(), a.abs(), b.abs(), layer.scaling)
-    assert y.dtype == layer.base_layer(x).dtype
-    assert bool(((y.double() - ref).abs() <= tolerance(y.dtype, ref, magnitude, x.shape[-1] + a.shape[0])).all())
+    assert_forward_within(y, x, layer.base_layer(x), layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
 
 
 def randomize(model: nn.Module) -> None:

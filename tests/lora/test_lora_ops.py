@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CUDA_READY, DTYPES, cpu_isa, dtype_id, isa_params
-from reference_lora import lora_backward_ref, lora_forward_ref, tolerance
+from reference_lora import assert_backward_within, assert_forward_within, lora_backward_ref
 
 ops = torch.ops.bnbx
 ISAS = ["scalar"] + isa_params("avx2", "avx512")
@@ -38,14 +38,6 @@ def inputs(lead, K, N, r, dtype, adapter_dtype, device="cpu"):
     return x, base, lora_A, lora_B
 
 
-def assert_within(actual, ref, magnitude, terms):
-    assert actual.shape == ref.shape
-    error = (actual.double() - ref).abs()
-    # the reference rounded to actual's dtype is the best answer; allow the fp32 sums' error on top of it
-    limit = tolerance(actual.dtype, ref, magnitude, terms)
-    assert bool((error <= limit).all()), f"max error {error.max().item():.3g} over limit"
-
-
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("adapter_dtype", DTYPES, ids=dtype_id)
@@ -54,9 +46,7 @@ def test_forward_matches_reference(isa, dtype, adapter_dtype):
         x, base, A, B = inputs(lead, K, N, r, dtype, adapter_dtype)
         with cpu_isa(isa):
             out = ops.lora_forward(x, base, A, B, 2.5)
-        assert out.dtype == dtype
-        ref = lora_forward_ref(x, base, A, B, 2.5)
-        assert_within(out, ref, lora_forward_ref(x.abs(), base.abs(), A.abs(), B.abs(), 2.5), K + r)
+        assert_forward_within(out, x, base, A, B, 2.5)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -67,13 +57,8 @@ def test_backward_matches_reference(isa, dtype, adapter_dtype):
         x, _, A, B = inputs(lead, K, N, r, dtype, adapter_dtype)
         grad = torch.randn(*lead, N, dtype=dtype)
         with cpu_isa(isa):
-            grad_x, grad_A, grad_B = ops.lora_backward(grad, x, A, B, 0.5, True)
-        assert (grad_x.dtype, grad_A.dtype, grad_B.dtype) == (dtype, adapter_dtype, adapter_dtype)
-        refs = lora_backward_ref(grad, x, A, B, 0.5)
-        magnitudes = lora_backward_ref(grad.abs(), x.abs(), A.abs(), B.abs(), 0.5)
-        M = x.shape[:-1].numel()
-        for actual, ref, magnitude in zip((grad_x, grad_A, grad_B), refs, magnitudes):
-            assert_within(actual, ref, magnitude, N + r + M)
+            grads = ops.lora_backward(grad, x, A, B, 0.5, True)
+        assert_backward_within(grads, grad, x, A, B, 0.5)
 
 
 def test_backward_without_the_input_gradient():
@@ -107,7 +92,7 @@ def test_gradcheck(isa):
     leaves = tuple(t.clone().requires_grad_() for t in (x, base, A, B))
     with cpu_isa(isa):
         assert torch.autograd.gradcheck(
-            lambda *t: ops.lora_forward(*t, 0.75), leaves, eps=1e-2, atol=2e-3, rtol=2e-3, fast_mode=False
+            lambda *t: ops.lora_forward(*t, 0.75), leaves, eps=1e-2, atol=2e-3, rtol=2e-3
         )
 
 
@@ -162,14 +147,9 @@ def test_fp16_overflow_saturates_to_inf_as_a_rounding_does():
 def test_cuda_matches_reference(dtype):
     for lead, K, N, r in SHAPES:
         x, base, A, B = inputs(lead, K, N, r, dtype, torch.float32, device="cuda")
-        out = ops.lora_forward(x, base, A, B, 2.5)
-        ref = lora_forward_ref(x, base, A, B, 2.5)
-        assert_within(out.cpu(), ref.cpu(), lora_forward_ref(x.abs(), base.abs(), A.abs(), B.abs(), 2.5).cpu(), K + r)
+        assert_forward_within(ops.lora_forward(x, base, A, B, 2.5), x, base, A, B, 2.5)
         grad = torch.randn(*lead, N, dtype=dtype, device="cuda")
-        refs = lora_backward_ref(grad, x, A, B, 0.5)
-        magnitudes = lora_backward_ref(grad.abs(), x.abs(), A.abs(), B.abs(), 0.5)
-        for actual, ref, magnitude in zip(ops.lora_backward(grad, x, A, B, 0.5, True), refs, magnitudes):
-            assert_within(actual.cpu(), ref.cpu(), magnitude.cpu(), N + r + x.shape[:-1].numel())
+        assert_backward_within(ops.lora_backward(grad, x, A, B, 0.5, True), grad, x, A, B, 0.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -178,15 +158,8 @@ def test_the_cuda_implementation_on_cpu_tensors(dtype):
     cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     for lead, K, N, r in SHAPES:
         x, base, A, B = inputs(lead, K, N, r, dtype, torch.bfloat16)
-        out = ops.lora_forward.default.redispatch(cuda, x, base, A, B, 2.5)
-        ref = lora_forward_ref(x, base, A, B, 2.5)
-        assert out.dtype == dtype
-        assert_within(out, ref, lora_forward_ref(x.abs(), base.abs(), A.abs(), B.abs(), 2.5), K + r)
+        assert_forward_within(ops.lora_forward.default.redispatch(cuda, x, base, A, B, 2.5), x, base, A, B, 2.5)
         grad = torch.randn(*lead, N, dtype=dtype)
         grads = ops.lora_backward.default.redispatch(cuda, grad, x, A, B, 0.5, True)
-        assert [g.dtype for g in grads] == [dtype, torch.bfloat16, torch.bfloat16]
-        refs = lora_backward_ref(grad, x, A, B, 0.5)
-        magnitudes = lora_backward_ref(grad.abs(), x.abs(), A.abs(), B.abs(), 0.5)
-        for actual, ref, magnitude in zip(grads, refs, magnitudes):
-            assert_within(actual, ref, magnitude, N + r + x.shape[:-1].numel())
+        assert_backward_within(grads, grad, x, A, B, 0.5)
         assert ops.lora_backward.default.redispatch(cuda, grad, x, A, B, 0.5, False)[0].shape == (0,)
