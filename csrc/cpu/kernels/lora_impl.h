@@ -347,68 +347,36 @@ static void outer_simd(const float* P, int64_t M, int64_t r, const void* Q, int6
 #define BNBX_LORA_KERNEL(name) name##_generic
 #endif
 
-// The table's entries: the dtype switch, then this instruction set's loop.
+// The table's entries: the dtype switch (with_float_type, simd.h), then this instruction set's loop.
 static void dot(FloatType x_type, const void* X, int64_t K, const float* W, int64_t r, float scale, float* out,
                 int64_t m_begin, int64_t m_end) {
-  switch (x_type) {
-    case FloatType::kFloat32:
-      return BNBX_LORA_KERNEL(dot)<FloatType::kFloat32>(X, K, W, r, scale, out, m_begin, m_end);
-    case FloatType::kFloat16:
-      return BNBX_LORA_KERNEL(dot)<FloatType::kFloat16>(X, K, W, r, scale, out, m_begin, m_end);
-    case FloatType::kBFloat16:
-      return BNBX_LORA_KERNEL(dot)<FloatType::kBFloat16>(X, K, W, r, scale, out, m_begin, m_end);
-  }
+  with_float_type(x_type,
+                  [&](auto t) { BNBX_LORA_KERNEL(dot)<decltype(t)::value>(X, K, W, r, scale, out, m_begin, m_end); });
 }
 
 static void expand(const float* H, int64_t r, const float* W, int64_t N, FloatType y_type, const void* base, void* Y,
                    int64_t m_begin, int64_t m_end) {
-  switch (y_type) {
-    case FloatType::kFloat32:
-      return BNBX_LORA_KERNEL(expand)<FloatType::kFloat32>(H, r, W, N, base, Y, m_begin, m_end);
-    case FloatType::kFloat16:
-      return BNBX_LORA_KERNEL(expand)<FloatType::kFloat16>(H, r, W, N, base, Y, m_begin, m_end);
-    case FloatType::kBFloat16:
-      return BNBX_LORA_KERNEL(expand)<FloatType::kBFloat16>(H, r, W, N, base, Y, m_begin, m_end);
-  }
+  with_float_type(y_type,
+                  [&](auto t) { BNBX_LORA_KERNEL(expand)<decltype(t)::value>(H, r, W, N, base, Y, m_begin, m_end); });
 }
 
 static void expand_rows(const float* H, int64_t r, const float* W, int64_t N, FloatType y_type, const void* base,
                         void* Y, int64_t m_begin, int64_t m_end) {
-  switch (y_type) {
-    case FloatType::kFloat32:
-      return BNBX_LORA_KERNEL(expand_rows)<FloatType::kFloat32>(H, r, W, N, base, Y, m_begin, m_end);
-    case FloatType::kFloat16:
-      return BNBX_LORA_KERNEL(expand_rows)<FloatType::kFloat16>(H, r, W, N, base, Y, m_begin, m_end);
-    case FloatType::kBFloat16:
-      return BNBX_LORA_KERNEL(expand_rows)<FloatType::kBFloat16>(H, r, W, N, base, Y, m_begin, m_end);
-  }
+  with_float_type(
+      y_type, [&](auto t) { BNBX_LORA_KERNEL(expand_rows)<decltype(t)::value>(H, r, W, N, base, Y, m_begin, m_end); });
 }
 
 static void accumulate_rows(FloatType q_type, const void* Q, int64_t q_row, int64_t q_step, int64_t T, const float* V,
                             int64_t r, float scale, float* out, int64_t i_begin, int64_t i_end) {
-  switch (q_type) {
-    case FloatType::kFloat32:
-      return BNBX_LORA_KERNEL(accumulate_rows)<FloatType::kFloat32>(Q, q_row, q_step, T, V, r, scale, out, i_begin,
-                                                                    i_end);
-    case FloatType::kFloat16:
-      return BNBX_LORA_KERNEL(accumulate_rows)<FloatType::kFloat16>(Q, q_row, q_step, T, V, r, scale, out, i_begin,
-                                                                    i_end);
-    case FloatType::kBFloat16:
-      return BNBX_LORA_KERNEL(accumulate_rows)<FloatType::kBFloat16>(Q, q_row, q_step, T, V, r, scale, out, i_begin,
-                                                                     i_end);
-  }
+  with_float_type(q_type, [&](auto t) {
+    BNBX_LORA_KERNEL(accumulate_rows)<decltype(t)::value>(Q, q_row, q_step, T, V, r, scale, out, i_begin, i_end);
+  });
 }
 
 static void outer(const float* P, int64_t M, int64_t r, FloatType q_type, const void* Q, int64_t N, float* out,
                   int64_t n_begin, int64_t n_end) {
-  switch (q_type) {
-    case FloatType::kFloat32:
-      return BNBX_LORA_KERNEL(outer)<FloatType::kFloat32>(P, M, r, Q, N, out, n_begin, n_end);
-    case FloatType::kFloat16:
-      return BNBX_LORA_KERNEL(outer)<FloatType::kFloat16>(P, M, r, Q, N, out, n_begin, n_end);
-    case FloatType::kBFloat16:
-      return BNBX_LORA_KERNEL(outer)<FloatType::kBFloat16>(P, M, r, Q, N, out, n_begin, n_end);
-  }
+  with_float_type(q_type,
+                  [&](auto t) { BNBX_LORA_KERNEL(outer)<decltype(t)::value>(P, M, r, Q, N, out, n_begin, n_end); });
 }
 
 #undef BNBX_LORA_KERNEL

@@ -5,6 +5,20 @@
 
 #include "float_convert.h"
 
+// Calls f(std::integral_constant<FloatType, type>{}) for a run-time dtype: a table entry's dtype switch, written
+// once (f instantiates the kernel for each dtype).
+template <typename F>
+static inline void with_float_type(FloatType type, F&& f) {
+  switch (type) {
+    case FloatType::kFloat32:
+      return f(std::integral_constant<FloatType, FloatType::kFloat32>{});
+    case FloatType::kFloat16:
+      return f(std::integral_constant<FloatType, FloatType::kFloat16>{});
+    case FloatType::kBFloat16:
+      return f(std::integral_constant<FloatType, FloatType::kBFloat16>{});
+  }
+}
+
 // Largest |x| of a block; sets *nonfinite when the block holds a NaN or an Inf.
 template <FloatType kIn>
 static inline float block_absmax(const void* in, int64_t start, int64_t end, bool* nonfinite) {
