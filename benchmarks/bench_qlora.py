@@ -140,36 +140,53 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     model_kb = _rss_kb() - before
     base = _rss_kb()
     _reset_peak()
+    step_ms = median_step_ms(step, args.repeat)
+    peak = _rss_kb("VmHWM") - base
+    return {"variant": variant, "bytes_per_param": stored / logical, "model_mb": model_kb / 1024,
+            "step_ms": step_ms, "peak_mb": peak / 1024, "params": logical}
+
+
+def median_step_ms(step, repeat: int) -> float:
     times = []
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _rss_kb("VmHWM") - base
-    return {"variant": variant, "bytes_per_param": stored / logical, "model_mb": model_kb / 1024,
-            "step_ms": statistics.median(times) * 1e3, "peak_mb": peak / 1024, "params": logical}
+    return statistics.median(times) * 1e3
 
 
-def run_interleaved(variants: list[str], args: argparse.Namespace) -> list[dict]:
+def run_interleaved(variants: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
     """Every row's model in this one process, their steps alternating: --rounds rounds of --repeat steps each, so
-    every row sees the same stretch of the machine's drift (timing only; the memory columns need a process each)."""
+    every row sees the same stretch of the machine's drift. Returns each row's runs as run_variant's results, with
+    the memory columns nan (they need a process each)."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     built = {variant: build_variant(variant, args) for variant in variants}
-    runs = {variant: [] for variant in variants}
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
     for _ in range(args.rounds):
-        for variant, (step, _, _) in built.items():
-            times = []
-            for _ in range(args.repeat):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-            runs[variant].append({"step_ms": statistics.median(times) * 1e3})
-    return [{"variant": variant, "bytes_per_param": stored / logical, "model_mb": float("nan"),
-             "peak_mb": float("nan"), "params": logical, "rounds": runs[variant]}
-            for variant, (_, stored, logical) in built.items()]
+        for variant, (step, stored, logical) in built.items():
+            runs[variant].append({"variant": variant, "bytes_per_param": stored / logical, "model_mb": float("nan"),
+                                  "step_ms": median_step_ms(step, args.repeat), "peak_mb": float("nan"),
+                                  "params": logical})
+    return runs
+
+
+def run_in_processes(variants: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Each row's --rounds runs, each in a fresh process (so memory figures do not mix), the rounds interleaved:
+    each row's runs spread over the same stretch of time."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+    for _ in range(args.rounds):
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--variant", variant] + [
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "rounds", "interleave")]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                print(f"{variant}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return runs
 
 
 def main() -> None:
@@ -204,19 +221,7 @@ def main() -> None:
         bnb_version = None
     load_before = os.getloadavg()[0]
     variants = [v for v in VARIANTS if bnb_version is not None or not v.startswith("bitsandbytes")]
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    if args.interleave:
-        for row in run_interleaved(variants, args):
-            runs[row["variant"]] = [dict(row, step_ms=r["step_ms"]) for r in row["rounds"]]
-    for _ in range(0 if args.interleave else args.rounds):  # each variant's runs spread over the same stretch of time
-        for variant in variants:
-            cmd = [sys.executable, __file__, "--variant", variant] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "rounds")]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode:
-                print(f"{variant}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    runs = run_interleaved(variants, args) if args.interleave else run_in_processes(variants, args)
     rows = []
     for variant in variants:
         if not runs[variant]:
