@@ -8,7 +8,8 @@ Steps, each timed and recorded with its output's tail in the report:
   tests      the CUDA tests: CPU-vs-CUDA bytes (tests/test_cuda_parity.py), no host sync and CUDA-graph
              capture (tests/test_no_sync.py), and every test of the suite parametrized over "cuda"
   sanitizer  compute-sanitizer memcheck, racecheck and synccheck over benchmarks/gpu_sanitize_cases.py
-  bench      benchmarks/bench_cuda_ops.py: raw ops and Python wrappers against a plain copy
+  bench      benchmarks/bench_cuda_ops.py: raw ops and Python wrappers against a plain copy;
+             benchmarks/bench_cuda_matmul_4bit.py: matmul_4bit's paths against bf16 linear and bitsandbytes
 --dry-run runs every step that needs no GPU as far as it can here (build: configure only when nvcc and a CUDA
 torch are present; tests: collection; sanitizer: the cases on the CPU and the tool lookup; bench: a tiny
 shape on the CPU), so a typo cannot waste the GPU's minutes. tests/test_gpu_check.py runs it in CI.
@@ -245,13 +246,16 @@ def step_bench(report: Report, args) -> str:
             [python(), "benchmarks/bench_cuda_ops.py", "--device", "cpu", "--shape", "64x256", "--repeat", "2"],
             300,
         )
-        return "dry (cpu, tiny)" if status == 0 else "FAILED"
+        matmul = ["benchmarks/bench_cuda_matmul_4bit.py", "--device", "cpu", "--k", "256", "--n", "64"]
+        status2, _ = report.run("bench", [python(), *matmul, "--m", "1,16", "--repeat", "2"], 300)
+        return "dry (cpu, tiny)" if status == 0 and status2 == 0 else "FAILED"
     status, _ = report.run(
         "bench",
         [python(), "benchmarks/bench_cuda_ops.py", "--device", "cuda", "--shape", "11008x4096", "--repeat", "50"],
         600,
     )
-    return "ok" if status == 0 else "FAILED"
+    status2, _ = report.run("bench", [python(), "benchmarks/bench_cuda_matmul_4bit.py", "--device", "cuda"], 600)
+    return "ok" if status == 0 and status2 == 0 else "FAILED"
 
 
 def main(argv: list[str] | None = None) -> int:

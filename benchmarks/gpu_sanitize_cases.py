@@ -5,21 +5,46 @@
 Covers each kernel's paths: partial vectors and blocks (n = 1, 33, 4097), one quantization block per 1024
 threads (blocksize 4096 with fp32), NaN/Inf/zero/subnormal blocks, every dtype, int8 whole and split groups
 (a per-tensor group of 70001 elements is split across thread blocks), unaligned views (copied first), out=.
+gemm_4bit's three CUDA paths (GEMV, tensor-core tiles, dequantize + cuBLAS) on small shapes.
 Exits non-zero if a result differs from the CPU kernels, so a run under the sanitizer also checks values.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_gemm_4bit import assert_close_to_reference
 from special_values import assert_same_bits, special_input
 
+import bnbx
 from bnbx import functional as F
+
+
+def gemm_4bit_cases(device: str, g: torch.Generator) -> int:
+    """gemm_4bit's paths on small shapes: the GEMV (M = 1), the tensor-core tiles (16 and 64-row tiles, two
+    row tiles, shared-memory staging that racecheck watches) and dequantize + cuBLAS (M = 130 above the tiles'
+    limit set here), K % 8 == 0 and not, with double quantization. Held to the float64 reference."""
+    os.environ["BNBX_CUDA_GEMM_4BIT_TILES_MAX_M"] = "128"
+    calls = 0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for N, K in ((70, 136), (9, 65)):
+            W = torch.randn(N, K, generator=g)
+            packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+            state_d = copy.deepcopy(state).to(device)
+            bias = torch.randn(N, generator=g).to(dtype)
+            for M in (1, 9, 17, 65, 130):
+                A = torch.randn(M, K, generator=g).to(dtype)
+                ours = bnbx.matmul_4bit(A.to(device), packed.to(device), state_d, bias=bias.to(device))
+                assert_close_to_reference(ours, A, packed, state, bias)
+                calls += 1
+    return calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                 assert_same_bits(q, q_ref, "int8 q")
                 assert_same_bits(F.dequantize_int8(q, s), F.dequantize_int8(q_ref, s_ref), "int8 values")
                 calls += 2
+    calls += gemm_4bit_cases(device, g)
     if device == "cuda":
         torch.cuda.synchronize()
-    print(f"{calls} kernel calls on {device}, all equal to the CPU kernels")
+    print(f"{calls} kernel calls on {device}, all equal to the CPU kernels (gemm_4bit: within its bound)")
     return 0
 
 

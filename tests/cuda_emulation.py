@@ -111,6 +111,7 @@ class Emulator:
             "bnbx_emu_int8_gemm",
             "bnbx_emu_int8_mm_dequant",
             "bnbx_emu_gemv_4bit",
+            "bnbx_emu_gemm_4bit_tiles",
             "bnbx_emu_decode_absmax",
         ):
             getattr(self.lib, name).restype = ctypes.c_int
@@ -393,9 +394,11 @@ class Emulator:
             out = self._mm_dequant(C, stats, SCB, bias32, a_out, b_out, A.dtype)
         return out.reshape(*A.shape[:-1], N)
 
-    # --- gemm_4bit: the GEMV (M <= 8), and the large-M path's decode + dequantize (its at::mm is cuBLAS) ---
+    # --- gemm_4bit: the GEMV (M <= 8), the tensor-core tiles (fp16/bf16, 8 < M <= TILES_MAX_ROWS), and the
+    # large-M path's decode + dequantize (its at::mm is cuBLAS) ---
 
     GEMV_MAX_ROWS = 8
+    TILES_MAX_ROWS = 64  # kTilesMaxRows in csrc/cuda/gemm_4bit.cu
 
     def decode_absmax(self, absmax_q, nested_absmax, nested_code, nested_offset, nested_blocksize: int):
         out = torch.full((absmax_q.numel(),), float("nan"), dtype=torch.float32)
@@ -405,19 +408,24 @@ class Emulator:
         self._check(fn(*args, self.i64(nested_blocksize), self.i64(absmax_q.numel()), self._ptr(out)))
         return out
 
-    def gemm_4bit(self, A, B, absmax, blocksize: int, quant_type: str, shape, bias=None, nested=None):
-        """gemm_4bit_cuda for K >= 1; ``nested`` = (nested_absmax, nested_code, nested_offset, nested_blocksize)."""
+    def gemm_4bit(
+        self, A, B, absmax, blocksize: int, quant_type: str, shape, bias=None, nested=None, tiles_max_rows=None
+    ):
+        """gemm_4bit_cuda for K >= 1; ``nested`` = (nested_absmax, nested_code, nested_offset, nested_blocksize);
+        ``tiles_max_rows`` stands for BNBX_CUDA_GEMM_4BIT_TILES_MAX_M."""
         N, K = shape
         a2 = A.contiguous().reshape(math.prod(A.shape[:-1]), K)
         M = a2.shape[0]
-        if M > self.GEMV_MAX_ROWS:
+        tiles_max_rows = self.TILES_MAX_ROWS if tiles_max_rows is None else tiles_max_rows
+        tiles = self.GEMV_MAX_ROWS < M <= tiles_max_rows and A.dtype != torch.float32
+        if M > self.GEMV_MAX_ROWS and not tiles:
             decoded = absmax if nested is None else self.decode_absmax(absmax, *nested)
             weight = self.dequantize_4bit(B, decoded, N * K, blocksize, quant_type, A.dtype).reshape(N, K)
             out = a2 @ weight.t()  # cuBLAS on a GPU
             if bias is not None:
                 out += bias
             return out.reshape(*A.shape[:-1], N)
-        out = torch.full((M, N), 12345.0, dtype=A.dtype)
+        out = torch.full((M, N), 12345.0, dtype=A.dtype)  # poisoned: every element must be written
         if nested is None:
             scales = (self._ptr(absmax), None, None, None, self.i64(0))
         else:
@@ -425,7 +433,7 @@ class Emulator:
             offset = nested_offset.reshape(1).contiguous()
             scales = (self._ptr(absmax), self._ptr(nested_absmax), self._ptr(nested_code), self._ptr(offset))
             scales += (self.i64(nested_blocksize),)
-        fn = self.lib.bnbx_emu_gemv_4bit
+        fn = self.lib.bnbx_emu_gemm_4bit_tiles if tiles else self.lib.bnbx_emu_gemv_4bit
         args = (DTYPE_CODES[A.dtype], QUANT_TYPE_CODES[quant_type], self._ptr(a2), self._ptr(B), *scales)
         args += (self._ptr(bias), self.i64(M), self.i64(K), self.i64(N), self.i64(blocksize), self._ptr(out))
         self._check(fn(*args))

@@ -304,31 +304,56 @@ def _gemm_4bit_bound(A: torch.Tensor, weight: torch.Tensor, bias, ref: torch.Ten
     return bound
 
 
+def _check_gemm_4bit(
+    emu, M, N, K, blocksize, quant_type, dtype, nested: bool, with_bias: bool, offset_a: bool = False, **kwargs
+) -> None:
+    """The emulated gemm_4bit_cuda against the float64 product of A and the dequantized weight."""
+    from reference import dequantize_4bit_ref
+
+    g = _gen("gemm4", M, N, K, blocksize, quant_type, str(dtype))
+    W = torch.randn(N, K, generator=g) * torch.exp2(torch.randint(-3, 4, (N, 1), generator=g).float())
+    packed, absmax = torch.ops.bnbx.quantize_4bit(W, blocksize, quant_type, torch.uint8)
+    packed = packed.reshape(-1)
+    scales, stats, decoded = None, absmax, absmax
+    if nested:
+        scales, stats, decoded = _nested_scales(absmax.numel(), (M, N, K, blocksize))
+        assert_same_bits(emu.decode_absmax(stats, *scales), decoded, "decoded absmax")
+    A = torch.randn(M, K, generator=g).to(dtype)
+    if offset_a:  # contiguous but 2 bytes past a 16-byte boundary: no vector loads of A
+        A = torch.cat([A.new_zeros(1), A.reshape(-1)])[1:].view(M, K)
+    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    out = emu.gemm_4bit(A, packed, stats, blocksize, quant_type, (N, K), bias, scales, **kwargs)
+    weight = dequantize_4bit_ref(packed, decoded, blocksize, quant_type, (N, K), torch.float32)
+    ref = A.double() @ weight.double().t() + (0 if bias is None else bias.double())
+    bound = _gemm_4bit_bound(A, weight, bias, ref, K)
+    err = (out.double() - ref).abs()
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert bool((err <= bound).all()), f"{M}x{N}x{K}: error {err.max().item():.3g} above the bound"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_gemm_4bit_matches_reference(emu, dtype, quant_type, blocksize):
-    from reference import dequantize_4bit_ref
-
     # half the shapes per blocksize, rotating (emulated warp shuffles are slow); every shape runs with every
     # dtype and quant type, and with four blocksizes
     pick = BLOCKSIZES.index(blocksize)
     shapes = [shape for j, shape in enumerate(GEMV_SHAPES) if (j + pick) % 2 == 0 or j == 0]
     for i, (M, N, K) in enumerate(shapes[::2] if QUICK else shapes):
-        g = _gen("gemm4", M, N, K, blocksize, quant_type, str(dtype))
-        W = torch.randn(N, K, generator=g) * torch.exp2(torch.randint(-3, 4, (N, 1), generator=g).float())
-        packed, absmax = torch.ops.bnbx.quantize_4bit(W, blocksize, quant_type, torch.uint8)
-        packed = packed.reshape(-1)
-        nested, stats, decoded = None, absmax, absmax
-        if i % 2:
-            nested, stats, decoded = _nested_scales(absmax.numel(), (M, N, K, blocksize))
-            assert_same_bits(emu.decode_absmax(stats, *nested), decoded, "decoded absmax")
-        A = torch.randn(M, K, generator=g).to(dtype)
-        bias = torch.randn(N, generator=g).to(dtype) if i % 3 != 1 else None
-        out = emu.gemm_4bit(A, packed, stats, blocksize, quant_type, (N, K), bias, nested)
-        weight = dequantize_4bit_ref(packed, decoded, blocksize, quant_type, (N, K), torch.float32)
-        ref = A.double() @ weight.double().t() + (0 if bias is None else bias.double())
-        bound = _gemm_4bit_bound(A, weight, bias, ref, K)
-        err = (out.double() - ref).abs()
-        assert out.dtype == dtype and out.shape == (M, N)
-        assert bool((err <= bound).all()), f"{M}x{N}x{K}: error {err.max().item():.3g} above the bound"
+        _check_gemm_4bit(emu, M, N, K, blocksize, quant_type, dtype, nested=i % 2 == 1, with_bias=i % 3 != 1)
+
+
+# The tensor-core tiles: 16-row tiles up to M = 16, 64-row tiles above (M = 130 with the limit raised: three
+# tiles down M); N and K on both sides of the 64-wide tiles, K % 8 != 0 (codes read one at a time, rows of W
+# starting mid-byte), a single element; A 16-byte aligned (vector loads) or not.
+TILES_SHAPES = [(9, 1, 1), (16, 65, 64), (17, 64, 136), (33, 131, 7), (64, 5, 200), (65, 70, 72), (130, 3, 65)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_gemm_4bit_tiles_match_reference(emu, dtype, quant_type):
+    for i, (M, N, K) in enumerate(TILES_SHAPES[::2] if QUICK else TILES_SHAPES):
+        blocksize = BLOCKSIZES[(3 * i + len(quant_type)) % len(BLOCKSIZES)]
+        nested, with_bias = i % 2 == 1, i % 3 != 1
+        offset_a = K % 8 == 0 and i % 2 == 0
+        _check_gemm_4bit(emu, M, N, K, blocksize, quant_type, dtype, nested, with_bias, offset_a, tiles_max_rows=256)

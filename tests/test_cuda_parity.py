@@ -7,6 +7,7 @@ non-contiguous and offset views, out=, quant_storage, double quantization and in
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import pytest
@@ -112,3 +113,42 @@ def test_int8(dtype, symmetric, granularity, shape, kwargs):
     # a non-contiguous input gives the same bytes as its contiguous copy
     q_t, _ = F.quantize_int8(A.cuda().t().contiguous().t(), granularity, symmetric, **kwargs)
     assert_same_bits(q_t, q_c, "non-contiguous q")
+
+
+# gemm_4bit on the GPU: the GEMV (M <= 8), the tensor-core tiles (fp16/bf16, 8 < M <= 64 by default) and
+# dequantize + cuBLAS (fp32, larger M), each forced over every M by BNBX_CUDA_GEMM_4BIT_TILES_MAX_M. Products
+# are not bit-identical across devices (summation order), so each is held to the float64 reference within the
+# error of dequantize-then-matmul in A's dtype. Shapes: partial 64-wide tiles in N and K, K % 8 != 0 (rows of W
+# starting mid-byte), several row tiles, blocks spanning rows of W.
+GEMM_4BIT_CASES = [
+    (1, 33, 128, 64),
+    (8, 7, 65, 32),
+    (9, 64, 64, 64),
+    (16, 65, 136, 128),
+    (17, 130, 4096, 64),
+    (64, 11, 200, 256),
+    (65, 70, 72, 4096),
+    (300, 129, 96, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("tiles_max_m", [None, "0", "100000"], ids=["default", "cublas", "tiles"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_gemm_4bit_every_path(dtype, tiles_max_m, nested, monkeypatch):
+    import bnbx
+    from reference_gemm_4bit import assert_close_to_reference
+
+    if tiles_max_m is not None:
+        monkeypatch.setenv("BNBX_CUDA_GEMM_4BIT_TILES_MAX_M", tiles_max_m)
+    for quant_type in QUANT_TYPES:
+        for M, N, K, blocksize in GEMM_4BIT_CASES:
+            g = torch.Generator().manual_seed(zlib.crc32(repr((M, N, K, blocksize, quant_type, nested)).encode()))
+            W = torch.randn(N, K, generator=g)
+            packed, state = F.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+            A = torch.randn(M, K, generator=g).to(dtype)
+            bias = torch.randn(N, generator=g).to(dtype)
+            state_g = copy.deepcopy(state).to("cuda")  # QuantState.to moves in place
+            ours = bnbx.matmul_4bit(A.cuda(), packed.cuda(), state_g, bias=bias.cuda())
+            assert ours.device.type == "cuda"
+            assert_close_to_reference(ours, A, packed, state, bias)

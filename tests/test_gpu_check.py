@@ -23,7 +23,8 @@ def test_gpu_check_dry_run(tmp_path):
         assert f"| {step} |" in text
     assert "FAILED" not in text
     assert "dry (collected)" in text and "dry (cases ran on cpu)" in text and "dry (cpu, tiny)" in text
-    assert "| op quantize_4bit nf4" in text  # the benchmark table came out
+    assert "| op quantize_4bit nf4" in text  # the benchmark tables came out
+    assert "| tiles ms | cublas ms |" in text
 
 
 def test_compute_sanitizer_lookup_finds_a_wheel_binary(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch
 import bnbx
 from bnbx import functional as F
 from conftest import BLOCKSIZES, DTYPES, cpu_isa, dtype_id, isa_params
-from reference_gemm_4bit import dequantize_then_matmul, gemm_4bit_ref
+from reference_gemm_4bit import assert_close_to_reference
 
 # Rows of A on each side of the GEMV / GEMM crossovers (150: past 128 rows, where a small x still takes the AMX
 # kernel); K values that do and do not fill SIMD groups (128 lanes of AVX-512, 64 of AVX2) or whole blocks, odd K
@@ -23,21 +23,6 @@ KN_VALUES = [(128, 33), (256, 7), (65, 5), (1, 3), (384, 19)]
 
 
 ISAS = isa_params("scalar", "avx2", "avx512")
-
-
-def _close_to_reference(ours: torch.Tensor, A, packed, state, bias=None) -> None:
-    absmax = state.get_absmax()
-    ref = gemm_4bit_ref(A, packed, absmax, state.blocksize, state.quant_type, tuple(state.shape), bias)
-    base = dequantize_then_matmul(A, packed, absmax, state.blocksize, state.quant_type, tuple(state.shape), bias)
-    assert ours.shape == base.shape and ours.dtype == A.dtype
-    if ref.numel() == 0:
-        return
-    scale = ref.abs().max().item() + 1.0
-    ours_err = (ours.double() - ref).abs().max().item()
-    base_err = (base.double() - ref).abs().max().item()
-    # no worse than dequantize-then-matmul (up to summation order), plus a few units in the last place
-    ulp = {torch.float32: 2**-22, torch.float16: 2**-9, torch.bfloat16: 2**-7}[A.dtype]
-    assert ours_err <= 2 * base_err + 4 * ulp * scale, (ours_err, base_err, scale)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -52,7 +37,7 @@ def test_fused_kernels_match_dequantize_then_matmul(isa, dtype, nested):
                 bias = torch.randn(N, dtype=dtype)
                 for M in M_VALUES:
                     A = torch.randn(M, K, dtype=dtype)
-                    _close_to_reference(bnbx.matmul_4bit(A, packed.t(), state, bias=bias), A, packed, state, bias)
+                    assert_close_to_reference(bnbx.matmul_4bit(A, packed.t(), state, bias=bias), A, packed, state, bias)
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -63,7 +48,7 @@ def test_every_blocksize(blocksize, M):
         W = torch.randn(N, K)
         packed, state = F.quantize_4bit(W, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
         A = torch.randn(M, K, dtype=torch.bfloat16)
-        _close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
+        assert_close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
 
 
 @pytest.mark.parametrize("M", [1, 4, 9])
@@ -173,7 +158,7 @@ def test_every_path_at_the_same_m(path, monkeypatch):
         packed, state = F.quantize_4bit(torch.randn(N, K), blocksize=blocksize, compress_statistics=True)
         for M in (8, 33):
             A = torch.randn(M, K, dtype=torch.bfloat16)
-            _close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
+            assert_close_to_reference(bnbx.matmul_4bit(A, packed, state), A, packed, state)
 
 
 @pytest.mark.parametrize("path", ["amx", "tiles"])

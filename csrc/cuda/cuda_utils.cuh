@@ -329,6 +329,8 @@ inline unsigned int grid_size(Kernel kernel, int64_t tiles, int threads) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(tiles, resident_blocks(kernel, threads))));
 }
 
-inline bool is_aligned(const void* ptr, size_t alignment) { return reinterpret_cast<uintptr_t>(ptr) % alignment == 0; }
+BNBX_HOST_DEVICE inline bool is_aligned(const void* ptr, size_t alignment) {
+  return reinterpret_cast<uintptr_t>(ptr) % alignment == 0;
+}
 
 }  // namespace bnbx::cuda

@@ -3,13 +3,22 @@
 //   8 codes per lane per step when K % 8 == 0, else one code at a time), the block scale decoded in the
 //   kernel (double quantization: nested_code[q] * nested_absmax[b >> shift] + offset, the CPU's fp32
 //   arithmetic), fp32 accumulation for up to 8 rows of A at once, a warp-shuffle sum, bias, one rounding.
-// - larger M: the weight dequantized in A's dtype (the dequantize_4bit kernel) and at::mm (cuBLAS), as
-//   bitsandbytes does; a tensor-core kernel on dequantized tiles is not written yet (README, limitations).
+// - fp16/bf16 A with kGemvMaxRows < M <= tiles_max_rows(): gemm_4bit_tiles_kernel, tensor cores (wmma) on
+//   tiles of W dequantized into shared memory, so the weight is read once per 64 rows of A as packed bytes
+//   and never written out whole.
+// - larger M, or fp32 A: the weight dequantized in A's dtype (the dequantize_4bit kernel) and at::mm (cuBLAS),
+//   as bitsandbytes does.
 // The CPU host code (csrc/cpu/gemm_4bit.cpp) is the reference for the results.
 //
 // The kernels and their torch-free launchers come first; csrc/cuda/emulation/emu_gemm_4bit.cpp runs them on the
 // CPU in the tests. The torch host code follows (not emulated; at::mm is cuBLAS).
 #include "cuda_utils.cuh"
+
+#if defined(BNBX_CUDA_EMULATION)
+#include "emulation/wmma_shim.h"
+#else
+#include <mma.h>
+#endif
 
 namespace bnbx::cuda {
 namespace {
@@ -94,6 +103,162 @@ __global__ void gemv_4bit_kernel(const T* __restrict__ A,        // [M, K]
   }
 }
 
+// --- tensor-core tiles (fp16/bf16, M > kGemvMaxRows) ---------------------------------------------------------
+// One thread block computes a kTileM x kTileN tile of out. Per step of kTileK along K it stages the rows of A
+// and the dequantized rows of W (the dequantize_4bit kernel's values: code * scale rounded once to T) in
+// shared memory, zero past M, N and K, and its 4 warps multiply them with 16x16x16 wmma products, warp w
+// owning columns 16w..16w+15 of the tile. The fp32 sums meet the bias before the one rounding to T.
+constexpr int kTileN = 64;
+constexpr int kTileK = 64;
+constexpr int kTileWarps = kTileN / 16;
+constexpr int kTileThreads = kTileWarps * kWarpSize;
+constexpr int kTileLd = kTileK + 8;    // shared row stride in elements: 16 bytes of padding spread rows over banks
+constexpr int kOutLd = kTileN + 4;     // fp32 row stride of the output staging tile
+constexpr int64_t kTilesMaxRows = 64;  // default largest M for the tiles (tiles_max_rows); above, dequantize + cuBLAS
+
+// W[n, k0 + c .. + 7] dequantized into w[8] (zeros past N and K). words: K % 8 == 0, so the 8 codes are one
+// aligned 4-byte word and one block (blocksizes are powers of two >= 32).
+__device__ __forceinline__ void dequantize_8(const uint8_t* __restrict__ W, const Scales& scales,
+                                             const float* __restrict__ codes, int64_t n, int64_t k, int64_t N,
+                                             int64_t K, int shift, bool words, float (&w)[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) w[j] = 0.0f;
+  if (n >= N || k >= K) return;
+  const int64_t e = n * K + k;  // flat index of the first element
+  if (words) {
+    const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(W) + e / 8);
+    const float scale = block_scale(scales, e >> shift);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t byte = (word >> (8 * j)) & 0xffu;  // byte j holds elements 2j (high nibble), 2j + 1
+      w[2 * j] = mul_like_cpu(codes[byte >> 4], scale);
+      w[2 * j + 1] = mul_like_cpu(codes[byte & 0x0fu], scale);
+    }
+    return;
+  }
+  for (int j = 0; j < 8 && k + j < K; ++j) {
+    const uint8_t byte = W[(e + j) >> 1];
+    const uint32_t nibble = ((e + j) & 1) ? (byte & 0x0fu) : (byte >> 4);
+    w[j] = mul_like_cpu(codes[nibble], block_scale(scales, (e + j) >> shift));
+  }
+}
+
+template <typename T, int kTileM>
+__global__ void __launch_bounds__(kTileThreads)
+    gemm_4bit_tiles_kernel(const T* __restrict__ A,                                      // [M, K]
+                           const uint8_t* __restrict__ W,                                // packed [ceil(N * K / 2)]
+                           Scales scales, CodeValues codes, const T* __restrict__ bias,  // [N] or nullptr
+                           int64_t M, int64_t K, int64_t N, int shift, T* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 wmma needs sm_80; the host sends older GPUs to dequantize + cuBLAS
+#else
+  namespace wmma = nvcuda::wmma;
+  constexpr int kFragsM = kTileM / 16;
+  __shared__ __align__(32) T a_tile[kTileM * kTileLd];
+  __shared__ __align__(32) T w_tile[kTileN * kTileLd];
+  __shared__ __align__(32) float out_tile[kTileM * kOutLd];
+  __shared__ float code_table[16];  // indexed by the codes: in shared memory rather than a local-memory copy
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) code_table[j] = codes.v[j];  // constant indices: no local-memory copy
+  }
+  __syncthreads();
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const bool words = K % 8 == 0;                      // W: 8 codes per aligned 4-byte word
+  const bool a_vectors = words && is_aligned(A, 16);  // A: rows of whole 16-byte vectors
+  const T zero = from_float<T>(0.0f);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragsM];
+#pragma unroll
+  for (int f = 0; f < kFragsM; ++f) wmma::fill_fragment(acc[f], 0.0f);
+
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    if (a_vectors) {  // 8 elements (16 bytes) at a time
+      for (int i = threadIdx.x; i < kTileM * (kTileK / 8); i += kTileThreads) {
+        const int r = i / (kTileK / 8), c = 8 * (i % (kTileK / 8));
+        const int64_t m = m0 + r, k = k0 + c;
+        AlignedArray<T, 8> v;
+        if (m < M && k < K) {
+          v = *reinterpret_cast<const AlignedArray<T, 8>*>(A + m * K + k);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v.v[j] = zero;
+        }
+        *reinterpret_cast<AlignedArray<T, 8>*>(a_tile + r * kTileLd + c) = v;
+      }
+    } else {
+      for (int i = threadIdx.x; i < kTileM * kTileK; i += kTileThreads) {
+        const int r = i / kTileK, c = i % kTileK;
+        const int64_t m = m0 + r, k = k0 + c;
+        a_tile[r * kTileLd + c] = m < M && k < K ? A[m * K + k] : zero;
+      }
+    }
+    for (int i = threadIdx.x; i < kTileN * (kTileK / 8); i += kTileThreads) {
+      const int r = i / (kTileK / 8), c = 8 * (i % (kTileK / 8));
+      float w[8];
+      dequantize_8(W, scales, code_table, n0 + r, k0 + c, N, K, shift, words, w);
+      // 16-byte aligned: rows are 144 bytes apart and c is a multiple of 8 elements
+      *reinterpret_cast<AlignedArray<T, 8>*>(w_tile + r * kTileLd + c) = convert_floats<T, 8, true>(w);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 16) {
+      // B = W^T [K, N] column-major is W's tile [N, K] row-major
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+      wmma::load_matrix_sync(b, w_tile + warp * 16 * kTileLd + kk, kTileLd);
+#pragma unroll
+      for (int f = 0; f < kFragsM; ++f) {
+        if (m0 + 16 * f >= M) break;  // the same in every lane of the block
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, a_tile + f * 16 * kTileLd + kk, kTileLd);
+        wmma::mma_sync(acc[f], a, b, acc[f]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int f = 0; f < kFragsM; ++f) {
+    wmma::store_matrix_sync(out_tile + f * 16 * kOutLd + warp * 16, acc[f], kOutLd, wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTileM * kTileN; i += kTileThreads) {
+    const int r = i / kTileN, c = i % kTileN;
+    const int64_t m = m0 + r, n = n0 + c;
+    if (m < M && n < N) {
+      float v = out_tile[r * kOutLd + c];
+      if (bias != nullptr) v += to_float(bias[n]);
+      out[m * N + n] = from_float<T>(v);
+    }
+  }
+#endif
+}
+
+// out[M, N] = A[M, K] @ W^T (+ bias) for M >= 1, K >= 1 and T fp16 or bf16, on tensor cores; W packed as
+// bitsandbytes lays it out, 4-byte aligned. Tiles of 16 rows of A up to M = 16, of 64 above.
+template <typename T>
+void launch_gemm_4bit_tiles(const T* A, const uint8_t* W, const Scales& scales, QuantType type, const T* bias,
+                            int64_t M, int64_t K, int64_t N, int64_t blocksize, T* out, cudaStream_t stream) {
+  static_assert(!std::is_same_v<T, float>, "the tiles multiply fp16 or bf16");
+  if (M == 0 || N == 0) return;
+  BNBX_CUDA_ASSERT(K >= 1 && ceil_div(M, int64_t{64}) <= 65535, "gemm_4bit_tiles: M or K out of range");
+  BNBX_CUDA_ASSERT(K % 8 != 0 || is_aligned(W, 4), "gemm_4bit_tiles: packed weight not 4-byte aligned");
+  CodeValues codes;
+  fill_code_table(type, codes.v);
+  const unsigned int grid_n = static_cast<unsigned int>(ceil_div(N, int64_t{kTileN}));
+  const int shift = log2_exact(blocksize);
+  if (M <= 16) {
+    launch_kernel(gemm_4bit_tiles_kernel<T, 16>, dim3(grid_n, 1), kTileThreads, stream, A, W, scales, codes, bias, M, K,
+                  N, shift, out);
+  } else {
+    const unsigned int grid_m = static_cast<unsigned int>(ceil_div(M, int64_t{64}));
+    launch_kernel(gemm_4bit_tiles_kernel<T, 64>, dim3(grid_n, grid_m), kTileThreads, stream, A, W, scales, codes, bias,
+                  M, K, N, shift, out);
+  }
+}
+
 // The fp32 block scales [blocks] of a double-quantized weight, for the dequantize-then-mm path (large M).
 __global__ void decode_absmax_kernel(Scales scales, int64_t blocks, float* __restrict__ out) {
   for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < blocks; b += int64_t(gridDim.x) * blockDim.x) {
@@ -136,11 +301,28 @@ void launch_gemv_4bit(const T* A, const uint8_t* W, const Scales& scales, QuantT
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "../common/checks_gemm_4bit.h"
 #include "cuda_host.h"
 
 namespace bnbx::cuda {
 namespace {
+
+// The largest M that goes to the tensor-core tiles; BNBX_CUDA_GEMM_4BIT_TILES_MAX_M overrides it (read per
+// call, so a benchmark can compare both paths in one process; 0 sends every M > kGemvMaxRows to cuBLAS).
+int64_t tiles_max_rows() {
+  if (const char* value = std::getenv("BNBX_CUDA_GEMM_4BIT_TILES_MAX_M")) {
+    return std::min<int64_t>(std::atoll(value), int64_t{65535} * 64);
+  }
+  return kTilesMaxRows;
+}
+
+int compute_capability_major(int device) {
+  int major = 0;
+  BNBX_CUDA_CALL(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
 
 at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& absmax, int64_t blocksize,
                           c10::string_view quant_type, at::IntArrayRef shape, const std::optional<at::Tensor>& bias,
@@ -177,6 +359,23 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
     scales.absmax = stats.const_data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+
+  if (M > kGemvMaxRows && A.scalar_type() != at::kFloat && M <= tiles_max_rows() &&
+      compute_capability_major(A.get_device()) >= 8) {
+    at::Tensor out = at::empty({M, N}, A.options());
+    dispatch_float(A.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (!std::is_same_v<T, float>) {
+        launch_gemm_4bit_tiles<T>(static_cast<const T*>(a2.const_data_ptr()),
+                                  static_cast<const uint8_t*>(packed.const_data_ptr()), scales, args.type,
+                                  bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, M, K, N,
+                                  blocksize, static_cast<T*>(out.mutable_data_ptr()), stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    return out.view(out_shape);
+  }
 
   if (M > kGemvMaxRows) {
     at::Tensor decoded = stats;
@@ -197,7 +396,6 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
   }
 
   at::Tensor out = at::empty({M, N}, A.options());
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   dispatch_float(A.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     launch_gemv_4bit<T>(static_cast<const T*>(a2.const_data_ptr()),

@@ -1,6 +1,6 @@
-// gemm_4bit kernels of csrc/cuda/gemm_4bit.cu (the fused GEMV, and the absmax decode of the large-M path),
-// compiled as C++ for the host emulation (see emulator.h). The large-M path's dequantization is the
-// dequantize_4bit kernel (emu_quantize_4bit.cpp); its at::mm is cuBLAS and not emulated.
+// gemm_4bit kernels of csrc/cuda/gemm_4bit.cu (the fused GEMV, the tensor-core tiles over wmma_shim.h, and the
+// absmax decode of the large-M path), compiled as C++ for the host emulation (see emulator.h). The large-M path's
+// dequantization is the dequantize_4bit kernel (emu_quantize_4bit.cpp); its at::mm is cuBLAS and not emulated.
 #include "../gemm_4bit.cu"
 
 #include "emulator.h"
@@ -34,6 +34,23 @@ extern "C" int bnbx_emu_gemv_4bit(int dtype, int quant_type, const void* A, cons
     const bnbx::cuda::Scales s = scales_of(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     bnbx::cuda::launch_gemv_4bit<T>(static_cast<const T*>(A), W, s, static_cast<bnbx::QuantType>(quant_type),
                                     static_cast<const T*>(bias), M, K, N, blocksize, static_cast<T*>(out), nullptr);
+  });
+}
+
+extern "C" int bnbx_emu_gemm_4bit_tiles(int dtype, int quant_type, const void* A, const uint8_t* W, const void* absmax,
+                                        const float* nested_absmax, const float* nested_code, const float* offset,
+                                        int64_t nested_blocksize, const void* bias, int64_t M, int64_t K, int64_t N,
+                                        int64_t blocksize, void* out) {
+  return bnbx::emu::run(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, float>) {
+      bnbx::emu::fail("gemm_4bit_tiles: fp16 or bf16 only");
+    } else {
+      const bnbx::cuda::Scales s = scales_of(absmax, nested_absmax, nested_code, offset, nested_blocksize);
+      bnbx::cuda::launch_gemm_4bit_tiles<T>(static_cast<const T*>(A), W, s, static_cast<bnbx::QuantType>(quant_type),
+                                            static_cast<const T*>(bias), M, K, N, blocksize, static_cast<T*>(out),
+                                            nullptr);
+    }
   });
 }
 
