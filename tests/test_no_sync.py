@@ -14,6 +14,7 @@ from conftest import CUDA_READY
 from special_values import assert_same_bits
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import bnbx
 from bnbx import functional as F
 
 # aten ops that build a table from host data, copy between devices, or read a value back to the host
@@ -50,7 +51,13 @@ def _calls(device: str):
     q, istate = F.quantize_int8(A, "channel", axis=1)
     out = torch.empty_like(A)
     code = F._table("dynamic", device)
-    return [
+    # gemm_4bit's CUDA paths: the GEMV (1 row), the tensor-core tiles (16 and 40 rows), dequantize + cuBLAS (100)
+    x = {M: torch.randn(M, 96, device=device, dtype=torch.bfloat16) for M in (1, 16, 40, 100)}
+    matmuls = [
+        (f"matmul_4bit {M} rows", lambda M=M: bnbx.matmul_4bit(x[M], packed2.t(), state2, bias=A[0, :64]))
+        for M in x
+    ]
+    return matmuls + [
         ("quantize_4bit", lambda: F.quantize_4bit(A, blocksize=64, quant_type="nf4")),
         (
             "quantize_4bit fp4 storage",
@@ -81,9 +88,12 @@ def _calls(device: str):
     ]
 
 
-@pytest.mark.parametrize("index", range(18))
+CPU_CALLS = _calls("cpu")
+
+
+@pytest.mark.parametrize("index", range(len(CPU_CALLS)), ids=[name for name, _ in CPU_CALLS])
 def test_wrappers_build_no_table_per_call(index):
-    name, fn = _calls("cpu")[index]
+    name, fn = CPU_CALLS[index]
     fn()  # the first call may build and cache tables
     with OpRecorder() as recorder:
         fn()
