@@ -345,8 +345,18 @@ def test_gemm_4bit_matches_reference(emu, dtype, quant_type, blocksize):
 
 # The tensor-core tiles: 16-row tiles up to M = 16, 64-row tiles above (M = 130 with the limit raised: three
 # tiles down M); N and K on both sides of the 64-wide tiles, K % 8 != 0 (codes read one at a time, rows of W
-# starting mid-byte), a single element; A 16-byte aligned (vector loads) or not.
-TILES_SHAPES = [(9, 1, 1), (16, 65, 64), (17, 64, 136), (33, 131, 7), (64, 5, 200), (65, 70, 72), (130, 3, 65)]
+# starting mid-byte), a single element; A 16-byte aligned (vector loads) or not; K long enough to be split.
+TILES_SHAPES = [
+    (9, 1, 1),
+    (16, 65, 64),
+    (17, 64, 136),
+    (33, 131, 7),
+    (64, 5, 200),
+    (65, 70, 72),
+    (130, 3, 65),
+    (12, 9, 777),  # K split in 3 slices (the emulated GPU's 48 resident blocks against 1 tile), the last partial
+    (17, 70, 1000),  # K split in 4, summed afterwards
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)

@@ -5,7 +5,7 @@
 //   arithmetic), fp32 accumulation for up to 8 rows of A at once, a warp-shuffle sum, bias, one rounding.
 // - fp16/bf16 A with kGemvMaxRows < M <= tiles_max_rows(): gemm_4bit_tiles_kernel, tensor cores (wmma) on
 //   tiles of W dequantized into shared memory, so the weight is read once per 64 rows of A as packed bytes
-//   and never written out whole.
+//   and never written out whole; K split across thread blocks where the tiles alone are too few (plan_tiles).
 // - larger M, or fp32 A: the weight dequantized in A's dtype (the dequantize_4bit kernel) and at::mm (cuBLAS),
 //   as bitsandbytes does.
 // The CPU host code (csrc/cpu/gemm_4bit.cpp) is the reference for the results.
@@ -148,7 +148,9 @@ __global__ void __launch_bounds__(kTileThreads)
     gemm_4bit_tiles_kernel(const T* __restrict__ A,                                      // [M, K]
                            const uint8_t* __restrict__ W,                                // packed [ceil(N * K / 2)]
                            Scales scales, CodeValues codes, const T* __restrict__ bias,  // [N] or nullptr
-                           int64_t M, int64_t K, int64_t N, int shift, T* __restrict__ out) {
+                           int64_t M, int64_t K, int64_t N, int shift, int64_t k_per_split,
+                           float* __restrict__ partial,  // [splits, M, N] fp32 sums, or nullptr: one split
+                           T* __restrict__ out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bf16 wmma needs sm_80; the host sends older GPUs to dequantize + cuBLAS
 #else
@@ -174,7 +176,9 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
   for (int f = 0; f < kFragsM; ++f) wmma::fill_fragment(acc[f], 0.0f);
 
-  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+  // this block's slice of K: whole steps of kTileK, so a step never straddles two slices
+  const int64_t k_end = std::min(K, (static_cast<int64_t>(blockIdx.z) + 1) * k_per_split);
+  for (int64_t k0 = static_cast<int64_t>(blockIdx.z) * k_per_split; k0 < k_end; k0 += kTileK) {
     if (a_vectors) {  // 8 elements (16 bytes) at a time
       for (int i = threadIdx.x; i < kTileM * (kTileK / 8); i += kTileThreads) {
         const int r = i / (kTileK / 8), c = 8 * (i % (kTileK / 8));
@@ -229,33 +233,96 @@ __global__ void __launch_bounds__(kTileThreads)
     const int64_t m = m0 + r, n = n0 + c;
     if (m < M && n < N) {
       float v = out_tile[r * kOutLd + c];
-      if (bias != nullptr) v += to_float(bias[n]);
-      out[m * N + n] = from_float<T>(v);
+      if (partial != nullptr) {
+        partial[(static_cast<int64_t>(blockIdx.z) * M + m) * N + n] = v;
+      } else {
+        if (bias != nullptr) v += to_float(bias[n]);
+        out[m * N + n] = from_float<T>(v);
+      }
     }
   }
 #endif
 }
 
+// out = the sum of the splits' fp32 partial sums, in split order (deterministic), + bias, rounded once.
+template <typename T>
+__global__ void gemm_4bit_split_sum_kernel(const float* __restrict__ partial, int splits, const T* __restrict__ bias,
+                                           int64_t M, int64_t N, T* __restrict__ out) {
+  const int64_t size = M * N;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = partial[i];
+    for (int z = 1; z < splits; ++z) v += partial[z * size + i];
+    if (bias != nullptr) v += to_float(bias[i % N]);
+    out[i] = from_float<T>(v);
+  }
+}
+
+template <typename T, int kTileM>
+constexpr auto tiles_kernel = gemm_4bit_tiles_kernel<T, kTileM>;
+
+// How the tiles split K. A 4-bit weight is read once, so at small M the kernel is bound by how many bytes are
+// in flight: one step of 64 columns of K per tile is only 32 bytes per row of W. When the tiles alone leave
+// the GPU's resident blocks idle, K is split into up to that many slices (each at least 4 steps, so the
+// extra fp32 partial sums stay small against the weight), summed afterwards in a fixed order.
+struct TilesPlan {
+  int64_t splits = 1;
+  int64_t k_per_split = 0;  // a multiple of kTileK
+};
+
+template <typename T>
+TilesPlan plan_tiles(int64_t M, int64_t K, int64_t N) {
+  const int64_t tiles = ceil_div(N, int64_t{kTileN}) * (M <= 16 ? 1 : ceil_div(M, int64_t{64}));
+  const int64_t resident =
+      M <= 16 ? resident_blocks(tiles_kernel<T, 16>, kTileThreads) : resident_blocks(tiles_kernel<T, 64>, kTileThreads);
+  const int64_t steps = ceil_div(K, int64_t{kTileK});
+  const int64_t wanted = std::max<int64_t>(1, std::min(ceil_div(resident, tiles), steps / 4));
+  TilesPlan plan;
+  plan.k_per_split = ceil_div(steps, wanted) * kTileK;
+  plan.splits = ceil_div(K, plan.k_per_split);
+  return plan;
+}
+
+// fp32 elements of the workspace launch_gemm_4bit_tiles needs for these sizes (0: none).
+template <typename T>
+int64_t tiles_workspace_floats(int64_t M, int64_t K, int64_t N) {
+  if (M == 0 || N == 0 || K == 0) return 0;
+  const TilesPlan plan = plan_tiles<T>(M, K, N);
+  return plan.splits > 1 ? plan.splits * M * N : 0;
+}
+
 // out[M, N] = A[M, K] @ W^T (+ bias) for M >= 1, K >= 1 and T fp16 or bf16, on tensor cores; W packed as
-// bitsandbytes lays it out, 4-byte aligned. Tiles of 16 rows of A up to M = 16, of 64 above.
+// bitsandbytes lays it out, 4-byte aligned. Tiles of 16 rows of A up to M = 16, of 64 above. `workspace` holds
+// tiles_workspace_floats(M, K, N) floats (nullptr when that is 0).
 template <typename T>
 void launch_gemm_4bit_tiles(const T* A, const uint8_t* W, const Scales& scales, QuantType type, const T* bias,
-                            int64_t M, int64_t K, int64_t N, int64_t blocksize, T* out, cudaStream_t stream) {
+                            int64_t M, int64_t K, int64_t N, int64_t blocksize, float* workspace, T* out,
+                            cudaStream_t stream) {
   static_assert(!std::is_same_v<T, float>, "the tiles multiply fp16 or bf16");
   if (M == 0 || N == 0) return;
   BNBX_CUDA_ASSERT(K >= 1 && ceil_div(M, int64_t{64}) <= 65535, "gemm_4bit_tiles: M or K out of range");
   BNBX_CUDA_ASSERT(K % 8 != 0 || is_aligned(W, 4), "gemm_4bit_tiles: packed weight not 4-byte aligned");
+  const TilesPlan plan = plan_tiles<T>(M, K, N);
+  BNBX_CUDA_ASSERT(plan.splits <= 65535 && (plan.splits == 1 || workspace != nullptr),
+                   "gemm_4bit_tiles: no workspace for the split sums");
+  float* partial = plan.splits > 1 ? workspace : nullptr;
   CodeValues codes;
   fill_code_table(type, codes.v);
   const unsigned int grid_n = static_cast<unsigned int>(ceil_div(N, int64_t{kTileN}));
+  const unsigned int splits = static_cast<unsigned int>(plan.splits);
   const int shift = log2_exact(blocksize);
   if (M <= 16) {
-    launch_kernel(gemm_4bit_tiles_kernel<T, 16>, dim3(grid_n, 1), kTileThreads, stream, A, W, scales, codes, bias, M, K,
-                  N, shift, out);
+    launch_kernel(tiles_kernel<T, 16>, dim3(grid_n, 1, splits), kTileThreads, stream, A, W, scales, codes, bias, M, K,
+                  N, shift, plan.k_per_split, partial, out);
   } else {
     const unsigned int grid_m = static_cast<unsigned int>(ceil_div(M, int64_t{64}));
-    launch_kernel(gemm_4bit_tiles_kernel<T, 64>, dim3(grid_n, grid_m), kTileThreads, stream, A, W, scales, codes, bias,
-                  M, K, N, shift, out);
+    launch_kernel(tiles_kernel<T, 64>, dim3(grid_n, grid_m, splits), kTileThreads, stream, A, W, scales, codes, bias, M,
+                  K, N, shift, plan.k_per_split, partial, out);
+  }
+  if (partial != nullptr) {
+    constexpr int kSumThreads = 256;
+    const auto sum = gemm_4bit_split_sum_kernel<T>;
+    launch_kernel(sum, grid_size(sum, ceil_div(M * N, int64_t{kSumThreads}), kSumThreads), kSumThreads, stream, partial,
+                  static_cast<int>(plan.splits), bias, M, N, out);
   }
 }
 
@@ -367,10 +434,13 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
     dispatch_float(A.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       if constexpr (!std::is_same_v<T, float>) {
+        // the split-K partial sums (stream-ordered caching allocator: no synchronisation)
+        const at::Tensor workspace = at::empty({tiles_workspace_floats<T>(M, K, N)}, A.options().dtype(at::kFloat));
         launch_gemm_4bit_tiles<T>(static_cast<const T*>(a2.const_data_ptr()),
                                   static_cast<const uint8_t*>(packed.const_data_ptr()), scales, args.type,
                                   bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, M, K, N,
-                                  blocksize, static_cast<T*>(out.mutable_data_ptr()), stream);
+                                  blocksize, workspace.numel() > 0 ? workspace.mutable_data_ptr<float>() : nullptr,
+                                  static_cast<T*>(out.mutable_data_ptr()), stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -3,6 +3,9 @@
 // dequantization is the dequantize_4bit kernel (emu_quantize_4bit.cpp); its at::mm is cuBLAS and not emulated.
 #include "../gemm_4bit.cu"
 
+#include <cmath>
+#include <vector>
+
 #include "emulator.h"
 
 namespace {
@@ -47,9 +50,10 @@ extern "C" int bnbx_emu_gemm_4bit_tiles(int dtype, int quant_type, const void* A
       bnbx::emu::fail("gemm_4bit_tiles: fp16 or bf16 only");
     } else {
       const bnbx::cuda::Scales s = scales_of(absmax, nested_absmax, nested_code, offset, nested_blocksize);
-      bnbx::cuda::launch_gemm_4bit_tiles<T>(static_cast<const T*>(A), W, s, static_cast<bnbx::QuantType>(quant_type),
-                                            static_cast<const T*>(bias), M, K, N, blocksize, static_cast<T*>(out),
-                                            nullptr);
+      std::vector<float> workspace(bnbx::cuda::tiles_workspace_floats<T>(M, K, N), std::nanf(""));
+      bnbx::cuda::launch_gemm_4bit_tiles<T>(
+          static_cast<const T*>(A), W, s, static_cast<bnbx::QuantType>(quant_type), static_cast<const T*>(bias), M, K,
+          N, blocksize, workspace.empty() ? nullptr : workspace.data(), static_cast<T*>(out), nullptr);
     }
   });
 }
