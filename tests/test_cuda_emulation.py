@@ -273,7 +273,19 @@ def test_int8_mixed_linear_matches_cpu(emu, dtype, outliers, with_bias):
 
 # (M, N, K): K % 8 == 0 takes the 4-byte GEMV path (K = 264: two steps of a warp), other K the code-at-a-time
 # one; M > 8 the decode + dequantize + cuBLAS path (emulated up to its at::mm).
-GEMV_SHAPES = [(1, 1, 1), (1, 17, 65), (3, 65, 64), (8, 3, 264), (2, 63, 17), (3, 9, 3), (17, 5, 63), (5, 4, 136)]
+# K % 32 == 0 (16-byte loads: 64, 96, 1024), K % 8 == 0 (4-byte loads: 264, 136), and code at a time
+GEMV_SHAPES = [
+    (1, 1, 1),
+    (1, 17, 65),
+    (3, 65, 64),
+    (8, 3, 264),
+    (2, 63, 17),
+    (3, 9, 3),
+    (17, 5, 63),
+    (5, 4, 136),
+    (2, 33, 96),
+    (7, 6, 1024),
+]
 
 
 def _nested_scales(blocks: int, key):

@@ -45,9 +45,33 @@ __device__ __forceinline__ float block_scale(const Scales& s, int64_t block) {
   return scaled + *s.offset;
 }
 
+// acc[m] += scale * the sum over j < 8 of code(word, j) * A[m, k + j]: 8 codes of one block (a 4-byte word,
+// little endian: byte j holds elements 2j, 2j + 1), summed before the block's scale is applied.
+template <typename T>
+__device__ __forceinline__ void gemv_accumulate_8(uint32_t word, float scale, const CodeValues& codes,
+                                                  const T* __restrict__ A, int M, int64_t K, int64_t k,
+                                                  float (&acc)[kGemvMaxRows]) {
+  float w[8];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t byte = (word >> (8 * j)) & 0xffu;
+    w[2 * j] = codes.v[byte >> 4];
+    w[2 * j + 1] = codes.v[byte & 0x0fu];
+  }
+#pragma unroll
+  for (int m = 0; m < kGemvMaxRows; ++m) {
+    if (m < M) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum += w[j] * to_float(A[m * K + k + j]);
+      acc[m] += sum * scale;
+    }
+  }
+}
+
 template <typename T>
 __global__ void gemv_4bit_kernel(const T* __restrict__ A,        // [M, K]
-                                 const uint8_t* __restrict__ W,  // packed [ceil(N * K / 2)]
+                                 const uint8_t* __restrict__ W,  // packed [ceil(N * K / 2)], 16-byte aligned
                                  Scales scales, CodeValues codes, const T* __restrict__ bias,  // [N] or nullptr
                                  int M, int64_t K, int64_t N, int shift,  // shift = log2(blocksize)
                                  T* __restrict__ out) {                   // [M, N]
@@ -58,28 +82,24 @@ __global__ void gemv_4bit_kernel(const T* __restrict__ A,        // [M, K]
 #pragma unroll
   for (int m = 0; m < kGemvMaxRows; ++m) acc[m] = 0.0f;
   const int64_t row = n * K;  // first element of row n in the flattened weight
-  if (K % 8 == 0) {
+  if (K % 32 == 0) {
+    // 32 elements (16 bytes, 16-byte aligned as row / 2 is a multiple of 16) per lane per step, all in one
+    // block (blocksizes are powers of two >= 32): 4x the bytes in flight of the 4-byte loads, which bound a
+    // GEMV's speed on a GPU
+    const uint4* vectors = reinterpret_cast<const uint4*>(W + row / 2);
+    for (int64_t k = 32 * lane; k < K; k += 32 * kWarpSize) {
+      const uint4 q = __ldg(vectors + k / 32);
+      const float scale = block_scale(scales, (row + k) >> shift);
+      gemv_accumulate_8(q.x, scale, codes, A, M, K, k, acc);
+      gemv_accumulate_8(q.y, scale, codes, A, M, K, k + 8, acc);
+      gemv_accumulate_8(q.z, scale, codes, A, M, K, k + 16, acc);
+      gemv_accumulate_8(q.w, scale, codes, A, M, K, k + 24, acc);
+    }
+  } else if (K % 8 == 0) {
     // 8 elements (4 bytes, 4-byte aligned since row * 2 / 4 bytes is whole) per lane per step, all in one block
     const uint32_t* words = reinterpret_cast<const uint32_t*>(W + row / 2);
     for (int64_t k = 8 * lane; k < K; k += 8 * kWarpSize) {
-      const uint32_t word = __ldg(words + k / 8);
-      const float scale = block_scale(scales, (row + k) >> shift);
-      float w[8];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t byte = (word >> (8 * j)) & 0xffu;  // little endian: byte j holds elements 2j, 2j+1
-        w[2 * j] = codes.v[byte >> 4];
-        w[2 * j + 1] = codes.v[byte & 0x0fu];
-      }
-#pragma unroll
-      for (int m = 0; m < kGemvMaxRows; ++m) {
-        if (m < M) {
-          float sum = 0.0f;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) sum += w[j] * to_float(A[m * K + k + j]);
-          acc[m] += sum * scale;
-        }
-      }
+      gemv_accumulate_8(__ldg(words + k / 8), block_scale(scales, (row + k) >> shift), codes, A, M, K, k, acc);
     }
   } else {
     for (int64_t k = lane; k < K; k += kWarpSize) {
@@ -343,13 +363,13 @@ void launch_decode_absmax(const Scales& scales, int64_t blocks, float* out, cuda
 }
 
 // out[M, N] = A[M, K] @ W^T (+ bias) for 1 <= M <= kGemvMaxRows, K >= 1; W packed as bitsandbytes lays it out,
-// 4-byte aligned (the K % 8 == 0 path loads 4 bytes at a time).
+// 16-byte aligned (K % 32 == 0 loads 16 bytes at a time, K % 8 == 0 4 bytes).
 template <typename T>
 void launch_gemv_4bit(const T* A, const uint8_t* W, const Scales& scales, QuantType type, const T* bias, int64_t M,
                       int64_t K, int64_t N, int64_t blocksize, T* out, cudaStream_t stream) {
   if (N == 0) return;
   BNBX_CUDA_ASSERT(M >= 1 && M <= kGemvMaxRows && K >= 1, "gemv_4bit: M out of range");
-  BNBX_CUDA_ASSERT(K % 8 != 0 || is_aligned(W, 4), "gemv_4bit: packed weight not 4-byte aligned");
+  BNBX_CUDA_ASSERT(K % 8 != 0 || is_aligned(W, 16), "gemv_4bit: packed weight not 16-byte aligned");
   CodeValues codes;
   fill_code_table(type, codes.v);
   const unsigned int grid = static_cast<unsigned int>(ceil_div(N, int64_t{kGemvWarps}));

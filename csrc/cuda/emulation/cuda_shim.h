@@ -62,6 +62,9 @@ using std::isnan;
 struct uint3 {
   unsigned int x, y, z;
 };
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
   dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
