@@ -15,6 +15,7 @@ The path columns show where the tiles stop paying, which sets kTilesMaxRows in c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -40,21 +41,19 @@ def default_path(M: int, device: torch.device) -> str:
     return "tiles" if M <= int(os.environ.get(TILES_ENV, TILES_MAX_ROWS)) else "cublas"
 
 
-def with_tiles_limit(limit: str | None, fn):
-    """fn, called with BNBX_CUDA_GEMM_4BIT_TILES_MAX_M set to `limit` (None: unset) for the call."""
-
-    def call():
-        saved = os.environ.pop(TILES_ENV, None)
-        if limit is not None:
-            os.environ[TILES_ENV] = limit
-        try:
-            return fn()
-        finally:
-            os.environ.pop(TILES_ENV, None)
-            if saved is not None:
-                os.environ[TILES_ENV] = saved
-
-    return call
+@contextlib.contextmanager
+def tiles_limit(limit: str | None):
+    """BNBX_CUDA_GEMM_4BIT_TILES_MAX_M set to `limit` (None: as it was) while timing; set outside the timed calls,
+    as the op reads it per call."""
+    saved = os.environ.get(TILES_ENV)
+    if limit is not None:
+        os.environ[TILES_ENV] = limit
+    try:
+        yield
+    finally:
+        os.environ.pop(TILES_ENV, None)
+        if saved is not None:
+            os.environ[TILES_ENV] = saved
 
 
 def bitsandbytes_matmul(device: torch.device, weights: list[torch.Tensor]):
@@ -81,12 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     K, N = args.k, args.n
     dense_bytes = 2 * N * K
-    copies = max(2, min(8, (256 << 20) // max(dense_bytes, 1)))  # the dense copies alone exceed an H200's L2
+    # enough copies that the ones between two calls of the same copy exceed an H200's L2 (60 MB): dense weights
+    # are 4x the packed ones, so the packed copies are more (the same values, in their own memory)
+    copies = max(2, min(8, (256 << 20) // max(dense_bytes, 1)))
+    packed_copies = max(2, min(16, (256 << 20) // max(dense_bytes // 4, 1)))
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(N, K, generator=g).to(device=device, dtype=torch.bfloat16) for _ in range(copies)]
     bias = torch.randn(N, generator=g).to(device=device, dtype=torch.bfloat16)
-    ours = [F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in weights]
-    peer = bitsandbytes_matmul(device, weights)
+    rotation = [weights[i % copies] for i in range(packed_copies)]
+    ours = [F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True) for w in rotation]
+    peer = bitsandbytes_matmul(device, rotation)
     timer = Timer(device)
 
     # the copy bandwidth: a tensor the size of the dense weight copied, bytes read + written
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(
         f"device: {name}; bnbx {bnbx.__version__}, torch {torch.__version__}; x bf16 [M, {K}] @ W^T [{K}, {N}] + b; "
-        f"NF4 + double quant, blocksize 64; {copies} rotating weight copies; median of {args.repeat}; "
+        f"NF4 + double quant, blocksize 64; rotating {copies} bf16 and {packed_copies} 4-bit weight copies; "
+        f"median of {args.repeat}; "
         f"copy bandwidth {copy_gbs:.0f} GB/s; peer bitsandbytes: {'yes' if peer else 'not available'}"
     )
     columns = ["   M", "bnbx ms", "path  ", "tiles ms", "cublas ms", "bf16 ms", "  bnb ms", "vs bf16", "vs bnb"]
@@ -107,26 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     for M in (int(m) for m in args.m.split(",")):
         x = torch.randn(M, K, generator=g).to(device=device, dtype=torch.bfloat16)
-        r = range(copies)
-
-        def bnbx_calls(limit):
-            return [
-                with_tiles_limit(limit, lambda i=i: bnbx.matmul_4bit(x, ours[i][0], ours[i][1], bias=bias)) for i in r
-            ]
-
-        ms = timer.median_ms(bnbx_calls(os.environ.get(TILES_ENV)), args.repeat)
+        calls = [lambda i=i: bnbx.matmul_4bit(x, ours[i][0], ours[i][1], bias=bias) for i in range(packed_copies)]
+        ms = timer.median_ms(calls, args.repeat)
         forced = {}
         if device.type == "cuda" and M > GEMV_MAX_ROWS:
-            forced["tiles"] = timer.median_ms(bnbx_calls(str(1 << 20)), args.repeat)
-            forced["cublas"] = timer.median_ms(bnbx_calls("0"), args.repeat)
-        dense_ms = timer.median_ms(
-            [lambda i=i: torch.nn.functional.linear(x, weights[i], bias) for i in r], args.repeat
-        )
+            for path, limit in (("tiles", str(1 << 20)), ("cublas", "0")):
+                with tiles_limit(limit):
+                    forced[path] = timer.median_ms(calls, args.repeat)
+        dense = [lambda i=i: torch.nn.functional.linear(x, weights[i], bias) for i in range(copies)]
+        dense_ms = timer.median_ms(dense, args.repeat)
         bnb_ms = None
         if peer is not None:
             matmul, quantized = peer
-            calls = [lambda i=i: matmul(x, quantized[i][0].t(), quantized[i][1], bias=bias) for i in r]
-            bnb_ms = timer.median_ms(calls, args.repeat)
+            bnb = [lambda i=i: matmul(x, quantized[i][0].t(), quantized[i][1], bias=bias) for i in range(packed_copies)]
+            bnb_ms = timer.median_ms(bnb, args.repeat)
         moved = packed_bytes + 2 * M * K + 2 * M * N + 2 * N
         gbs = moved / ms / 1e6
 
