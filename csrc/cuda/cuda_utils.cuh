@@ -20,10 +20,11 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "../common/formats.h"
 #include "../common/rules.h"
@@ -301,23 +302,32 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, cud
 
 // Thread blocks of `kernel` at `threads` per block that the current GPU holds at once, from the occupancy the
 // compiled kernel really has (registers, shared memory), not an assumed one. Cached per kernel, block size
-// and device: the driver's answers never change, and the call costs no synchronisation anyway.
+// and device: the driver's answers never change, and the call costs no synchronisation anyway. The cache is
+// keyed by the kernel's address: kernels of one signature (one Kernel type) differ in occupancy.
 template <typename Kernel>
 inline int64_t resident_blocks(Kernel kernel, int threads) {
-  constexpr int kDevices = 64;
-  static std::atomic<uint64_t> cache[kDevices] = {};  // threads << 32 | blocks (a block count fits 32 bits)
+  struct Entry {
+    const void* kernel;
+    int device, threads;
+    int64_t blocks;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
   int device = 0;
   BNBX_CUDA_CALL(cudaGetDevice(&device));
-  const bool cacheable = device >= 0 && device < kDevices;
-  if (cacheable) {
-    const uint64_t entry = cache[device].load(std::memory_order_relaxed);
-    if (entry >> 32 == static_cast<uint64_t>(threads)) return static_cast<int64_t>(entry & 0xffffffffu);
+  const void* key = reinterpret_cast<const void*>(kernel);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : cache) {
+      if (e.kernel == key && e.device == device && e.threads == threads) return e.blocks;
+    }
   }
   int sms = 0, per_sm = 0;
   BNBX_CUDA_CALL(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   BNBX_CUDA_CALL(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
   const int64_t blocks = static_cast<int64_t>(std::max(1, sms)) * std::max(1, per_sm);
-  if (cacheable) cache[device].store(static_cast<uint64_t>(threads) << 32 | static_cast<uint64_t>(blocks));
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache.push_back({key, device, threads, blocks});
   return blocks;
 }
 

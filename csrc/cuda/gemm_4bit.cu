@@ -1,8 +1,8 @@
 // CUDA gemm_4bit: out [M, N] = A [M, K] @ W^T + bias with W [N, K] the packed 4-bit weight.
-// - M <= kGemvMaxRows: gemv_4bit_kernel, one warp per row of W reading the packed bytes directly (4 bytes =
-//   8 codes per lane per step when K % 8 == 0, else one code at a time), the block scale decoded in the
-//   kernel (double quantization: nested_code[q] * nested_absmax[b >> shift] + offset, the CPU's fp32
-//   arithmetic), fp32 accumulation for up to 8 rows of A at once, a warp-shuffle sum, bias, one rounding.
+// - M <= kGemvMaxRows: gemv_4bit_kernel, one warp per row of W reading the packed bytes directly (16 bytes =
+//   32 codes per lane per step when K % 32 == 0, 4 bytes when K % 8 == 0, else one code at a time), the block
+//   scale decoded in the kernel (double quantization: nested_code[q] * nested_absmax[b >> shift] + offset, the
+//   CPU's fp32 arithmetic), fp32 accumulation for up to 8 rows of A at once, a warp-shuffle sum, bias, one rounding.
 // - fp16/bf16 A with kGemvMaxRows < M <= tiles_max_rows(): gemm_4bit_tiles_kernel, tensor cores (wmma) on
 //   tiles of W dequantized into shared memory, so the weight is read once per 64 rows of A as packed bytes
 //   and never written out whole; K split across thread blocks where the tiles alone are too few (plan_tiles).
