@@ -317,15 +317,30 @@ def _gemm_4bit_bound(A: torch.Tensor, weight: torch.Tensor, bias, ref: torch.Ten
 
 
 def _check_gemm_4bit(
-    emu, M, N, K, blocksize, quant_type, dtype, nested: bool, with_bias: bool, offset_a: bool = False, **kwargs
+    emu,
+    M,
+    N,
+    K,
+    blocksize,
+    quant_type,
+    dtype,
+    nested: bool,
+    with_bias: bool,
+    offset_a: bool = False,
+    nonfinite: bool = False,
+    **kwargs,
 ) -> None:
-    """The emulated gemm_4bit_cuda against the float64 product of A and the dequantized weight."""
+    """The emulated gemm_4bit_cuda against the float64 product of A and the dequantized weight. ``nonfinite``:
+    the first and the last block's absmax are NaN, as quantize_4bit stores a block holding a NaN or an Inf;
+    the outputs they reach must be NaN, every other output finite and close."""
     from reference import dequantize_4bit_ref
 
     g = _gen("gemm4", M, N, K, blocksize, quant_type, str(dtype))
     W = torch.randn(N, K, generator=g) * torch.exp2(torch.randint(-3, 4, (N, 1), generator=g).float())
     packed, absmax = torch.ops.bnbx.quantize_4bit(W, blocksize, quant_type, torch.uint8)
     packed = packed.reshape(-1)
+    if nonfinite:
+        absmax[0] = absmax[-1] = float("nan")
     scales, stats, decoded = None, absmax, absmax
     if nested:
         scales, stats, decoded = _nested_scales(absmax.numel(), (M, N, K, blocksize))
@@ -337,10 +352,14 @@ def _check_gemm_4bit(
     out = emu.gemm_4bit(A, packed, stats, blocksize, quant_type, (N, K), bias, scales, **kwargs)
     weight = dequantize_4bit_ref(packed, decoded, blocksize, quant_type, (N, K), torch.float32)
     ref = A.double() @ weight.double().t() + (0 if bias is None else bias.double())
-    bound = _gemm_4bit_bound(A, weight, bias, ref, K)
-    err = (out.double() - ref).abs()
     assert out.dtype == dtype and out.shape == (M, N)
-    assert bool((err <= bound).all()), f"{M}x{N}x{K}: error {err.max().item():.3g} above the bound"
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), f"{M}x{N}x{K}: NaN outputs differ from the reference"
+    assert torch.equal(out.double()[torch.isinf(ref)], ref[torch.isinf(ref)]), f"{M}x{N}x{K}: Inf outputs differ"
+    bound = _gemm_4bit_bound(A, weight.nan_to_num(0.0, 0.0, 0.0), bias, ref.nan_to_num(0.0, 0.0, 0.0), K)
+    err = (out.double() - ref).abs()
+    assert bool((err[finite] <= bound[finite]).all()), f"{M}x{N}x{K}: error above the bound"
+    assert not nonfinite or not bool(finite.all()), "the non-finite blocks reached no output"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -369,6 +388,13 @@ TILES_SHAPES = [
     (12, 9, 777),  # K split in 3 slices (the emulated GPU's 48 resident blocks against 1 tile), the last partial
     (17, 70, 1000),  # K split in 4, summed afterwards
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("M, K", [(3, 136), (17, 136), (12, 777)], ids=["gemv", "tiles", "tiles-split-k"])
+def test_gemm_4bit_nonfinite_blocks_stay_in_their_outputs(emu, dtype, M, K):
+    # zero padding past M, N and K must never meet a NaN weight in a kept output
+    _check_gemm_4bit(emu, M, 70, K, 64, "nf4", dtype, nested=False, with_bias=True, nonfinite=True, tiles_max_rows=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
