@@ -96,6 +96,7 @@ class Emulator:
         i64 = ctypes.c_int64
         for name in (
             "bnbx_emu_selftest",
+            "bnbx_emu_wmma_selftest",
             "bnbx_emu_quantize_4bit",
             "bnbx_emu_dequantize_4bit",
             "bnbx_emu_quantize_blockwise",

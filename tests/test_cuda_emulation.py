@@ -114,6 +114,17 @@ def test_emulator_reports_divergent_barriers(emu):
     assert lib.bnbx_emu_selftest(4) == 1 and b"__syncthreads_or" in lib.bnbx_emu_error()
 
 
+def test_emulator_checks_the_warp_matrix_functions(emu):
+    # wmma_shim.h: a correct product (row-major A, column-major B, fp32 D) is exact on small integers; calls CUDA
+    # leaves undefined are reported
+    lib = emu.lib
+    assert lib.bnbx_emu_wmma_selftest(0) == 0, lib.bnbx_emu_error().decode()
+    assert lib.bnbx_emu_wmma_selftest(1) == 1 and b"differs between the lanes" in lib.bnbx_emu_error()
+    assert lib.bnbx_emu_wmma_selftest(2) == 1 and b"256-bit aligned" in lib.bnbx_emu_error()
+    assert lib.bnbx_emu_wmma_selftest(3) == 1 and b"multiple of 16 bytes" in lib.bnbx_emu_error()
+    assert lib.bnbx_emu_wmma_selftest(4) == 1 and b"exited" in lib.bnbx_emu_error()
+
+
 # --- MinMax fake_quantize (csrc/cuda/fake_quant.cu): values, scale and zero point bit for bit ----------------------
 
 # (group_size, n): one-element and odd groups, partial last groups, a group one past 4096, per tensor (1 << 40).
