@@ -416,3 +416,20 @@ def test_gemm_4bit_tiles_match_reference(emu, dtype, quant_type):
         nested, with_bias = i % 2 == 1, i % 3 != 1
         offset_a = K % 8 == 0 and i % 2 == 0
         _check_gemm_4bit(emu, M, N, K, blocksize, quant_type, dtype, nested, with_bias, offset_a, tiles_max_rows=256)
+
+
+def test_python_copies_of_the_cuda_crossovers_match_the_source():
+    # The emulation wrapper and the CUDA benchmark repeat gemm_4bit_cuda's dispatch rule; they must not drift
+    import re
+    import sys
+
+    from cuda_emulation import CSRC, Emulator
+
+    source = (CSRC / "cuda" / "gemm_4bit.cu").read_text()
+    gemv = int(re.search(r"constexpr int kGemvMaxRows = (\d+);", source).group(1))
+    tiles = int(re.search(r"constexpr int64_t kTilesMaxRows = (\d+);", source).group(1))
+    sys.path.insert(0, str(CSRC.parent / "benchmarks"))
+    import bench_cuda_matmul_4bit as bench
+
+    assert (Emulator.GEMV_MAX_ROWS, Emulator.TILES_MAX_ROWS) == (gemv, tiles)
+    assert (bench.GEMV_MAX_ROWS, bench.TILES_MAX_ROWS) == (gemv, tiles)
