@@ -33,8 +33,8 @@ __global__ void reduce_kernel(const uint32_t* in, uint32_t* out, int mode) {
 }
 
 // One warp: D = A @ B with A [16, 16] row-major and B [16, 16] column-major in shared memory (__half), D stored
-// row-major as fp32. mode 1: one lane passes another pointer; 2: a tile 16 bytes off a 256-bit boundary; 3: a
-// stride of 20 halves (40 bytes); 4: lane 7 leaves before the product.
+// row-major as fp32 (through shared memory). mode 1: one lane passes another pointer; 2: a tile 16 bytes off a 256-bit
+// boundary; 3: a stride of 20 halves (40 bytes); 4: lane 7 leaves before the product.
 __global__ void wmma_kernel(const float* a, const float* b, float* d, int mode) {
   namespace wmma = nvcuda::wmma;
   __shared__ __align__(32) __half tiles[2 * 16 * 32 + 16];
@@ -55,7 +55,9 @@ __global__ void wmma_kernel(const float* a, const float* b, float* d, int mode) 
   wmma::load_matrix_sync(fa, mode == 1 && lane == 3 ? a_tile + 16 : a_tile, ld);
   wmma::load_matrix_sync(fb, b_tile, 16);
   wmma::mma_sync(acc, fa, fb, acc);
-  wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+  __shared__ __align__(32) float result[256];  // wmma stores need a 256-bit aligned tile; host memory may not be
+  wmma::store_matrix_sync(result, acc, 16, wmma::mem_row_major);
+  for (int i = lane; i < 256; i += 32) d[i] = result[i];
 }
 
 }  // namespace

@@ -52,16 +52,15 @@ inline void warp_collective(const char* what, const void* ptr, unsigned ldm, siz
   if (ldm * element_bytes % 16 != 0) bnbx::emu::fail(std::string(what) + ": stride not a multiple of 16 bytes");
 }
 
-inline void warp_collective(const char* what) {  // an operation without memory: only the whole warp is checked
+inline void warp_collective() {  // an operation without memory: only the whole warp is checked
   for (int offset = 1; offset < bnbx::emu::kWarp; offset *= 2) (void)__shfl_xor_sync(0xffffffffu, 0, offset);
-  (void)what;
 }
 
 }  // namespace detail
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
 inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float value) {
-  detail::warp_collective("fill_fragment");
+  detail::warp_collective();
   for (float& v : f.x) v = value;
 }
 
@@ -94,7 +93,7 @@ inline void store_matrix_sync(float* ptr, const fragment<accumulator, M, N, K, f
 template <int M, int N, int K, typename T, typename LayoutA, typename LayoutB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LayoutA>& a,
                      const fragment<matrix_b, M, N, K, T, LayoutB>& b, const fragment<accumulator, M, N, K, float>& c) {
-  detail::warp_collective("mma_sync");
+  detail::warp_collective();
   float sums[M * N];
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < N; ++j) {
