@@ -245,3 +245,27 @@ def test_compile_fullgraph_forward():
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("path", ["gemv", "amx", "tiles"])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_nan_blocks_stay_in_their_outputs(isa, path, nested, monkeypatch):
+    # A block whose absmax is NaN (quantize_4bit stores one for a block holding a NaN or an Inf) dequantizes to
+    # NaN: the outputs that use it are NaN, as in dequantize-then-matmul, and no other output is (the kernels'
+    # zero padding and partial blocks never meet it). With double quantization a NaN absmax makes its whole
+    # nested block of 256 blocks NaN: here rows 0-81 and 163-199 of W, while rows 82-162 stay finite.
+    monkeypatch.setenv("BNBX_GEMM_4BIT_GEMV_MAX_M", "64" if path == "gemv" else "0")
+    monkeypatch.setenv("BNBX_GEMM_4BIT_AMX_MAX_M", "64" if path == "amx" else "0")
+    N, K = 200, 200  # blocks of 64 span rows of W; partial SIMD groups and tiles; 3 nested blocks
+    W = torch.randn(N, K)
+    W[3, 10] = float("nan")
+    W[N - 1, K - 1] = float("inf")
+    packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    with cpu_isa(isa):
+        for M in (1, 5, 33):
+            A = torch.randn(M, K, dtype=torch.bfloat16)
+            ours = bnbx.matmul_4bit(A, packed, state)
+            ref = A.double() @ F.dequantize_4bit(packed, state).double().t()
+            assert torch.equal(torch.isnan(ours), torch.isnan(ref)), (M, path)
+            assert bool(torch.isnan(ref).any()) and bool(torch.isfinite(ref).any())
