@@ -30,11 +30,12 @@ from bnbx import functional as F
 def gemm_4bit_cases(device: str, g: torch.Generator) -> int:
     """gemm_4bit's paths on small shapes: the GEMV (M = 1), the tensor-core tiles (16 and 64-row tiles, two
     row tiles, shared-memory staging that racecheck watches) and dequantize + cuBLAS (M = 130 above the tiles'
-    limit set here), K % 8 == 0 and not, with double quantization. Held to the float64 reference."""
+    limit set here), K % 8 == 0 and not, K long enough to be split, with double quantization. Held to the float64
+    reference."""
     os.environ["BNBX_CUDA_GEMM_4BIT_TILES_MAX_M"] = "128"
     calls = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for N, K in ((70, 136), (9, 65)):
+        for N, K in ((70, 136), (9, 65), (70, 1024)):  # K = 1024: the tiles split K (few tiles, a whole GPU)
             W = torch.randn(N, K, generator=g)
             packed, state = F.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
             state_d = copy.deepcopy(state).to(device)
