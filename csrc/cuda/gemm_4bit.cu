@@ -45,19 +45,25 @@ __device__ __forceinline__ float block_scale(const Scales& s, int64_t block) {
   return scaled + *s.offset;
 }
 
-// acc[m] += scale * the sum over j < 8 of code(word, j) * A[m, k + j]: 8 codes of one block (a 4-byte word,
-// little endian: byte j holds elements 2j, 2j + 1), summed before the block's scale is applied.
+// The table values of the 8 codes of a 4-byte word (little endian: byte j holds elements 2j in its high
+// nibble and 2j + 1 in its low one).
+__device__ __forceinline__ void decode_8(uint32_t word, const float* __restrict__ table, float (&w)[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t byte = (word >> (8 * j)) & 0xffu;
+    w[2 * j] = table[byte >> 4];
+    w[2 * j + 1] = table[byte & 0x0fu];
+  }
+}
+
+// acc[m] += scale * the sum over j < 8 of code(word, j) * A[m, k + j]: 8 codes of one block, summed before the
+// block's scale is applied.
 template <typename T>
 __device__ __forceinline__ void gemv_accumulate_8(uint32_t word, float scale, const CodeValues& codes,
                                                   const T* __restrict__ A, int M, int64_t K, int64_t k,
                                                   float (&acc)[kGemvMaxRows]) {
   float w[8];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t byte = (word >> (8 * j)) & 0xffu;
-    w[2 * j] = codes.v[byte >> 4];
-    w[2 * j + 1] = codes.v[byte & 0x0fu];
-  }
+  decode_8(word, codes.v, w);
 #pragma unroll
   for (int m = 0; m < kGemvMaxRows; ++m) {
     if (m < M) {
@@ -146,14 +152,10 @@ __device__ __forceinline__ void dequantize_8(const uint8_t* __restrict__ W, cons
   if (n >= N || k >= K) return;
   const int64_t e = n * K + k;  // flat index of the first element
   if (words) {
-    const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(W) + e / 8);
     const float scale = block_scale(scales, e >> shift);
+    decode_8(__ldg(reinterpret_cast<const uint32_t*>(W) + e / 8), codes, w);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t byte = (word >> (8 * j)) & 0xffu;  // byte j holds elements 2j (high nibble), 2j + 1
-      w[2 * j] = mul_like_cpu(codes[byte >> 4], scale);
-      w[2 * j + 1] = mul_like_cpu(codes[byte & 0x0fu], scale);
-    }
+    for (int j = 0; j < 8; ++j) w[j] = mul_like_cpu(w[j], scale);
     return;
   }
   for (int j = 0; j < 8 && k + j < K; ++j) {
@@ -286,7 +288,8 @@ constexpr auto tiles_kernel = gemm_4bit_tiles_kernel<T, kTileM>;
 // extra fp32 partial sums stay small against the weight), summed afterwards in a fixed order.
 struct TilesPlan {
   int64_t splits = 1;
-  int64_t k_per_split = 0;  // a multiple of kTileK
+  int64_t k_per_split = 0;       // a multiple of kTileK
+  int64_t workspace_floats = 0;  // the split sums, splits * M * N fp32 (0: one split, none needed)
 };
 
 template <typename T>
@@ -297,31 +300,23 @@ TilesPlan plan_tiles(int64_t M, int64_t K, int64_t N) {
   const int64_t steps = ceil_div(K, int64_t{kTileK});
   const int64_t wanted = std::max<int64_t>(1, std::min(ceil_div(resident, tiles), steps / 4));
   TilesPlan plan;
-  plan.k_per_split = ceil_div(steps, wanted) * kTileK;
-  plan.splits = ceil_div(K, plan.k_per_split);
+  plan.k_per_split = std::max<int64_t>(1, ceil_div(steps, wanted)) * kTileK;
+  plan.splits = std::max<int64_t>(1, ceil_div(K, plan.k_per_split));
+  plan.workspace_floats = plan.splits > 1 ? plan.splits * M * N : 0;
   return plan;
 }
 
-// fp32 elements of the workspace launch_gemm_4bit_tiles needs for these sizes (0: none).
-template <typename T>
-int64_t tiles_workspace_floats(int64_t M, int64_t K, int64_t N) {
-  if (M == 0 || N == 0 || K == 0) return 0;
-  const TilesPlan plan = plan_tiles<T>(M, K, N);
-  return plan.splits > 1 ? plan.splits * M * N : 0;
-}
-
 // out[M, N] = A[M, K] @ W^T (+ bias) for M >= 1, K >= 1 and T fp16 or bf16, on tensor cores; W packed as
-// bitsandbytes lays it out, 4-byte aligned. Tiles of 16 rows of A up to M = 16, of 64 above. `workspace` holds
-// tiles_workspace_floats(M, K, N) floats (nullptr when that is 0).
+// bitsandbytes lays it out, 4-byte aligned. Tiles of 16 rows of A up to M = 16, of 64 above. `plan` is
+// plan_tiles<T>(M, K, N), and `workspace` holds its workspace_floats floats (nullptr when that is 0).
 template <typename T>
 void launch_gemm_4bit_tiles(const T* A, const uint8_t* W, const Scales& scales, QuantType type, const T* bias,
-                            int64_t M, int64_t K, int64_t N, int64_t blocksize, float* workspace, T* out,
-                            cudaStream_t stream) {
+                            int64_t M, int64_t K, int64_t N, int64_t blocksize, const TilesPlan& plan, float* workspace,
+                            T* out, cudaStream_t stream) {
   static_assert(!std::is_same_v<T, float>, "the tiles multiply fp16 or bf16");
   if (M == 0 || N == 0) return;
   BNBX_CUDA_ASSERT(K >= 1 && ceil_div(M, int64_t{64}) <= 65535, "gemm_4bit_tiles: M or K out of range");
   BNBX_CUDA_ASSERT(K % 8 != 0 || is_aligned(W, 4), "gemm_4bit_tiles: packed weight not 4-byte aligned");
-  const TilesPlan plan = plan_tiles<T>(M, K, N);
   BNBX_CUDA_ASSERT(plan.splits <= 65535 && (plan.splits == 1 || workspace != nullptr),
                    "gemm_4bit_tiles: no workspace for the split sums");
   float* partial = plan.splits > 1 ? workspace : nullptr;
@@ -455,12 +450,13 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& B, const at::Te
       using T = decltype(tag);
       if constexpr (!std::is_same_v<T, float>) {
         // the split-K partial sums (stream-ordered caching allocator: no synchronisation)
-        const at::Tensor workspace = at::empty({tiles_workspace_floats<T>(M, K, N)}, A.options().dtype(at::kFloat));
-        launch_gemm_4bit_tiles<T>(static_cast<const T*>(a2.const_data_ptr()),
-                                  static_cast<const uint8_t*>(packed.const_data_ptr()), scales, args.type,
-                                  bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, M, K, N,
-                                  blocksize, workspace.numel() > 0 ? workspace.mutable_data_ptr<float>() : nullptr,
-                                  static_cast<T*>(out.mutable_data_ptr()), stream);
+        const TilesPlan plan = plan_tiles<T>(M, K, N);
+        const at::Tensor workspace = at::empty({plan.workspace_floats}, A.options().dtype(at::kFloat));
+        launch_gemm_4bit_tiles<T>(
+            static_cast<const T*>(a2.const_data_ptr()), static_cast<const uint8_t*>(packed.const_data_ptr()), scales,
+            args.type, bias.has_value() ? static_cast<const T*>(bias_c.const_data_ptr()) : nullptr, M, K, N, blocksize,
+            plan, workspace.numel() > 0 ? workspace.mutable_data_ptr<float>() : nullptr,
+            static_cast<T*>(out.mutable_data_ptr()), stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -50,10 +50,11 @@ extern "C" int bnbx_emu_gemm_4bit_tiles(int dtype, int quant_type, const void* A
       bnbx::emu::fail("gemm_4bit_tiles: fp16 or bf16 only");
     } else {
       const bnbx::cuda::Scales s = scales_of(absmax, nested_absmax, nested_code, offset, nested_blocksize);
-      std::vector<float> workspace(bnbx::cuda::tiles_workspace_floats<T>(M, K, N), std::nanf(""));
+      const bnbx::cuda::TilesPlan plan = bnbx::cuda::plan_tiles<T>(M, K, N);
+      std::vector<float> workspace(plan.workspace_floats, std::nanf(""));  // poisoned: every sum must be written
       bnbx::cuda::launch_gemm_4bit_tiles<T>(
           static_cast<const T*>(A), W, s, static_cast<bnbx::QuantType>(quant_type), static_cast<const T*>(bias), M, K,
-          N, blocksize, workspace.empty() ? nullptr : workspace.data(), static_cast<T*>(out), nullptr);
+          N, blocksize, plan, workspace.empty() ? nullptr : workspace.data(), static_cast<T*>(out), nullptr);
     }
   });
 }
